@@ -1,0 +1,264 @@
+"""The LoPT gradient boundary: one thin ``torch.autograd.Function`` per non-final block.
+
+Activation-free mode: the block runs forward without an autograd graph; only its input ``x`` and
+the arguments of each layer call are kept (the "tape"). The boundary Function returns the block
+output unchanged (the hand-off to the next block, which receives no gradient back: stop-grad) and
+the block's reconstruction loss. When autograd reaches the boundary during the caller's ordinary
+``loss.backward()``, the gradient arriving at the reconstruction-loss output is exactly the weight
+that the caller's loss gives the aux term (``lambda_aux``, averaging over blocks, accumulation
+division, ``num_items_in_batch`` weighting, a GradScaler's scale...). The backward rebuilds the
+block from ``x``, backpropagates that scaled local loss into the block's parameters, the aux
+decoder and (for block 0) the embeddings, and returns nothing to the block above.
+
+Nothing here knows about transformers: a block is a list of layer modules and their recorded calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .ops.reconstruction_loss import reconstruction_loss_and_grads
+
+
+@dataclass
+class LayerCall:
+    """One recorded layer call: everything but the hidden states, plus the RNG state it ran under."""
+
+    layer: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    cpu_rng: torch.Tensor | None = None
+    device_rng: torch.Tensor | None = None
+
+
+@dataclass
+class BlockTape:
+    """What an activation-free block keeps from its forward: its input and its layer calls."""
+
+    x: torch.Tensor | None = None
+    calls: list[LayerCall] = field(default_factory=list)
+    autocast: tuple | None = None  # (device_type, enabled, dtype)
+
+
+@dataclass
+class BoundarySpec:
+    """Static configuration of one boundary, shared by every forward pass."""
+
+    block_index: int
+    decoder: torch.nn.Module
+    backend: str
+    layerwise_rebuild: bool
+    replay_guard: object  # object with a boolean attribute ``replaying``, set during rebuilds
+    preserve_rng: bool = True
+
+
+def hidden_of(output):
+    """The hidden-state tensor of a layer's output (tensor or tuple whose first item is it)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _call_layer(call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
+    layer = call.layer
+    # Bypass transformers' per-layer checkpointing: the rebuild already is the recomputation.
+    saved_flag = getattr(layer, "gradient_checkpointing", None)
+    if saved_flag:
+        layer.gradient_checkpointing = False
+    try:
+        return hidden_of(layer(hidden, *call.args, **call.kwargs))
+    finally:
+        if saved_flag:
+            layer.gradient_checkpointing = saved_flag
+
+
+class _ReplayContext:
+    """Restores grad mode, autocast and RNG state around the replay of one layer."""
+
+    def __init__(self, tape: BlockTape, call: LayerCall, grad: bool, preserve_rng: bool):
+        self.tape, self.call, self.grad, self.preserve_rng = tape, call, grad, preserve_rng
+
+    def __enter__(self):
+        self._stack = []
+        grad_ctx = torch.enable_grad() if self.grad else torch.no_grad()
+        grad_ctx.__enter__()
+        self._stack.append(grad_ctx)
+        if self.tape.autocast is not None:
+            device_type, enabled, dtype = self.tape.autocast
+            ac = torch.autocast(device_type, dtype=dtype, enabled=enabled)
+            ac.__enter__()
+            self._stack.append(ac)
+        if self.preserve_rng and self.call.cpu_rng is not None:
+            devices = []
+            if self.call.device_rng is not None:
+                devices = [torch.cuda.current_device()]
+            fork = torch.random.fork_rng(devices=devices)
+            fork.__enter__()
+            self._stack.append(fork)
+            torch.set_rng_state(self.call.cpu_rng)
+            if self.call.device_rng is not None:
+                torch.cuda.set_rng_state(self.call.device_rng)
+        return self
+
+    def __exit__(self, *exc):
+        while self._stack:
+            self._stack.pop().__exit__(*exc)
+        return False
+
+
+def _grads_into(store: dict, params: list[torch.Tensor], grads) -> None:
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        key = id(p)
+        store[key] = g if key not in store else store[key] + g
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, grad_scale, x_needs_grad: bool):
+    """Rebuild the block from its input, backpropagate ``grad_scale * aux`` and return
+    ``(grad_x, {id(param): grad})`` for the block's and the decoder's parameters."""
+    decoder = spec.decoder
+    decoder_params = decoder.decoder_parameters()
+    param_grads: dict[int, torch.Tensor] = {}
+    guard = spec.replay_guard
+    guard.replaying = True
+    try:
+        x = tape.x.detach()
+        if spec.layerwise_rebuild:
+            # Checkpoint every layer input (no graph), then walk back one layer at a time.
+            inputs = []
+            hidden = x
+            for call in tape.calls:
+                inputs.append(hidden)
+                with _ReplayContext(tape, call, grad=False, preserve_rng=spec.preserve_rng):
+                    hidden = _call_layer(call, hidden)
+            _, grads = reconstruction_loss_and_grads(
+                hidden, x, *decoder_params, eps=decoder.norm.eps, grad_scale=grad_scale, backend=spec.backend
+            )
+            grad_hidden = grads[0]
+            _grads_into(param_grads, list(decoder_params), grads[1:])
+            del hidden
+            for i in range(len(tape.calls) - 1, -1, -1):
+                call = tape.calls[i]
+                needs_input = i > 0 or x_needs_grad
+                layer_in = inputs[i].detach().requires_grad_(needs_input)
+                inputs[i] = None
+                layer_params = _trainable(call.layer)
+                with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
+                    out = _call_layer(call, layer_in)
+                wrt = ([layer_in] if needs_input else []) + layer_params
+                if not wrt or not out.requires_grad:
+                    grad_hidden = None
+                    break
+                grads = torch.autograd.grad(out, wrt, grad_hidden, allow_unused=True)
+                del out
+                if needs_input:
+                    grad_hidden, grads = grads[0], grads[1:]
+                else:
+                    grad_hidden = None
+                _grads_into(param_grads, layer_params, grads)
+            grad_x = grad_hidden if x_needs_grad else None
+        else:
+            # Rebuild the whole block with its graph, then one backward through it.
+            layer_in = x.requires_grad_(x_needs_grad)
+            hidden = layer_in
+            for call in tape.calls:
+                with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
+                    hidden = _call_layer(call, hidden)
+            _, grads = reconstruction_loss_and_grads(
+                hidden.detach(), x, *decoder_params, eps=decoder.norm.eps, grad_scale=grad_scale, backend=spec.backend
+            )
+            _grads_into(param_grads, list(decoder_params), grads[1:])
+            block_params = [p for call in tape.calls for p in _trainable(call.layer)]
+            wrt = ([layer_in] if x_needs_grad else []) + block_params
+            grad_x = None
+            if wrt and hidden.requires_grad:
+                block_grads = torch.autograd.grad(hidden, wrt, grads[0], allow_unused=True)
+                if x_needs_grad:
+                    grad_x, block_grads = block_grads[0], block_grads[1:]
+                _grads_into(param_grads, block_params, block_grads)
+    finally:
+        guard.replaying = False
+    return grad_x, param_grads
+
+
+class ActivationFreeBoundary(torch.autograd.Function):
+    """``(hand_off, aux) = f(y, x, *params)``: hand-off is ``y`` with the gradient stopped, ``aux`` the
+    block's reconstruction loss; the backward rebuilds the block (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, spec: BoundarySpec, tape: BlockTape, y, x, *params):
+        decoder = spec.decoder
+        aux, _ = reconstruction_loss_and_grads(
+            y, x.detach(), *decoder.decoder_parameters(), eps=decoder.norm.eps, compute_grads=False,
+            backend=spec.backend,
+        )
+        ctx.spec, ctx.tape = spec, tape
+        ctx.param_ids = [id(p) for p in params]
+        ctx.set_materialize_grads(False)
+        return y.detach(), aux
+
+    @staticmethod
+    def backward(ctx, grad_hand_off, grad_aux):
+        spec, tape = ctx.spec, ctx.tape
+        ctx.tape = None  # free the tape (and the block input) once used
+        needs = ctx.needs_input_grad
+        x_needs_grad = bool(needs[3])
+        if grad_aux is None:
+            # The caller's loss does not contain this block's aux term: nothing trains the block.
+            return (None,) * len(needs)
+        grad_x, grads_by_id = rebuild_and_backward(spec, tape, grad_aux, x_needs_grad)
+        param_grads = [grads_by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]
+        return (None, None, None, grad_x, *param_grads)
+
+
+def tape_params(tape: BlockTape, spec: BoundarySpec) -> list[torch.Tensor]:
+    """The trainable parameters a boundary takes as inputs: the block's layers', then the decoder's."""
+    seen = set()
+    params = []
+    for call in tape.calls:
+        for p in call.layer.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    for p in spec.decoder.decoder_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
+class StopGradient(torch.autograd.Function):
+    """Identity forward; no gradient goes back. Keeps ``requires_grad`` on the output so that a
+    reentrant-checkpointed top half still sees an input that requires grad."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def apply_boundary(spec: BoundarySpec, tape: BlockTape, y: torch.Tensor, x: torch.Tensor):
+    """Activation-free boundary over a block whose forward ran without a graph. Returns ``(hand_off, aux)``.
+
+    Pass ``x`` with its graph only where the block input should receive gradient (block 0: the
+    embeddings); later blocks take ``x.detach()`` (stop-grad between blocks)."""
+    params = tape_params(tape, spec)
+    hand_off, aux = ActivationFreeBoundary.apply(spec, tape, y, x, *params)
+    if not hand_off.requires_grad:
+        hand_off = hand_off.detach().requires_grad_(True)
+    return hand_off, aux
+
+
+def stored_boundary(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor):
+    """Reference behaviour: the block kept its graph; aux is differentiated by ordinary autograd."""
+    aux = spec.decoder.reconstruction_loss(y, x.detach(), backend=spec.backend)
+    hand_off = StopGradient.apply(y) if y.requires_grad else y.detach().requires_grad_(True)
+    return hand_off, aux
