@@ -1,0 +1,162 @@
+import copy
+
+import pytest
+import torch
+
+import lopt_kernels
+from reference import ReferenceLoPT, assert_grads_close, even_starts, layer_list, named_grads
+from tiny_models import FAMILIES, batch, tiny_model
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+def _patched_and_reference(family, k=2, **patch_kwargs):
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, num_blocks=k, **patch_kwargs)
+    starts = even_starts(len(layer_list(original, family)), k)
+    ref = ReferenceLoPT(original, family, starts, lopt_kernels.aux_decoders(model),
+                        lambda_aux=patch_kwargs.get("lambda_aux", 10.0))
+    return model, ref
+
+
+def _compare_step(model, ref, batches, num_items=None, divide=1):
+    model.zero_grad(set_to_none=True)
+    ref.zero_grad()
+    for b in batches:
+        out = model(**b, **({"num_items_in_batch": num_items} if num_items is not None else {}))
+        (out.loss / divide).backward()
+        loss, task, aux = ref.step_loss(b, num_items)
+        (loss / divide).backward()
+        torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(out.task_loss, task, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(out.aux_loss, aux, rtol=1e-4, atol=1e-8)
+    assert_grads_close(named_grads(model), named_grads(ref.model))
+    for dec, ref_dec in zip(lopt_kernels.aux_decoders(model), ref.decoders):
+        assert_grads_close(dict(dec.named_parameters()) and {n: p.grad for n, p in dec.named_parameters()},
+                           {n: p.grad for n, p in ref_dec.named_parameters()})
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_reference_parity(family, k, padding):
+    model, ref = _patched_and_reference(family, k)
+    b = batch(padding=padding)
+    _compare_step(model, ref, [b])
+    n = int((b["labels"][..., 1:] != -100).sum()) + 5  # as if the window held more micro-batches
+    _compare_step(model, ref, [b], num_items=torch.tensor(n))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_explicit_boundaries_and_odd_widths(family):
+    model = tiny_model(family, num_hidden_layers=7)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, boundaries=[2, 3, 6])
+    ref = ReferenceLoPT(original, family, [0, 2, 3, 6, 7], lopt_kernels.aux_decoders(model))
+    _compare_step(model, ref, [batch()])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_gradient_accumulation_matches_reference(family):
+    model, ref = _patched_and_reference(family)
+    micro = [batch(seed=1), batch(seed=2, pad_lengths=(1, 4))]
+    # each micro-batch loss divided by the number of accumulation steps
+    _compare_step(model, ref, micro, divide=2)
+    # summed losses normalised by the label-token count of the whole window
+    window = sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro)
+    _compare_step(model, ref, micro, num_items=torch.tensor(window))
+
+
+def test_task_gradient_never_reaches_the_bottom_half():
+    model = tiny_model("llama")
+    lopt_kernels.patch(model, lambda_aux=0.0)
+    model(**batch()).loss.backward()
+    layers = model.model.layers
+    for layer in layers[:3]:
+        for p in layer.parameters():
+            assert p.grad is None or p.grad.abs().max() == 0
+    assert model.model.embed_tokens.weight.grad is None or model.model.embed_tokens.weight.grad.abs().max() == 0
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in layers[3].parameters())
+
+
+def _assert_same_grads(a, b, rtol=1e-5):
+    assert_grads_close({n: p.grad for n, p in a.named_parameters()}, {n: p.grad for n, p in b.named_parameters()},
+                       rtol=rtol)
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_activation_free_equals_stored(family, checkpointing):
+    free = tiny_model(family)
+    stored = copy.deepcopy(free)
+    lopt_kernels.patch(free, num_blocks=3, mode="activation_free")
+    lopt_kernels.patch(stored, num_blocks=3, mode="stored")
+    stored.lopt_aux_decoders.load_state_dict(free.lopt_aux_decoders.state_dict())
+    if checkpointing:
+        for m in (free, stored):
+            m.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    b = batch()
+    out_free, out_stored = free(**b), stored(**b)
+    out_free.loss.backward()
+    out_stored.loss.backward()
+    torch.testing.assert_close(out_free.loss, out_stored.loss, rtol=1e-6, atol=0)
+    _assert_same_grads(free, stored)
+
+
+def test_checkpointing_matches_reference_with_lora_style_frozen_base():
+    model, ref = _patched_and_reference("llama")
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    for m in (model, ref.model):
+        m.model.embed_tokens.weight.requires_grad_(False)
+    _compare_step(model, ref, [batch()])
+
+
+def test_dropout_is_replayed_identically():
+    model = tiny_model("gpt2", resid_pdrop=0.3, attn_pdrop=0.2)
+    stored = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    lopt_kernels.patch(stored, mode="stored")
+    stored.lopt_aux_decoders.load_state_dict(model.lopt_aux_decoders.state_dict())
+    b = batch()
+    torch.manual_seed(7)
+    model(**b).loss.backward()
+    torch.manual_seed(7)
+    stored(**b).loss.backward()
+    _assert_same_grads(model, stored)
+
+
+def test_outputs_without_labels_and_in_eval():
+    model = tiny_model("qwen3")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    b = batch()
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    assert out.loss is None and out.aux_loss is not None and out.aux_loss.requires_grad
+    model.eval()
+    original.eval()
+    with torch.no_grad():
+        patched_out, plain_out = model(**b), original(**b)
+    assert "aux_loss" not in patched_out
+    torch.testing.assert_close(patched_out.logits, plain_out.logits, rtol=0, atol=0)
+    torch.testing.assert_close(patched_out.loss, plain_out.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_forward_value_unchanged_in_training(family):
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    b = batch()
+    torch.testing.assert_close(model(**b).logits, original(**b).logits, rtol=0, atol=0)
+
+
+def test_generate_is_unchanged():
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    for m in (model, original):
+        m.eval()
+    prompt = batch()["input_ids"][:1, :5]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
