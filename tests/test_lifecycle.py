@@ -1,0 +1,184 @@
+"""unpatch, save/load, param_groups and bad-input errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lopt_kernels
+from lopt_kernels import LoptPatchError
+from tiny_models import batch, tiny_model
+
+
+def _logits(model, b):
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_unpatch_restores_structure_and_forward(family):
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    names_before = [n for n, _ in model.named_parameters()]
+    tied_before = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    lopt_kernels.patch(model)
+    assert lopt_kernels.is_patched(model)
+    patched_names = {n for n, _ in model.named_parameters() if not n.startswith("lopt_aux_decoders.")}
+    assert set(names_before) <= patched_names
+    # untying makes the output embedding a parameter of its own, under its usual name
+    assert patched_names - set(names_before) == ({"lm_head.weight"} if tied_before else set())
+    lopt_kernels.unpatch(model)
+    assert not lopt_kernels.is_patched(model)
+    assert not hasattr(model, "lopt_aux_decoders")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    if tied_before:  # untying stays
+        assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+        assert model.config.tie_word_embeddings is False
+    b = batch()
+    torch.testing.assert_close(_logits(model, b), _logits(original, b), rtol=0, atol=0)
+    # the unpatched model trains end to end again: the bottom half gets task gradient
+    model(**b).loss.backward()
+    assert model.get_input_embeddings().weight.grad.abs().max() > 0
+
+
+def test_parameter_names_and_backbone_state_dict_unchanged():
+    model = tiny_model("llama")
+    backbone_keys = list(model.model.state_dict())
+    names = [n for n, _ in model.named_parameters()]
+    lopt_kernels.patch(model)
+    assert list(model.model.state_dict()) == backbone_keys
+    patched = [n for n, _ in model.named_parameters()]
+    assert patched[: len(names)] == names
+    aux_names = patched[len(names) :]
+    assert aux_names and all(n.startswith("lopt_aux_decoders.") for n in aux_names)
+    decs = lopt_kernels.aux_decoders(model)
+    assert len(decs) == 1
+    assert isinstance(decs[0].norm, torch.nn.LayerNorm)
+    assert isinstance(decs[0].down, torch.nn.Linear) and decs[0].down.out_features == 10
+    assert isinstance(decs[0].up, torch.nn.Linear)
+    ids = {id(p) for p in model.parameters()}
+    assert all(id(p) in ids for d in decs for p in d.parameters())
+
+
+def test_decoder_initialisation():
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96)
+    lopt_kernels.patch(model)
+    dec = lopt_kernels.aux_decoders(model)[0]
+    bound = 0.1 * math.sqrt(6.0 / (64 + 16))
+    assert dec.down.weight.shape == (16, 64) and dec.up.weight.shape == (64, 16)
+    for lin in (dec.down, dec.up):
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > bound * 0.5
+        assert torch.all(lin.bias == 0)
+    assert torch.all(dec.norm.weight == 1) and torch.all(dec.norm.bias == 0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gpt2", "llama"])
+def test_save_pretrained_is_a_standard_checkpoint(family, tmp_path):
+    model = tiny_model(family)
+    lopt_kernels.patch(model)
+    # one update so that lm_head and the embeddings really differ after untying
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(**batch()).loss.backward()
+    opt.step()
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True,
+                                                        attn_implementation=model.config._attn_implementation)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model.eval()
+    loaded.eval()
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(loaded, b), _logits(model, b), rtol=0, atol=0)
+
+
+def test_param_groups_split_top_and_local():
+    model = tiny_model("gpt2")
+    lopt_kernels.patch(model)
+    groups = lopt_kernels.param_groups(model, lr=1e-3, local_lr=5e-4)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["lopt_top"]["lr"] == 1e-3 and by_name["lopt_local"]["lr"] == 5e-4
+    top = {id(p) for p in by_name["lopt_top"]["params"]}
+    local = {id(p) for p in by_name["lopt_local"]["params"]}
+    assert not top & local
+    assert top | local == {id(p) for p in model.parameters()}
+    tr = model.transformer
+    assert {id(p) for p in tr.h[3].parameters()} | {id(p) for p in tr.ln_f.parameters()} | {id(model.lm_head.weight)} <= top
+    assert {id(p) for p in tr.h[0].parameters()} | {id(tr.wte.weight), id(tr.wpe.weight)} <= local
+    assert {id(p) for p in model.lopt_aux_decoders.parameters()} <= local
+    decayed = lopt_kernels.param_groups(model, lr=1e-3, weight_decay=0.1)
+    assert {g["name"] for g in decayed} == {"lopt_top", "lopt_top_no_decay", "lopt_local", "lopt_local_no_decay"}
+    assert all(p.dim() < 2 for g in decayed if g["name"].endswith("no_decay") for p in g["params"])
+    torch.optim.AdamW(groups)  # accepted as is
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _still_works_unpatched(model):
+    assert not lopt_kernels.is_patched(model)
+    assert not hasattr(model, "lopt_aux_decoders")
+    b = batch()
+    model(**b).loss.backward()
+    assert model.get_input_embeddings().weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_blocks": 1}, "num_blocks must be between 2"),
+        ({"num_blocks": 6}, "num_blocks must be between 2"),
+        ({"boundaries": [3, 2]}, "strictly increasing"),
+        ({"boundaries": [0, 2]}, "must lie in"),
+        ({"boundaries": [2, 5]}, "must lie in"),
+        ({"boundaries": [2], "num_blocks": 3}, "contradicts"),
+        ({"lambda_aux": -1.0}, "lambda_aux"),
+        ({"lambda_aux": float("nan")}, "lambda_aux"),
+        ({"mode": "lazy"}, "mode must be one of"),
+        ({"backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_bad_options_leave_model_untouched(kwargs, match):
+    model = tiny_model("llama")
+    with pytest.raises(LoptPatchError, match=match):
+        lopt_kernels.patch(model, **kwargs)
+    _still_works_unpatched(model)
+
+
+def test_not_a_causal_lm():
+    model = tiny_model("llama")
+    with pytest.raises(LoptPatchError, match="causal LM.*Supported"):
+        lopt_kernels.patch(model.model)
+    with pytest.raises(LoptPatchError, match="causal LM"):
+        lopt_kernels.patch(torch.nn.Linear(3, 3))
+    _still_works_unpatched(model)
+
+
+def test_no_recognisable_layer_stack():
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = 9  # no stack of 9 layers exists
+    with pytest.raises(LoptPatchError, match="no nn.ModuleList of 9.*Supported"):
+        lopt_kernels.patch(model)
+    model.config.num_hidden_layers = 5
+    _still_works_unpatched(model)
+
+
+def test_patching_twice():
+    model = tiny_model("llama")
+    lopt_kernels.patch(model)
+    assert lopt_kernels.patch(model) is model  # same settings: a no-op
+    assert len(lopt_kernels.aux_decoders(model)) == 1
+    with pytest.raises(LoptPatchError, match="already patched.*unpatch"):
+        lopt_kernels.patch(model, num_blocks=3)
+    assert len(lopt_kernels.aux_decoders(model)) == 1
+    lopt_kernels.unpatch(model)
+    _still_works_unpatched(model)
+
+
+def test_unpatch_unpatched_model():
+    model = tiny_model("llama")
+    with pytest.raises(LoptPatchError, match="not patched"):
+        lopt_kernels.unpatch(model)
+    with pytest.raises(LoptPatchError, match="not patched"):
+        lopt_kernels.aux_decoders(model)
+    _still_works_unpatched(model)
