@@ -118,8 +118,8 @@ def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, grad_scale, x_needs_grad: bool):
-    """Rebuild the block from its input, backpropagate ``grad_scale * aux`` and return
+def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, grad_scale, x_needs_grad: bool):
+    """Rebuild the block from its input ``x``, backpropagate ``grad_scale * aux`` and return
     ``(grad_x, {id(param): grad})`` for the block's and the decoder's parameters."""
     decoder = spec.decoder
     decoder_params = decoder.decoder_parameters()
@@ -127,7 +127,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, grad_scale, x_need
     guard = spec.replay_guard
     guard.replaying = True
     try:
-        x = tape.x.detach()
+        x = x.detach()
         if spec.layerwise_rebuild:
             # Checkpoint every layer input (no graph), then walk back one layer at a time.
             inputs = []
@@ -197,6 +197,10 @@ class ActivationFreeBoundary(torch.autograd.Function):
             y, x.detach(), *decoder.decoder_parameters(), eps=decoder.norm.eps, compute_grads=False,
             backend=spec.backend,
         )
+        # The block input goes through save_for_backward so that autograd frees it after the
+        # backward (unless retain_graph); the tape keeps only the layers' call arguments.
+        ctx.save_for_backward(x)
+        tape.x = None
         ctx.spec, ctx.tape = spec, tape
         ctx.param_ids = [id(p) for p in params]
         ctx.set_materialize_grads(False)
@@ -205,13 +209,13 @@ class ActivationFreeBoundary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hand_off, grad_aux):
         spec, tape = ctx.spec, ctx.tape
-        ctx.tape = None  # free the tape (and the block input) once used
+        (x,) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         x_needs_grad = bool(needs[3])
         if grad_aux is None:
             # The caller's loss does not contain this block's aux term: nothing trains the block.
             return (None,) * len(needs)
-        grad_x, grads_by_id = rebuild_and_backward(spec, tape, grad_aux, x_needs_grad)
+        grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad)
         param_grads = [grads_by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]
         return (None, None, None, grad_x, *param_grads)
 
