@@ -9,9 +9,20 @@ from .patching import LoptPatchError, aux_decoders, is_patched, param_groups, pa
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The trainer integration imports transformers' Trainer machinery (seconds): load it on first use.
+    if name in ("attach", "LoptCallback"):
+        from . import integrations  # noqa: PLC0415
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'lopt_kernels' has no attribute {name!r}")
+
 __all__ = [
     "AuxDecoder",
+    "LoptCallback",
     "LoptPatchError",
+    "attach",
     "aux_decoders",
     "is_patched",
     "param_groups",
