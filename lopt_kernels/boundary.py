@@ -52,6 +52,35 @@ class BoundarySpec:
     layerwise_rebuild: bool
     replay_guard: object  # object with a boolean attribute ``replaying``, set during rebuilds
     preserve_rng: bool = True
+    token_rows: torch.Tensor | None = None  # flat indices of the rows the aux loss counts (None: all)
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The (rows, h) view of ``t`` that the aux loss counts (a gather only when some rows are excluded)."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if rows is None else flat.index_select(0, rows)
+
+
+def _unrows(grad_rows: torch.Tensor, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Scatter row gradients back to the shape of ``like`` (zero on excluded rows)."""
+    if rows is None:
+        return grad_rows.reshape(like.shape)
+    full = torch.zeros(like.numel() // like.shape[-1], like.shape[-1], dtype=grad_rows.dtype, device=grad_rows.device)
+    full.index_copy_(0, rows, grad_rows)
+    return full.reshape(like.shape)
+
+
+def local_loss_and_grads(spec: "BoundarySpec", y: torch.Tensor, x: torch.Tensor, *, grad_scale=1.0, compute_grads=True):
+    """The block's reconstruction loss over the counted rows; grads as ``reconstruction_loss_and_grads``
+    with ``grad_y`` shaped like ``y``."""
+    decoder = spec.decoder
+    loss, grads = reconstruction_loss_and_grads(
+        _rows(y, spec.token_rows), _rows(x, spec.token_rows), *decoder.decoder_parameters(), eps=decoder.norm.eps,
+        grad_scale=grad_scale, compute_grads=compute_grads, backend=spec.backend,
+    )
+    if grads is not None:
+        grads = (_unrows(grads[0], spec.token_rows, y), *grads[1:])
+    return loss, grads
 
 
 def hidden_of(output):
@@ -121,8 +150,7 @@ def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
 def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, grad_scale, x_needs_grad: bool):
     """Rebuild the block from its input ``x``, backpropagate ``grad_scale * aux`` and return
     ``(grad_x, {id(param): grad})`` for the block's and the decoder's parameters."""
-    decoder = spec.decoder
-    decoder_params = decoder.decoder_parameters()
+    decoder_params = spec.decoder.decoder_parameters()
     param_grads: dict[int, torch.Tensor] = {}
     guard = spec.replay_guard
     guard.replaying = True
@@ -136,9 +164,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 inputs.append(hidden)
                 with _ReplayContext(tape, call, grad=False, preserve_rng=spec.preserve_rng):
                     hidden = _call_layer(call, hidden)
-            _, grads = reconstruction_loss_and_grads(
-                hidden, x, *decoder_params, eps=decoder.norm.eps, grad_scale=grad_scale, backend=spec.backend
-            )
+            _, grads = local_loss_and_grads(spec, hidden, x, grad_scale=grad_scale)
             grad_hidden = grads[0]
             _grads_into(param_grads, list(decoder_params), grads[1:])
             del hidden
@@ -169,9 +195,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
             for call in tape.calls:
                 with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
                     hidden = _call_layer(call, hidden)
-            _, grads = reconstruction_loss_and_grads(
-                hidden.detach(), x, *decoder_params, eps=decoder.norm.eps, grad_scale=grad_scale, backend=spec.backend
-            )
+            _, grads = local_loss_and_grads(spec, hidden.detach(), x, grad_scale=grad_scale)
             _grads_into(param_grads, list(decoder_params), grads[1:])
             block_params = [p for call in tape.calls for p in _trainable(call.layer)]
             wrt = ([layer_in] if x_needs_grad else []) + block_params
@@ -192,11 +216,7 @@ class ActivationFreeBoundary(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: BoundarySpec, tape: BlockTape, y, x, *params):
-        decoder = spec.decoder
-        aux, _ = reconstruction_loss_and_grads(
-            y, x.detach(), *decoder.decoder_parameters(), eps=decoder.norm.eps, compute_grads=False,
-            backend=spec.backend,
-        )
+        aux, _ = local_loss_and_grads(spec, y, x.detach(), compute_grads=False)
         # The block input goes through save_for_backward so that autograd frees it after the
         # backward (unless retain_graph); the tape keeps only the layers' call arguments.
         ctx.save_for_backward(x)
@@ -263,6 +283,7 @@ def apply_boundary(spec: BoundarySpec, tape: BlockTape, y: torch.Tensor, x: torc
 
 def stored_boundary(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor):
     """Reference behaviour: the block kept its graph; aux is differentiated by ordinary autograd."""
-    aux = spec.decoder.reconstruction_loss(y, x.detach(), backend=spec.backend)
+    aux = spec.decoder.reconstruction_loss(_rows(y, spec.token_rows), _rows(x.detach(), spec.token_rows),
+                                           backend=spec.backend)
     hand_off = StopGradient.apply(y) if y.requires_grad else y.detach().requires_grad_(True)
     return hand_off, aux

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from .aux_decoder import AuxDecoder
 from .boundary import BlockTape, BoundarySpec, LayerCall, apply_boundary, hidden_of, stored_boundary
+from .ops import linear_cross_entropy as lce
 from .ops.reconstruction_loss import _BACKENDS
 
 SUPPORTED_FAMILIES = (
@@ -24,6 +26,11 @@ SUPPORTED_FAMILIES = (
     "causal LM whose backbone runs an nn.ModuleList of config.num_hidden_layers layers"
 )
 MODES = ("activation_free", "stored")
+AUX_MASKS = ("all", "tokens")
+FUSED_CE = ("auto", "liger", "torch", "off")
+# Config attributes through which a family transforms logits beyond ``lm_head(hidden)``; the fused
+# task loss honours only final-logit soft-capping and steps aside for the others.
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_factor")
 AUX_DECODERS_ATTR = "lopt_aux_decoders"
 _STATE_ATTR = "_lopt_state"
 
@@ -38,6 +45,8 @@ class LoptSettings:
     lambda_aux: float
     mode: str
     backend: str
+    aux_mask: str
+    fused_ce: str
 
 
 @dataclass
@@ -49,6 +58,17 @@ class _PassState:
     aux_terms: list = field(default_factory=list)
     grad_was_enabled: bool | None = None
     layerwise_rebuild: bool = False
+    token_rows: torch.Tensor | None = None
+
+
+@dataclass
+class _TaskRequest:
+    """A training forward with labels whose task loss the fused linear cross-entropy computes."""
+
+    labels: torch.Tensor | None
+    shift_labels: torch.Tensor
+    num_items_in_batch: object
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -64,6 +84,14 @@ class PatchState:
     replaying: bool = False
     current: _PassState = field(default_factory=_PassState)
     forward_signature: inspect.Signature | None = None
+    task_request: _TaskRequest | None = None
+    fused_ce_impl: str | None = None  # resolved lazily on the first training forward
+    notices: set = field(default_factory=set)
+
+    def notice_once(self, key: str, message: str) -> None:
+        if key not in self.notices:
+            self.notices.add(key)
+            warnings.warn(message, stacklevel=3)
 
     @property
     def block_starts(self) -> tuple[int, ...]:
@@ -158,7 +186,7 @@ def _resolve_boundaries(num_layers: int, num_blocks, boundaries) -> tuple[int, .
     return even_block_starts(num_layers, k)
 
 
-def _validate(model, num_blocks, boundaries, lambda_aux, mode, backend):
+def _validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask, fused_ce):
     lm = _unwrap(model)
     try:
         from transformers import PreTrainedModel  # noqa: PLC0415
@@ -181,7 +209,11 @@ def _validate(model, num_blocks, boundaries, lambda_aux, mode, backend):
         raise LoptPatchError(f"mode must be one of {MODES}, got {mode!r}")
     if backend not in _BACKENDS:
         raise LoptPatchError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    return lm, backbone, layers, LoptSettings(bounds, lam, mode, backend)
+    if aux_mask not in AUX_MASKS:
+        raise LoptPatchError(f"aux_mask must be one of {AUX_MASKS}, got {aux_mask!r}")
+    if fused_ce not in FUSED_CE:
+        raise LoptPatchError(f"fused_ce must be one of {FUSED_CE}, got {fused_ce!r}")
+    return lm, backbone, layers, LoptSettings(bounds, lam, mode, backend, aux_mask, fused_ce)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,10 +252,29 @@ def _backbone_pre_hook(state: PatchState):
         if run.active:
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
+            if state.settings.aux_mask == "tokens":
+                run.token_rows = _token_rows(state, kwargs.get("attention_mask"))
         state.current = run
         return None
 
     return hook
+
+
+def _token_rows(state: PatchState, attention_mask) -> torch.Tensor | None:
+    """Flat indices of the non-padding positions, or None when every position is a token."""
+    if attention_mask is None:
+        return None  # no padding (e.g. a padding-free packed batch)
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+        state.notice_once(
+            "aux_mask",
+            "lopt_kernels: aux_mask='tokens' needs a 2-D attention_mask (batch, seq) to find padding; got "
+            f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}. The aux loss counts every position.",
+        )
+        return None
+    flat = attention_mask.reshape(-1)
+    if bool(flat.all()):
+        return None
+    return flat.nonzero().squeeze(1)
 
 
 def _backbone_post_hook(state: PatchState):
@@ -283,6 +334,7 @@ def _layer_post_hook(state: PatchState, block: int):
             backend=state.settings.backend,
             layerwise_rebuild=run.layerwise_rebuild,
             replay_guard=state,
+            token_rows=run.token_rows,
         )
         if activation_free:
             torch.set_grad_enabled(run.grad_was_enabled)
@@ -311,11 +363,94 @@ def _label_count(bound: dict) -> torch.Tensor | None:
     return (labels[..., 1:] != -100).sum()
 
 
+def _fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
+    """The fused task-loss implementation for this model, or None (with a one-time notice) where the
+    model's own loss must run because no fused path reproduces it exactly."""
+    if state.fused_ce_impl is not None:
+        return state.fused_ce_impl or None
+    lm, setting = state.causal_lm, state.settings.fused_ce
+    impl, reason = None, None
+    from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: PLC0415
+
+    config = _text_config(lm)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    head = lm.get_output_embeddings()
+    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+    if setting == "off":
+        pass
+    elif getattr(lm, "loss_function", None) is not ForCausalLMLoss:
+        reason = f"{type(lm).__name__} uses its own loss function, not ForCausalLMLoss"
+    elif type(head) is not nn.Linear:
+        reason = f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
+    elif transforms:
+        reason = f"its config transforms logits ({', '.join(transforms)})"
+    else:
+        impl = lce.resolve_implementation(setting, device, softcap)
+        if impl is None:
+            reason = f"final logit soft-capping ({softcap}) is not supported by the {setting!r} implementation on {device.type}"
+    if reason:
+        state.notice_once("fused_ce", f"lopt_kernels: the fused task loss is off for this model because {reason}; "
+                                      "the model's own (logit-materialising) loss runs instead.")
+    state.fused_ce_impl = impl or ""
+    return impl
+
+
+def _causal_lm_pre_hook(state: PatchState):
+    def hook(module, args, kwargs):
+        state.task_request = None
+        if state.settings.fused_ce == "off" or not (module.training and torch.is_grad_enabled()) or args:
+            return None
+        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+        if labels is None and shift_labels is None:
+            return None
+        if _fused_ce_impl(state, labels.device if labels is not None else shift_labels.device) is None:
+            return None
+        if shift_labels is None:
+            shift_labels = lce.shift_labels_of(labels)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels")}
+        state.task_request = _TaskRequest(labels, shift_labels, kwargs.get("num_items_in_batch"))
+        return args, kwargs
+
+    return hook
+
+
+def _output_head_pre_hook(state: PatchState):
+    def hook(module, args):
+        request = state.task_request
+        if request is None or request.hidden is not None or not args:
+            return None
+        hidden = args[0]
+        if hidden.shape[:-1] != request.shift_labels.shape:
+            return None  # e.g. logits_to_keep sliced the positions: let the model compute its logits
+        request.hidden = hidden
+        # The head then runs on zero positions: the logits are never materialised.
+        return (hidden[..., :0, :], *args[1:])
+
+    return hook
+
+
 def _causal_lm_post_hook(state: PatchState):
     def hook(module, args, kwargs, output):
         run = state.current
-        if not run.aux_terms:
+        request, state.task_request = state.task_request, None
+        if output is None:  # the forward raised
+            run.aux_terms = []
             return None
+        if request is not None:
+            kwargs = {**kwargs, "labels": request.labels, "shift_labels": request.shift_labels}
+            if request.hidden is not None:
+                head = state.causal_lm.get_output_embeddings()
+                task = lce.linear_cross_entropy(
+                    request.hidden, head.weight, request.shift_labels, bias=head.bias,
+                    num_items_in_batch=request.num_items_in_batch,
+                    softcap=getattr(_text_config(state.causal_lm), "final_logit_softcapping", None),
+                    impl=state.fused_ce_impl,
+                )
+                if not isinstance(output, tuple):
+                    # Rebuilt so that ``loss`` keeps its place first in the output's key order.
+                    output = type(output)(**{**output, "loss": task, "logits": None})
+        if not run.aux_terms:
+            return output if request is not None else None
         terms, run.aux_terms = run.aux_terms, []
         aux = terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device) for t in terms]).mean()
         bound = kwargs
@@ -387,6 +522,8 @@ def patch(
     lambda_aux: float = 10.0,
     mode: str = "activation_free",
     backend: str = "auto",
+    aux_mask: str = "all",
+    fused_ce: str = "auto",
 ) -> nn.Module:
     """Turn a Hugging Face causal LM into a LoPT model, in place, and return it.
 
@@ -395,9 +532,14 @@ def patch(
     reconstruction loss; ``mode="activation_free"`` keeps only each non-final block's input and
     rebuilds the block in its backward, ``"stored"`` keeps its activations (the reference's
     behaviour, same gradients). ``backend`` selects the fused-loss kernels (``"auto"``: Triton on
-    CUDA tensors, chunked PyTorch elsewhere).
+    CUDA tensors, chunked PyTorch elsewhere). ``aux_mask="tokens"`` leaves padding positions out of
+    the aux loss (``"all"``, the reference, counts them). ``fused_ce`` computes the task loss in
+    training without materialising logits (``"auto"``: Liger on CUDA, torch's chunked
+    ``linear_cross_entropy`` elsewhere; ``"off"``: the model's own loss, logits returned).
     """
-    lm, backbone, layers, settings = _validate(model, num_blocks, boundaries, lambda_aux, mode, backend)
+    lm, backbone, layers, settings = _validate(
+        model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask, fused_ce
+    )
     existing = getattr(lm, _STATE_ATTR, None)
     if existing is not None:
         if existing.settings == settings:
@@ -429,7 +571,9 @@ def patch(
             pre = _layer_pre_hook(state, b, is_start=(i == block.start))
             handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layers[block.stop - 1].register_forward_hook(_layer_post_hook(state, b), with_kwargs=True))
-    handles.append(lm.register_forward_hook(_causal_lm_post_hook(state), with_kwargs=True))
+    handles.append(lm.register_forward_pre_hook(_causal_lm_pre_hook(state), with_kwargs=True))
+    handles.append(lm.get_output_embeddings().register_forward_pre_hook(_output_head_pre_hook(state)))
+    handles.append(lm.register_forward_hook(_causal_lm_post_hook(state), with_kwargs=True, always_call=True))
     setattr(lm, _STATE_ATTR, state)
     return model
 

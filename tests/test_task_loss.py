@@ -1,0 +1,72 @@
+"""The fused task loss (no logits in training) keeps the model's exact loss semantics."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lopt_kernels
+from lopt_kernels.ops.linear_cross_entropy import linear_cross_entropy, shift_labels_of
+from tiny_models import batch, tiny_model
+
+
+@pytest.mark.parametrize("impl", ["torch", "liger"])
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_linear_cross_entropy_matches_cross_entropy(impl, num_items):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 24, generator=g, requires_grad=True)
+    weight = torch.randn(37, 24, generator=g, requires_grad=True)
+    bias = torch.randn(37, generator=g, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 7), generator=g)
+    labels[0, :3] = -100
+    target = shift_labels_of(labels)
+    logits = (hidden @ weight.T + bias).float()
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 37), target.reshape(-1), ignore_index=-100,
+                                            reduction="sum" if num_items else "mean")
+    ref = ref / num_items if num_items else ref
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, impl=impl,
+                                num_items_in_batch=torch.tensor(num_items) if num_items else None)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, [hidden, weight, bias])
+    ref_grads = torch.autograd.grad(ref, [hidden, weight, bias])
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_training_forward_has_no_logits_and_the_same_loss(family):
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    b = batch()
+    out = model(**b)
+    assert out.logits is None
+    assert list(out.keys())[0] == "loss"
+    torch.testing.assert_close(out.task_loss, original(**b).loss, rtol=1e-5, atol=1e-6)
+    n = torch.tensor(17)
+    torch.testing.assert_close(model(**b, num_items_in_batch=n).task_loss, original(**b, num_items_in_batch=n).loss,
+                               rtol=1e-5, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        assert model(**b).logits is not None  # eval keeps the model's own path
+
+
+def test_softcapped_family_falls_back_once_with_a_notice():
+    model = tiny_model("gemma2")  # final_logit_softcapping: torch's fused op cannot honour it
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, fused_ce="torch")
+    b = batch()
+    with pytest.warns(UserWarning, match="fused task loss is off.*soft-capping"):
+        out = model(**b)
+    assert out.logits is not None
+    torch.testing.assert_close(out.task_loss, original(**b).loss, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**b)  # said once only
+
+
+def test_fused_ce_off_keeps_logits():
+    model = tiny_model("llama")
+    lopt_kernels.patch(model, fused_ce="off")
+    assert model(**batch()).logits is not None
