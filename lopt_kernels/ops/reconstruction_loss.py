@@ -12,15 +12,58 @@ Two implementations share one chunked algorithm:
 - ``"torch"``: chunked PyTorch, used on CPU tensors and as the kernels' fast twin;
 - ``"triton"``: Triton kernels for the row-wise parts (LayerNorm + statistics, GELU, the squared
   error and its gradient, the LayerNorm backward) around cuBLAS matmuls.
+
+Triton path, per chunk of ``m`` rows (modelled on Liger-Kernel's fused linear cross-entropy; the
+matmuls run through torch in the decoder's dtype, the row-wise work runs in Triton in fp32):
+
+1. ``_ln_forward_kernel`` reads the chunk of ``y`` once and writes the normalised rows in the matmul
+   dtype, plus (only when gradients are wanted) ``xhat`` in fp32 and the row ``rstd``, so that the
+   LayerNorm backward never reads ``y`` again;
+2. ``proj = normed @ W_down^T`` (torch), then ``_bias_gelu_forward_kernel`` adds the bias in fp32,
+   applies the exact erf GELU, writes ``act`` in the matmul dtype and keeps ``z`` in fp32 (r columns only);
+3. ``recon = act @ W_up^T`` (torch), then ``_squared_error_kernel`` adds the up bias, subtracts ``x``
+   (read strided, no copy), accumulates the chunk's loss into per-program fp32 partials and overwrites
+   ``recon`` in place with ``d_recon = 2 * grad_scale / (N * h) * (recon - x)``, accumulating the up-bias
+   gradient in per-program fp32 partials (the Liger layer_norm scheme);
+4. backward: ``dW_up += d_recon^T @ act``; ``d_act = d_recon @ W_up`` (into the ``proj`` buffer);
+   ``_gelu_backward_kernel`` turns it in place into ``d_z = d_act * gelu'(z)`` with the down-bias partials;
+   ``dW_down += d_z^T @ normed``; ``d_normed = d_z @ W_down`` (into the ``recon`` buffer);
+   ``_ln_backward_kernel`` writes the rows of ``grad_y`` and the LayerNorm weight/bias partials.
+
+Weight gradients accumulate across chunks in fp32 buffers (``torch.mm(..., out_dtype=float32)`` where
+the device supports it, otherwise each chunk's product is rounded once to the matmul dtype before the
+fp32 accumulation); per-program partial rows are summed once at the end and everything is cast to the
+parameters' dtype. Chunk buffers (two ``m x h`` in the matmul dtype, one ``m x h`` fp32 ``xhat`` when
+gradients are wanted, a few ``m x r``) are the only working memory besides ``grad_y`` itself.
+``compute_grads=False`` launches the forward kernels only, without the ``xhat``/``rstd``/``z`` stores.
+
+Midpoint capture: the tensor handed to the top half of the model at the split point is a zero-copy
+view of the block output (no clone, no ``.contiguous()``), and this op receives ``y`` as that same
+storage: the kernels accept arbitrary row/column strides for ``y`` and ``x``, so the LayerNorm-forward
+kernel's single read of each chunk of ``y`` is the only extra read of ``y`` the loss costs.
+
+Both implementations are registered as ``torch.library`` custom ops (``lopt_kernels::reconstruction_loss``
+for the loss only, ``lopt_kernels::reconstruction_loss_and_grads`` for the loss and the seven gradients)
+with fake (meta) implementations, so ``torch.compile`` and ``FakeTensorMode`` treat the op as opaque.
+
+Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors): numpy has no bfloat16, and the interpreter's
+fp32 -> bf16 conversion truncates instead of rounding to nearest-even. The kernels therefore round
+explicitly (bit arithmetic, ``ROUND_BF16``) before every bf16 store when they run interpreted, so the
+interpreter reproduces the GPU's numerics; compiled kernels skip that step. All loads are converted
+to fp32 before any arithmetic.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 __all__ = [
     "reconstruction_loss",
@@ -28,6 +71,7 @@ __all__ = [
     "check_reconstruction_inputs",
     "resolve_backend",
     "default_chunk_rows",
+    "ReconstructionLossFunction",
 ]
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -91,52 +135,475 @@ def check_reconstruction_inputs(y, x, norm_weight, norm_bias, down_weight, down_
         raise ValueError(f"reconstruction loss: y ({y.dtype}) and x ({x.dtype}) must share one dtype")
 
 
-def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
-    # d/dz [z * Phi(z)] = Phi(z) + z * phi(z)   (exact, erf-based GELU)
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
-
-
 def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
-    """Chunked PyTorch implementation; every intermediate in fp32."""
+    """Chunked PyTorch implementation; every intermediate in fp32.
+
+    Uses ATen's fused LayerNorm / GELU forward and backward kernels on fp32 chunks, so it costs about
+    what eager PyTorch costs in time while holding at most one chunk of intermediates.
+    """
     n, h = y2.shape
     w, b, wd, bd, wu, bu = (p.float() for p in params)
     loss_sum = torch.zeros((), dtype=torch.float32, device=y2.device)
+    single_chunk = chunk_rows >= n
     if compute_grads:
-        grad_y = torch.empty_like(y2)
+        grad_y = None if single_chunk else torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
         acc = [torch.zeros_like(t) for t in (w, b, wd, bd, wu, bu)]
-        grad_coef = 2.0 / (n * h)
+        grad_coef = grad_scale * (2.0 / (n * h))
     for start in range(0, n, chunk_rows):
         yc = y2[start : start + chunk_rows].float()
         xc = x2[start : start + chunk_rows].float()
-        mean = yc.mean(-1, keepdim=True)
-        centered = yc - mean
-        rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
-        xhat = centered * rstd
-        normed = torch.addcmul(b, xhat, w)
+        normed, mean, rstd = torch.native_layer_norm(yc, (h,), w, b, eps)
         z = torch.addmm(bd, normed, wd.t())
         a = F.gelu(z)
         diff = torch.addmm(bu, a, wu.t()).sub_(xc)
-        loss_sum += torch.dot(diff.reshape(-1), diff.reshape(-1))
+        loss_sum += torch.dot(diff.view(-1), diff.view(-1))
         if not compute_grads:
+            del normed, mean, rstd, z, a, diff
             continue
-        d_recon = diff.mul_(grad_coef * grad_scale)
+        d_recon = diff.mul_(grad_coef)
         acc[4].addmm_(d_recon.t(), a)
         acc[5].add_(d_recon.sum(0))
-        d_z = (d_recon @ wu).mul_(_gelu_grad(z))
+        d_z = torch.ops.aten.gelu_backward(d_recon @ wu, z)
+        del d_recon, diff, a, z
         acc[2].addmm_(d_z.t(), normed)
         acc[3].add_(d_z.sum(0))
         d_normed = d_z @ wd
-        acc[0].add_((d_normed * xhat).sum(0))
-        acc[1].add_(d_normed.sum(0))
-        d_xhat = d_normed.mul_(w)
-        d_y = d_xhat - d_xhat.mean(-1, keepdim=True) - xhat * (d_xhat * xhat).mean(-1, keepdim=True)
-        grad_y[start : start + chunk_rows] = d_y.mul_(rstd)
+        del d_z, normed
+        d_y, d_w, d_b = torch.ops.aten.native_layer_norm_backward(
+            d_normed, yc, (h,), mean, rstd, w, b, [True, True, True]
+        )
+        del d_normed
+        acc[0].add_(d_w)
+        acc[1].add_(d_b)
+        if single_chunk:
+            grad_y = d_y.to(y2.dtype)
+        else:
+            grad_y[start : start + chunk_rows] = d_y
+        del d_y, d_w, d_b, mean, rstd
     loss = loss_sum / (n * h)
     if not compute_grads:
         return loss, None
     return loss, (grad_y, *(g.to(p.dtype) for g, p in zip(acc, params)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+#
+# Every kernel is persistent over row tiles: program ``pid`` handles tiles pid, pid + G, pid + 2G, ...
+# of ``BLOCK_M`` rows each (G = number of programs), so per-column gradient sums stay in registers and
+# are added once per launch into the program's own row of an fp32 partial buffer (no atomics; the
+# partial rows are summed once after the last chunk).
+
+
+@triton.jit
+def _round_bf16(v, ROUND_BF16: tl.constexpr):
+    """Round fp32 ``v`` to the nearest bf16-representable value (ties to even) when ``ROUND_BF16``.
+
+    Only used under the interpreter, whose fp32 -> bf16 conversion truncates; compiled kernels convert
+    with round-to-nearest-even in hardware and skip this.
+    """
+    if ROUND_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        lsb = (bits >> 16) & 1
+        rounded = (((bits + 0x7FFF + lsb) >> 16) << 16).to(tl.float32, bitcast=True)
+        v = tl.where(v == v, rounded, v)
+    return v
+
+
+@triton.jit
+def _ln_forward_kernel(
+    Y, stride_ym, stride_yh,  # chunk of y (strided)
+    W, B,  # LayerNorm weight / bias (contiguous)
+    NORMED,  # out: (m, h) in the matmul dtype
+    XHAT,  # out: (m, h) fp32, only if STORE_BWD
+    RSTD,  # out: (m,) fp32, only if STORE_BWD
+    n_rows, n_cols, eps, num_progs,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_BWD: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < n_cols
+    cols64 = cols.to(tl.int64)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    num_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, num_tiles, num_progs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        mask = rmask[:, None] & cmask[None, :]
+        yv = tl.load(Y + rows64[:, None] * stride_ym + cols64[None, :] * stride_yh, mask=mask, other=0.0)
+        yv = yv.to(tl.float32)
+        mean = tl.sum(yv, axis=1) / n_cols
+        centered = tl.where(mask, yv - mean[:, None], 0.0)
+        var = tl.sum(centered * centered, axis=1) / n_cols
+        rstd = 1.0 / tl.sqrt(var + eps)
+        xhat = centered * rstd[:, None]
+        normed = xhat * w[None, :] + b[None, :]
+        offs = rows64[:, None] * n_cols + cols64[None, :]
+        tl.store(NORMED + offs, _round_bf16(normed, ROUND_BF16), mask=mask)
+        if STORE_BWD:
+            tl.store(XHAT + offs, xhat, mask=mask)
+            tl.store(RSTD + rows64, rstd, mask=rmask)
+
+
+@triton.jit
+def _bias_gelu_forward_kernel(
+    PROJ,  # (m, r) matmul output without bias, matmul dtype
+    BD,  # (r,) down bias
+    Z32,  # out: (m, r) fp32 pre-activation, only if STORE_Z
+    ACT,  # out: (m, r) gelu(z) in the matmul dtype
+    n_rows, n_cols, num_progs,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, STORE_Z: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_R)
+    cmask = cols < n_cols
+    cols64 = cols.to(tl.int64)
+    bias = tl.load(BD + cols, mask=cmask, other=0.0).to(tl.float32)
+    num_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, num_tiles, num_progs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows64 = rows.to(tl.int64)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        offs = rows64[:, None] * n_cols + cols64[None, :]
+        z = tl.load(PROJ + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+        act = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+        tl.store(ACT + offs, _round_bf16(act, ROUND_BF16), mask=mask)
+        if STORE_Z:
+            tl.store(Z32 + offs, z, mask=mask)
+
+
+@triton.jit
+def _squared_error_kernel(
+    RECON,  # (m, h) in/out: act @ W_up^T without bias -> d_recon (matmul dtype)
+    BU,  # (h,) up bias
+    X, stride_xm, stride_xh,  # chunk of the target x (strided)
+    COEF,  # (1,) fp32: 2 * grad_scale / (N * h)
+    LOSS_PART,  # (G,) fp32 per-program partial sums of squared errors (accumulated across chunks)
+    DBU_PART,  # (G, h) fp32 per-program partial up-bias gradients
+    n_rows, n_cols, num_progs,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, COMPUTE_GRADS: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < n_cols
+    cols64 = cols.to(tl.int64)
+    bias = tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)
+    if COMPUTE_GRADS:
+        coef = tl.load(COEF).to(tl.float32)
+    loss_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    num_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, num_tiles, num_progs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows64 = rows.to(tl.int64)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        offs = rows64[:, None] * n_cols + cols64[None, :]
+        recon = tl.load(RECON + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+        target = tl.load(X + rows64[:, None] * stride_xm + cols64[None, :] * stride_xh, mask=mask, other=0.0)
+        diff = tl.where(mask, recon - target.to(tl.float32), 0.0)
+        loss_rows += tl.sum(diff * diff, axis=1)
+        if COMPUTE_GRADS:
+            d_recon = diff * coef
+            tl.store(RECON + offs, _round_bf16(d_recon, ROUND_BF16), mask=mask)
+            dbias += tl.sum(d_recon, axis=0)
+    tl.store(LOSS_PART + pid, tl.load(LOSS_PART + pid) + tl.sum(loss_rows, axis=0))
+    if COMPUTE_GRADS:
+        part = DBU_PART + pid.to(tl.int64) * n_cols + cols64
+        tl.store(part, tl.load(part, mask=cmask, other=0.0) + dbias, mask=cmask)
+
+
+@triton.jit
+def _gelu_backward_kernel(
+    GRAD,  # (m, r) in/out: d_act -> d_z (matmul dtype)
+    Z32,  # (m, r) fp32 pre-activation
+    DBD_PART,  # (G, r) fp32 per-program partial down-bias gradients
+    n_rows, n_cols, num_progs,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_R)
+    cmask = cols < n_cols
+    cols64 = cols.to(tl.int64)
+    dbias = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    num_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, num_tiles, num_progs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows64 = rows.to(tl.int64)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        offs = rows64[:, None] * n_cols + cols64[None, :]
+        d_act = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(Z32 + offs, mask=mask, other=0.0)
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        d_z = tl.where(mask, d_act * (cdf + z * pdf), 0.0)
+        tl.store(GRAD + offs, _round_bf16(d_z, ROUND_BF16), mask=mask)
+        dbias += tl.sum(d_z, axis=0)
+    part = DBD_PART + pid.to(tl.int64) * n_cols + cols64
+    tl.store(part, tl.load(part, mask=cmask, other=0.0) + dbias, mask=cmask)
+
+
+@triton.jit
+def _ln_backward_kernel(
+    DNORMED,  # (m, h) gradient w.r.t. the LayerNorm output (matmul dtype)
+    XHAT, RSTD,  # fp32 saved by the forward kernel
+    W,  # (h,) LayerNorm weight
+    DY, stride_dym, stride_dyh,  # out: rows of grad_y
+    DW_PART, DB_PART,  # (G, h) fp32 per-program partial LayerNorm weight / bias gradients
+    n_rows, n_cols, num_progs,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < n_cols
+    cols64 = cols.to(tl.int64)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    num_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(pid, num_tiles, num_progs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows64[:, None] * n_cols + cols64[None, :]
+        dn = tl.load(DNORMED + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.load(XHAT + offs, mask=mask, other=0.0)
+        rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
+        dw += tl.sum(dn * xhat, axis=0)
+        db += tl.sum(dn, axis=0)
+        dxhat = dn * w[None, :]
+        c1 = tl.sum(dxhat * xhat, axis=1) / n_cols
+        c2 = tl.sum(dxhat, axis=1) / n_cols
+        dy = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dy_ptrs = DY + rows64[:, None] * stride_dym + cols64[None, :] * stride_dyh
+        tl.store(dy_ptrs, _round_bf16(dy, ROUND_BF16), mask=mask)
+    part = pid.to(tl.int64) * n_cols + cols64
+    tl.store(DW_PART + part, tl.load(DW_PART + part, mask=cmask, other=0.0) + dw, mask=cmask)
+    tl.store(DB_PART + part, tl.load(DB_PART + part, mask=cmask, other=0.0) + db, mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton host code
+# ---------------------------------------------------------------------------------------------------
+
+_MAX_BLOCK = 65536  # widest row (next power of two of h or r) one program holds in registers
+_FWD_OVERSUBSCRIBE = 8  # programs per SM for the forward kernels, which keep no partial sums
+# Under TRITON_INTERPRET=1 (read when ``triton.jit`` decorates) the kernels are InterpretedFunctions.
+_INTERPRETED = not isinstance(_ln_forward_kernel, JITFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_programs(device_type: str, index: int | None) -> int:
+    """Persistent grid size: one program per SM on CUDA; a few under the (sequential) interpreter."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+    return 4
+
+
+def _tile_settings(block_cols: int, num_rows: int) -> tuple[int, int]:
+    """(rows per tile, num_warps): about 4K elements per tile, fewer rows when there are fewer rows."""
+    block_m = max(1, min(16, 4096 // block_cols, triton.next_power_of_2(num_rows)))
+    elems = block_m * block_cols
+    num_warps = 4 if elems < 2048 else 8 if elems < 8192 else 16
+    return block_m, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_has_out_dtype(device_type: str) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` works for half/bf16 inputs on this device."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with an fp32 ``acc``: fp32 accumulation inside the matmul where possible."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _mm_has_out_dtype(a.device.type):
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+    else:  # each chunk's product is rounded once to the matmul dtype, the running sum stays fp32
+        acc.add_(torch.mm(a, b))
+
+
+def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
+    """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between."""
+    norm_w, norm_b, down_w, down_b, up_w, up_b = params
+    device = y2.device
+    if device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError(
+            f"backend='triton' on {device.type} tensors needs the Triton interpreter, but the kernels were "
+            "compiled for a GPU: set TRITON_INTERPRET=1 before importing triton (and lopt_kernels)."
+        )
+    n, h = y2.shape
+    r = down_w.shape[0]
+    block_h, block_r = triton.next_power_of_2(h), triton.next_power_of_2(r)
+    if max(block_h, block_r) > _MAX_BLOCK:
+        raise ValueError(f"reconstruction loss: hidden size {h} / bottleneck {r} too large for the Triton kernels")
+    mm_dtype = down_w.dtype
+    round_mm = _INTERPRETED and mm_dtype == torch.bfloat16
+    round_y = _INTERPRETED and y2.dtype == torch.bfloat16
+    f32 = torch.float32
+    progs = _num_programs(device.type, device.index)
+    chunk = min(chunk_rows, n)
+    bm_h, warps_h = _tile_settings(block_h, n)
+    bm_r, warps_r = _tile_settings(block_r, n)
+    norm_w_c, norm_b_c, down_b_c, up_b_c = (t.contiguous() for t in (norm_w, norm_b, down_b, up_b))
+
+    normed = torch.empty((chunk, h), dtype=mm_dtype, device=device)
+    proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # z without bias, later d_act -> d_z
+    act = torch.empty((chunk, r), dtype=mm_dtype, device=device)
+    recon = torch.empty((chunk, h), dtype=mm_dtype, device=device)  # recon -> d_recon -> d_normed
+    loss_part = torch.zeros((progs,), dtype=f32, device=device)
+    if compute_grads:
+        xhat = torch.empty((chunk, h), dtype=f32, device=device)
+        rstd = torch.empty((chunk,), dtype=f32, device=device)
+        z32 = torch.empty((chunk, r), dtype=f32, device=device)
+        grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
+        part_h = torch.zeros((3, progs, h), dtype=f32, device=device)  # LN weight, LN bias, up bias
+        part_r = torch.zeros((progs, r), dtype=f32, device=device)  # down bias
+        acc_up = torch.zeros((h, r), dtype=f32, device=device)
+        acc_down = torch.zeros((r, h), dtype=f32, device=device)
+        if isinstance(grad_scale, torch.Tensor):
+            coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (n * h))
+        else:
+            coef = torch.full((1,), 2.0 * float(grad_scale) / (n * h), dtype=f32, device=device)
+    else:  # placeholders for pointers the disabled (constexpr) branches never touch
+        xhat = rstd = z32 = part_r = coef = loss_part
+        part_h = (loss_part,) * 3
+
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        yc, xc = y2[start : start + m], x2[start : start + m]
+        normed_c, proj_c, act_c, recon_c = normed[:m], proj[:m], act[:m], recon[:m]
+        # kernels with per-program partial sums: at most ``progs`` programs (one per SM, as Liger's
+        # layer_norm backward); the purely row-wise forward kernels oversubscribe the SMs instead
+        grid_h = min(progs, triton.cdiv(m, bm_h))
+        grid_r = min(progs, triton.cdiv(m, bm_r))
+        grid_h_fwd = min(_FWD_OVERSUBSCRIBE * progs, triton.cdiv(m, bm_h))
+        grid_r_fwd = min(_FWD_OVERSUBSCRIBE * progs, triton.cdiv(m, bm_r))
+
+        _ln_forward_kernel[(grid_h_fwd,)](
+            yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, xhat, rstd, m, h, eps, grid_h_fwd,
+            BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, ROUND_BF16=round_mm, num_warps=warps_h,
+        )
+        torch.mm(normed_c, down_w.t(), out=proj_c)
+        _bias_gelu_forward_kernel[(grid_r_fwd,)](
+            proj_c, down_b_c, z32, act_c, m, r, grid_r_fwd,
+            BLOCK_M=bm_r, BLOCK_R=block_r, STORE_Z=compute_grads, ROUND_BF16=round_mm, num_warps=warps_r,
+        )
+        torch.mm(act_c, up_w.t(), out=recon_c)
+        _squared_error_kernel[(grid_h,)](
+            recon_c, up_b_c, xc, xc.stride(0), xc.stride(1), coef, loss_part, part_h[2], m, h, grid_h,
+            BLOCK_M=bm_h, BLOCK_H=block_h, COMPUTE_GRADS=compute_grads, ROUND_BF16=round_mm, num_warps=warps_h,
+        )
+        if not compute_grads:
+            continue
+        d_recon = recon_c
+        _accumulate_mm(acc_up, d_recon.t(), act_c)
+        d_z = torch.mm(d_recon, up_w, out=proj_c)  # d_act, turned into d_z in place below
+        _gelu_backward_kernel[(grid_r,)](
+            d_z, z32, part_r, m, r, grid_r,
+            BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
+        )
+        _accumulate_mm(acc_down, d_z.t(), normed_c)
+        d_normed = torch.mm(d_z, down_w, out=recon_c)
+        gy = grad_y[start : start + m]
+        _ln_backward_kernel[(grid_h,)](
+            d_normed, xhat, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1), part_h[0], part_h[1], m, h, grid_h,
+            BLOCK_M=bm_h, BLOCK_H=block_h, ROUND_BF16=round_y, num_warps=warps_h,
+        )
+
+    loss = loss_part.sum() / (n * h)
+    if not compute_grads:
+        return loss, None
+    grads = (
+        grad_y,
+        part_h[0].sum(0).to(norm_w.dtype),
+        part_h[1].sum(0).to(norm_b.dtype),
+        acc_down.to(down_w.dtype),
+        part_r.sum(0).to(down_b.dtype),
+        acc_up.to(up_w.dtype),
+        part_h[2].sum(0).to(up_b.dtype),
+    )
+    return loss, grads
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile; fake implementations for FakeTensor tracing)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows):
+    h = y.shape[-1]
+    y2 = y.reshape(-1, h)  # a view whenever the strides allow: the kernels take row/column strides
+    x2 = x.reshape(-1, h)
+    if backend == "triton":
+        loss, grads = _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+    else:
+        loss, grads = _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+    if grads is not None:
+        grads = (grads[0].reshape(y.shape), *grads[1:])
+    return loss, grads
+
+
+@torch.library.custom_op(
+    "lopt_kernels::reconstruction_loss",
+    mutates_args=(),
+    schema=(
+        "(Tensor y, Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor down_weight, Tensor down_bias, "
+        "Tensor up_weight, Tensor up_bias, float eps, str backend, int chunk_rows) -> Tensor"
+    ),
+)
+def _loss_op(y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows):
+    params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
+    loss, _ = _run_impl(y, x, params, eps, 1.0, False, backend, chunk_rows)
+    return loss
+
+
+@_loss_op.register_fake
+def _loss_op_fake(y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows):
+    return y.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "lopt_kernels::reconstruction_loss_and_grads",
+    mutates_args=(),
+    schema=(
+        "(Tensor y, Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor down_weight, Tensor down_bias, "
+        "Tensor up_weight, Tensor up_bias, float eps, float grad_scale, Tensor? grad_scale_tensor, str backend, "
+        "int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _loss_and_grads_op(
+    y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, grad_scale, grad_scale_tensor,
+    backend, chunk_rows,
+):
+    params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
+    scale = grad_scale_tensor if grad_scale_tensor is not None else grad_scale
+    loss, grads = _run_impl(y, x, params, eps, scale, True, backend, chunk_rows)
+    return (loss, *grads)
+
+
+@_loss_and_grads_op.register_fake
+def _loss_and_grads_op_fake(
+    y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, grad_scale, grad_scale_tensor,
+    backend, chunk_rows,
+):
+    params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
+    return (y.new_empty((), dtype=torch.float32), y.new_empty(y.shape), *(p.new_empty(p.shape) for p in params))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
 
 
 def reconstruction_loss_and_grads(
@@ -148,36 +615,38 @@ def reconstruction_loss_and_grads(
 
     Returns ``(loss, grads)`` with ``grads = (grad_y, grad_norm_weight, grad_norm_bias, grad_down_weight,
     grad_down_bias, grad_up_weight, grad_up_bias)`` (``grad_y`` shaped like ``y`` in ``y.dtype``, parameter
-    gradients in the parameters' dtype), or ``None`` when ``compute_grads`` is false.
+    gradients in the parameters' dtype), or ``None`` when ``compute_grads`` is false. ``grad_scale`` is a
+    float or a 0-d tensor (read on the device, no host sync). The results are plain tensors outside the
+    autograd graph; use :func:`reconstruction_loss` for a differentiable loss.
     """
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     check_reconstruction_inputs(y, x, *params)
     impl = resolve_backend(backend, y.device)
-    shape = y.shape
-    h = shape[-1]
-    y2 = y.reshape(-1, h)
-    x2 = x.reshape(-1, h)
-    n = y2.shape[0]
-    if n == 0:
-        raise ValueError("reconstruction loss: y has no rows")
+    h = y.shape[-1]
+    n = math.prod(y.shape[:-1])
+    if n == 0 or h == 0:
+        raise ValueError(f"reconstruction loss: y {tuple(y.shape)} has no rows")
     chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(n, h)
     if chunk < 1:
         raise ValueError(f"reconstruction loss: chunk_rows must be >= 1, got {chunk}")
-    if isinstance(grad_scale, torch.Tensor):
-        grad_scale = grad_scale.to(device=y.device, dtype=torch.float32)
-    if impl == "triton":
-        from . import _reconstruction_loss_triton as tri  # noqa: PLC0415
-
-        loss, grads = tri.loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk)
-    else:
-        loss, grads = _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk)
-    if grads is not None:
-        grads = (grads[0].reshape(shape), *grads[1:])
-    return loss, grads
+    with torch.no_grad():
+        if not compute_grads:
+            return torch.ops.lopt_kernels.reconstruction_loss(y, x, *params, float(eps), impl, int(chunk)), None
+        if isinstance(grad_scale, torch.Tensor):
+            scale, scale_tensor = 1.0, grad_scale.detach().to(device=y.device, dtype=torch.float32)
+        else:
+            scale, scale_tensor = float(grad_scale), None
+        loss, *grads = torch.ops.lopt_kernels.reconstruction_loss_and_grads(
+            y, x, *params, float(eps), scale, scale_tensor, impl, int(chunk)
+        )
+    return loss, tuple(grads)
 
 
 class ReconstructionLossFunction(torch.autograd.Function):
-    """Autograd wrapper: gradients are computed during the forward and scaled by the incoming gradient."""
+    """Autograd wrapper: gradients are computed during the forward and scaled by the incoming gradient.
+
+    The backward scales the saved gradients in place, so the graph supports one backward pass only.
+    """
 
     @staticmethod
     def forward(ctx, y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows):
@@ -198,8 +667,11 @@ class ReconstructionLossFunction(torch.autograd.Function):
             return (None,) * 11
         grad_y, *param_grads = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        scaled_y = grad_y * grad_loss.to(grad_y.dtype) if needs[0] else None
-        scaled = [g * grad_loss.to(g.dtype) if needs[2 + i] else None for i, g in enumerate(param_grads)]
+        # Scaled in place (a 0-d fp32 multiplier keeps each tensor's dtype, one rounding): no second
+        # y-sized buffer. A second backward through the same graph (retain_graph=True) therefore raises
+        # autograd's "modified by an inplace operation" error instead of returning rescaled gradients.
+        scaled_y = grad_y.mul_(grad_loss) if needs[0] else None
+        scaled = [g.mul_(grad_loss) if needs[2 + i] else None for i, g in enumerate(param_grads)]
         return (scaled_y, None, *scaled, None, None, None)
 
 
@@ -207,7 +679,17 @@ def reconstruction_loss(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, *,
     eps: float = 1e-5, backend: str = "auto", chunk_rows: int | None = None,
 ):
-    """Differentiable fused reconstruction loss (fp32 scalar). The target ``x`` receives no gradient."""
-    return ReconstructionLossFunction.apply(
-        y, x.detach(), norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows
+    """Differentiable fused reconstruction loss (fp32 scalar). The target ``x`` receives no gradient.
+
+    Without grad mode or with no input requiring grad, only the loss is computed (no backward work).
+    """
+    differentiable = (y, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in differentiable):
+        return ReconstructionLossFunction.apply(
+            y, x.detach(), norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows
+        )
+    loss, _ = reconstruction_loss_and_grads(
+        y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias,
+        eps=eps, compute_grads=False, backend=backend, chunk_rows=chunk_rows,
     )
+    return loss
