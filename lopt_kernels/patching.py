@@ -400,6 +400,10 @@ def _causal_lm_pre_hook(state: PatchState):
         state.task_request = None
         if state.settings.fused_ce == "off" or not (module.training and torch.is_grad_enabled()) or args:
             return None
+        if "forward" in module.__dict__:
+            # The forward was replaced on the instance (TRL's fused LM head, Liger's fused linear CE): the
+            # replacement owns the head and the loss, and may need the labels itself.
+            return None
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
         if labels is None and shift_labels is None:
             return None
