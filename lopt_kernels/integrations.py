@@ -173,25 +173,30 @@ def aux_weight(trainer, label_count, num_items_in_batch) -> tuple[float | torch.
     return 1.0 / _ga_steps(trainer), 1.0
 
 
+# Autograd nodes that pass each output's gradient to the input at the same position only (and not to
+# every input): DDP's ``find_unused_parameters`` path routes all model outputs through one of them.
+_PASS_THROUGH = frozenset({"_DDPSinkBackward"})
+
+
 def _reaches(loss: torch.Tensor, target: torch.Tensor) -> bool:
     """Whether ``target`` (as that exact output of its graph node) is in ``loss``'s autograd graph."""
     fn, nr = target.grad_fn, target.output_nr
-    root = loss.grad_fn
-    if fn is None or root is None:
+    if fn is None or loss.grad_fn is None:
         return False
-    if root is fn and loss.output_nr == nr:
-        return True
-    seen, stack = {root}, [root]
+    seen, stack = set(), [(loss.grad_fn, loss.output_nr)]
     while stack:
-        node = stack.pop()
-        for nxt, idx in node.next_functions:
-            if nxt is None:
-                continue
-            if nxt is fn and idx == nr:
-                return True
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
+        node, out = stack.pop()
+        if node is fn and out == nr:
+            return True
+        routed = node.name() in _PASS_THROUGH
+        key = (node, out) if routed else node
+        if key in seen:
+            continue
+        seen.add(key)
+        edges = node.next_functions
+        if routed:
+            edges = edges[out : out + 1]
+        stack.extend((nxt, idx) for nxt, idx in edges if nxt is not None)
     return False
 
 
@@ -343,7 +348,7 @@ def attach(trainer):
         if lopt is None:  # unpatched since attach: plain training
             return original_compute_loss(*args, **kwargs)
         hooks = lopt.causal_lm._forward_hooks
-        if handle.id in hooks:  # run after patch's own hook even if the model was re-patched
+        if handle.id in hooks:  # after patch's own hook (which adds aux_loss), even if re-patched since
             hooks.move_to_end(handle.id)
         recorder.records, recorder.unreadable, recorder.active = [], 0, True
         try:

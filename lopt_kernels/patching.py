@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._outputs import with_lopt_fields
 from .aux_decoder import AuxDecoder
 from .boundary import BlockTape, BoundarySpec, LayerCall, apply_boundary, hidden_of, stored_boundary
 from .ops import linear_cross_entropy as lce
@@ -473,6 +474,7 @@ def _causal_lm_post_hook(state: PatchState):
             if output and torch.is_tensor(output[0]) and output[0].dim() == 0:
                 return (output[0] + lam * weight * aux.to(output[0].device), *output[1:])
             return None
+        output = with_lopt_fields(output)  # task_loss/aux_loss as dataclass fields: pytree rebuilds (DDP) work
         task = output.get("loss")
         if task is not None:
             output["loss"] = task + (lam * weight * aux).to(task.device, task.dtype)

@@ -1,0 +1,45 @@
+"""DDP (torchrun, 2 processes, gloo on CPU) equals one process on the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script, *args, nproc=2, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", os.path.join(HERE, script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(HERE)),
+                                                                   os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import ddp_train
+
+    _torchrun("ddp_train.py", str(tmp_path))
+    for variant in ddp_train.VARIANTS:
+        single = ddp_train.run(str(tmp_path), variant, world=1)
+        ddp = torch.load(tmp_path / f"{variant}-world2.pt")
+        assert ddp.keys() == single.keys()
+        moved = 0
+        for name, p in single.items():
+            torch.testing.assert_close(ddp[name], p, rtol=1e-5, atol=1e-6, msg=f"{variant}: {name}")
+        init = ddp_train.run.__globals__["tiny_model"]("llama")
+        moved = sum(not torch.equal(init.state_dict()[n], single[n]) for n in init.state_dict() if n in single)
+        assert moved > 10
