@@ -135,23 +135,27 @@ class _ReplayContext:
         return False
 
 
-def _grads_into(store: dict, params: list[torch.Tensor], grads) -> None:
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        key = id(p)
-        store[key] = g if key not in store else store[key] + g
-
-
 def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _backward_into(output: torch.Tensor, grad: torch.Tensor, layer_in: torch.Tensor | None, params: list) -> torch.Tensor | None:
+    """Backpropagate ``grad`` from ``output``: parameter gradients accumulate into ``.grad`` through their
+    AccumulateGrad nodes as soon as they are ready (so gradient hooks, e.g. DDP's, fire as usual and
+    no block-sized set of gradients is held); returns the gradient of ``layer_in``."""
+    inputs = ([layer_in] if layer_in is not None else []) + params
+    if not inputs or not output.requires_grad:
+        return None
+    torch.autograd.backward(output, grad, inputs=inputs)
+    if layer_in is None:
+        return None
+    grad_in, layer_in.grad = layer_in.grad, None
+    return grad_in
+
+
 def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, grad_scale, x_needs_grad: bool):
-    """Rebuild the block from its input ``x``, backpropagate ``grad_scale * aux`` and return
-    ``(grad_x, {id(param): grad})`` for the block's and the decoder's parameters."""
-    decoder_params = spec.decoder.decoder_parameters()
-    param_grads: dict[int, torch.Tensor] = {}
+    """Rebuild the block from its input ``x`` and backpropagate ``grad_scale * aux``: the block's parameter
+    gradients go straight into their ``.grad``; returns ``(grad_x, decoder_grads)``."""
     guard = spec.replay_guard
     guard.replaying = True
     try:
@@ -165,28 +169,20 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 with _ReplayContext(tape, call, grad=False, preserve_rng=spec.preserve_rng):
                     hidden = _call_layer(call, hidden)
             _, grads = local_loss_and_grads(spec, hidden, x, grad_scale=grad_scale)
-            grad_hidden = grads[0]
-            _grads_into(param_grads, list(decoder_params), grads[1:])
-            del hidden
+            grad_hidden, decoder_grads = grads[0], grads[1:]
+            del hidden, grads
             for i in range(len(tape.calls) - 1, -1, -1):
                 call = tape.calls[i]
                 needs_input = i > 0 or x_needs_grad
                 layer_in = inputs[i].detach().requires_grad_(needs_input)
                 inputs[i] = None
-                layer_params = _trainable(call.layer)
                 with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
                     out = _call_layer(call, layer_in)
-                wrt = ([layer_in] if needs_input else []) + layer_params
-                if not wrt or not out.requires_grad:
-                    grad_hidden = None
-                    break
-                grads = torch.autograd.grad(out, wrt, grad_hidden, allow_unused=True)
+                grad_hidden = _backward_into(out, grad_hidden, layer_in if needs_input else None,
+                                             _trainable(call.layer))
                 del out
-                if needs_input:
-                    grad_hidden, grads = grads[0], grads[1:]
-                else:
-                    grad_hidden = None
-                _grads_into(param_grads, layer_params, grads)
+                if grad_hidden is None:
+                    break
             grad_x = grad_hidden if x_needs_grad else None
         else:
             # Rebuild the whole block with its graph, then one backward through it.
@@ -196,18 +192,13 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
                     hidden = _call_layer(call, hidden)
             _, grads = local_loss_and_grads(spec, hidden.detach(), x, grad_scale=grad_scale)
-            _grads_into(param_grads, list(decoder_params), grads[1:])
+            grad_y, decoder_grads = grads[0], grads[1:]
+            del grads
             block_params = [p for call in tape.calls for p in _trainable(call.layer)]
-            wrt = ([layer_in] if x_needs_grad else []) + block_params
-            grad_x = None
-            if wrt and hidden.requires_grad:
-                block_grads = torch.autograd.grad(hidden, wrt, grads[0], allow_unused=True)
-                if x_needs_grad:
-                    grad_x, block_grads = block_grads[0], block_grads[1:]
-                _grads_into(param_grads, block_params, block_grads)
+            grad_x = _backward_into(hidden, grad_y, layer_in if x_needs_grad else None, block_params)
     finally:
         guard.replaying = False
-    return grad_x, param_grads
+    return grad_x, decoder_grads
 
 
 class ActivationFreeBoundary(torch.autograd.Function):
@@ -235,8 +226,10 @@ class ActivationFreeBoundary(torch.autograd.Function):
         if grad_aux is None:
             # The caller's loss does not contain this block's aux term: nothing trains the block.
             return (None,) * len(needs)
-        grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad)
-        param_grads = [grads_by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]
+        grad_x, decoder_grads = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad)
+        # Block parameters already received their gradients inside the rebuild; the decoder's come back here.
+        by_id = {id(p): g for p, g in zip(spec.decoder.decoder_parameters(), decoder_grads)}
+        param_grads = [by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]
         return (None, None, None, grad_x, *param_grads)
 
 

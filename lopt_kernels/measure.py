@@ -1,45 +1,149 @@
-"""Measuring a training step: peak memory of its allocations and wall time."""
+"""Measuring a training step: peak memory (split by kind), FLOPs and wall time.
+
+Memory: on CUDA, ``max_memory_allocated`` after ``reset_peak_memory_stats`` (what the caching
+allocator really handed out). On CPU and under ``FakeTensorMode`` (no allocation at all), a
+dispatch mode that follows every storage the step's ops allocate until it is freed: a
+deterministic count of live tensor bytes, unlike process RSS. Gradients are allocated by the
+warm-up step beforehand, so the step peak is activations and temporaries.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
+from dataclasses import dataclass
 
 import torch
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+_aten = torch.ops.aten
 
 
-def step_peak_bytes(step_fn, device: torch.device) -> tuple[int, object]:
-    """Run ``step_fn()`` once; return (peak bytes allocated by it above what was live before, its result).
+def _register_cpu_sdpa_flops() -> None:
+    """torch counts the CPU flash-attention kernels as zero FLOPs; give them the sdpa formulas."""
+    registry = flop_counter.flop_registry
+    fwd = _aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = _aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    if fwd not in registry:
+        @flop_counter.register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the allocator's own
-    allocation/free events recorded by ``torch.profiler`` (deterministic, unlike RSS).
-    """
-    if device.type == "cuda":
+    if bwd not in registry:
+        @flop_counter.register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                    **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
+
+
+@dataclass
+class StepMemory:
+    """Bytes at the step's peak: parameters and buffers, gradients, and what the step itself allocated."""
+
+    params: int
+    grads: int
+    step_peak: int  # peak of the step's own allocations (activations, temporaries) above what was live before
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.step_peak
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _StepAllocations(TorchDispatchMode):
+    """Live bytes of the storages that ops allocate while the mode is active, and their peak.
+
+    An op output counts as an allocation when its storage is none of the op's inputs' storages
+    (views and in-place results share one); it stops counting when its storage is freed. Works
+    for real and fake tensors alike, since it reads sizes, never data."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted = WeakIdKeyDictionary()
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if id(storage) in inputs or storage in self._counted:
+                continue
+            nbytes = storage.nbytes()
+            self._counted[storage] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, nbytes)
+        return out
+
+
+def measure_step(step_fn, model: torch.nn.Module, device: torch.device, *, memory=True, flops=True,
+                 fake_mode=None) -> tuple[StepMemory | None, int | None]:
+    """Run ``step_fn()`` once; return its memory (see module docstring) and its FLOPs."""
+    counter = _FlopCounter() if flops else contextlib.nullcontext()
+    tracker = _StepAllocations() if memory and (device.type != "cuda" or fake_mode is not None) else None
+    params = _tensor_bytes(model.parameters()) + _tensor_bytes(model.buffers())
+    grads_before = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    cuda_memory = memory and tracker is None
+    if cuda_memory:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        result = step_fn()
+    with (fake_mode if fake_mode is not None else contextlib.nullcontext(), counter,
+          tracker if tracker is not None else contextlib.nullcontext()):
+        step_fn()
+    grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    mem = None
+    if cuda_memory:
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, result
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = step_fn()
-    cpu = torch._C._autograd.DeviceType.CPU
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, result
+        peak = torch.cuda.max_memory_allocated(device) - base
+        mem = StepMemory(params, grads, max(peak - (grads - grads_before), 0))
+    elif tracker is not None:
+        mem = StepMemory(params, grads, tracker.peak)
+    return mem, (counter.total if flops else None)
 
 
-def timed(step_fn, device: torch.device) -> tuple[float, object]:
-    """Wall seconds of ``step_fn()`` (synchronised on CUDA) and its result."""
+class _FlopCounter(TorchDispatchMode):
+    """Sums torch's registered FLOP formulas over every dispatched op. Unlike ``FlopCounterMode`` it
+    tracks no modules, so it also runs through a nested ``torch.autograd.grad`` (the boundary's
+    rebuild), which the module tracker's autograd hooks refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def timed(step_fn, device: torch.device) -> float:
+    """Wall seconds of ``step_fn()`` (synchronised on CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    result = step_fn()
+    step_fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start
