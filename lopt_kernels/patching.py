@@ -245,12 +245,27 @@ def _autocast_state(device_type: str):
     return None
 
 
+def _fsdp2_sharded(layers) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for layer in layers for m in layer.modules())
+
+
 def _backbone_pre_hook(state: PatchState):
     def hook(module, args, kwargs):
         if state.replaying:
             return None
         run = _PassState(active=module.training and torch.is_grad_enabled())
         if run.active:
+            if state.settings.mode == "activation_free" and _fsdp2_sharded(state.layers[: state.block_starts[-1]]):
+                raise LoptPatchError(
+                    "mode='activation_free' cannot train blocks sharded by FSDP2 (fully_shard): they run forward "
+                    "without autograd, so FSDP's backward hooks never reduce the gradients the boundary computes "
+                    "and the bottom half would not train. Patch with mode='stored' (same gradients, tested under "
+                    "FSDP2), or leave the non-final blocks unsharded."
+                )
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
             if state.settings.aux_mask == "tokens":

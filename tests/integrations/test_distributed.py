@@ -43,3 +43,10 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         init = ddp_train.run.__globals__["tiny_model"]("llama")
         moved = sum(not torch.equal(init.state_dict()[n], single[n]) for n in init.state_dict() if n in single)
         assert moved > 10
+
+
+@pytest.mark.slow
+def test_fsdp2_stored_mode_equals_one_process_and_activation_free_is_refused(tmp_path):
+    _torchrun("fsdp2_train.py", str(tmp_path))
+    assert (tmp_path / "fsdp2_ok").exists()
+    assert (tmp_path / "fsdp2_refused").exists()

@@ -1,0 +1,61 @@
+"""FSDP2 (fully_shard per decoder layer + root) on 2 CPU processes over gloo, launched by test_distributed.py.
+
+mode='stored': one step's gradients (gathered) equal one process on the same global batch -> OUT/fsdp2_ok.
+mode='activation_free': the first training forward raises LoptPatchError -> OUT/fsdp2_refused."""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+import lopt_kernels  # noqa: E402
+from tiny_models import batch, tiny_model  # noqa: E402
+
+
+def sharded(mode, mesh):
+    model = lopt_kernels.patch(tiny_model("llama"), mode=mode)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    b = batch(batch_size=2 * world, seq=9, pad_lengths=(0,))
+    b["labels"] = b["input_ids"].clone()  # equal label counts per rank (the aux weighting is per micro-batch)
+    n = (b["labels"][:, 1:] != -100).sum()
+    local = {k: v[2 * rank: 2 * rank + 2] for k, v in b.items()}
+
+    model = sharded("stored", mesh)
+    (model(**local, num_items_in_batch=n).loss * world).backward()  # as the Trainer does with num_items_in_batch
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    if rank == 0:
+        ref = lopt_kernels.patch(tiny_model("llama"), mode="stored")
+        ref(**b, num_items_in_batch=n).loss.backward()
+        for name, p in ref.named_parameters():
+            err = (grads[name] - p.grad).abs().max().item()
+            assert err <= 1e-5 * p.grad.abs().max().item() + 1e-10, f"{name}: {err:.3e}"
+        assert grads["model.layers.0.mlp.down_proj.weight"].abs().max() > 0
+        open(os.path.join(out, "fsdp2_ok"), "w").close()
+
+    free = sharded("activation_free", mesh)
+    try:
+        free(**local)
+    except lopt_kernels.LoptPatchError as e:
+        assert "FSDP2" in str(e)
+        if rank == 0:
+            open(os.path.join(out, "fsdp2_refused"), "w").close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
