@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 
 import torch
 from torch import nn
@@ -400,8 +399,3 @@ def attach(trainer):
     callback._hook_handle = handle
     return trainer
 
-
-def _warn_once(message: str, _seen=set()):  # noqa: B006 - deliberate module-level memo
-    if message not in _seen:
-        _seen.add(message)
-        warnings.warn(message, stacklevel=3)
