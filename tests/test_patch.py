@@ -162,3 +162,22 @@ def test_generate_is_unchanged():
     prompt = batch()["input_ids"][:1, :5]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("reentrant", [None, False, True])
+def test_bottom_half_is_never_checkpointed_twice(reentrant):
+    """Counts MLP forwards per layer in one training step: the bottom half runs once without a graph,
+    then (with checkpointing) once more to checkpoint layer inputs and once per layer with its graph."""
+    model = tiny_model("llama")
+    lopt_kernels.patch(model)
+    if reentrant is not None:
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    calls = [0] * 5
+    for i, layer in enumerate(model.model.layers):
+        # a pre-hook: non-reentrant checkpointing may stop its recompute before an MLP forward returns
+        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    model(**batch()).loss.backward()
+    if reentrant is None:
+        assert calls == [2, 2, 2, 1, 1]  # forward + one rebuild with graph; top half once
+    else:
+        assert calls == [3, 3, 3, 2, 2]  # + layer-input checkpoints; top half forward + recompute
