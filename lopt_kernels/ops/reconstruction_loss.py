@@ -545,10 +545,13 @@ def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows)
     h = y.shape[-1]
     y2 = y.reshape(-1, h)  # a view whenever the strides allow: the kernels take row/column strides
     x2 = x.reshape(-1, h)
-    if backend == "triton":
-        loss, grads = _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
-    else:
-        loss, grads = _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+    # The op fixes its own precision (fp32 statistics and accumulation): an enclosing autocast
+    # region must not recast its matmuls.
+    with torch.autocast(y.device.type, enabled=False):
+        if backend == "triton":
+            loss, grads = _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+        else:
+            loss, grads = _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
     if grads is not None:
         grads = (grads[0].reshape(y.shape), *grads[1:])
     return loss, grads
