@@ -139,25 +139,34 @@ def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _backward_into(output: torch.Tensor, grad: torch.Tensor, layer_in: torch.Tensor | None, params: list) -> torch.Tensor | None:
-    """Backpropagate ``grad`` from ``output``: parameter gradients accumulate into ``.grad`` through their
-    AccumulateGrad nodes as soon as they are ready (so gradient hooks, e.g. DDP's, fire as usual and
-    no block-sized set of gradients is held); returns the gradient of ``layer_in``."""
-    inputs = ([layer_in] if layer_in is not None else []) + params
-    if not inputs or not output.requires_grad:
+def _grads_into(store: dict, params: list[torch.Tensor], grads) -> None:
+    for p, g in zip(params, grads):
+        if g is not None:
+            store[id(p)] = g if id(p) not in store else store[id(p)] + g
+
+
+def _local_backward(output, grad, layer_in, params, store: dict):
+    """``autograd.grad`` of ``output`` (seeded with ``grad``) for ``layer_in`` and ``params``; parameter
+    gradients go into ``store``. Returns the gradient of ``layer_in`` (None when not asked)."""
+    wrt = ([layer_in] if layer_in is not None else []) + params
+    if not wrt or not output.requires_grad:
         return None
-    torch.autograd.backward(output, grad, inputs=inputs)
-    if layer_in is None:
-        return None
-    grad_in, layer_in.grad = layer_in.grad, None
+    grads = torch.autograd.grad(output, wrt, grad, allow_unused=True)
+    grad_in = grads[0] if layer_in is not None else None
+    _grads_into(store, params, grads[1:] if layer_in is not None else grads)
     return grad_in
 
 
 def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, grad_scale, x_needs_grad: bool):
-    """Rebuild the block from its input ``x`` and backpropagate ``grad_scale * aux``: the block's parameter
-    gradients go straight into their ``.grad``; returns ``(grad_x, decoder_grads)``."""
+    """Rebuild the block from its input ``x`` and backpropagate ``grad_scale * aux``.
+
+    Returns ``(grad_x, {id(param): grad})`` for the block's and the decoder's parameters. The gradients
+    go back through the boundary Function's outputs rather than into ``.grad`` directly, so each
+    parameter's AccumulateGrad runs exactly once in the caller's backward (DDP's reducer requires it)."""
     guard = spec.replay_guard
     guard.replaying = True
+    store: dict[int, torch.Tensor] = {}
+    decoder_params = list(spec.decoder.decoder_parameters())
     try:
         x = x.detach()
         if spec.layerwise_rebuild:
@@ -169,7 +178,8 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 with _ReplayContext(tape, call, grad=False, preserve_rng=spec.preserve_rng):
                     hidden = _call_layer(call, hidden)
             _, grads = local_loss_and_grads(spec, hidden, x, grad_scale=grad_scale)
-            grad_hidden, decoder_grads = grads[0], grads[1:]
+            grad_hidden = grads[0]
+            _grads_into(store, decoder_params, grads[1:])
             del hidden, grads
             for i in range(len(tape.calls) - 1, -1, -1):
                 call = tape.calls[i]
@@ -178,8 +188,8 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 inputs[i] = None
                 with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
                     out = _call_layer(call, layer_in)
-                grad_hidden = _backward_into(out, grad_hidden, layer_in if needs_input else None,
-                                             _trainable(call.layer))
+                grad_hidden = _local_backward(out, grad_hidden, layer_in if needs_input else None,
+                                              _trainable(call.layer), store)
                 del out
                 if grad_hidden is None:
                     break
@@ -192,13 +202,12 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
                     hidden = _call_layer(call, hidden)
             _, grads = local_loss_and_grads(spec, hidden.detach(), x, grad_scale=grad_scale)
-            grad_y, decoder_grads = grads[0], grads[1:]
-            del grads
+            _grads_into(store, decoder_params, grads[1:])
             block_params = [p for call in tape.calls for p in _trainable(call.layer)]
-            grad_x = _backward_into(hidden, grad_y, layer_in if x_needs_grad else None, block_params)
+            grad_x = _local_backward(hidden, grads[0], layer_in if x_needs_grad else None, block_params, store)
     finally:
         guard.replaying = False
-    return grad_x, decoder_grads
+    return grad_x, store
 
 
 class ActivationFreeBoundary(torch.autograd.Function):
@@ -226,10 +235,8 @@ class ActivationFreeBoundary(torch.autograd.Function):
         if grad_aux is None:
             # The caller's loss does not contain this block's aux term: nothing trains the block.
             return (None,) * len(needs)
-        grad_x, decoder_grads = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad)
-        # Block parameters already received their gradients inside the rebuild; the decoder's come back here.
-        by_id = {id(p): g for p, g in zip(spec.decoder.decoder_parameters(), decoder_grads)}
-        param_grads = [by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]
+        grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad)
+        param_grads = [grads_by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]
         return (None, None, None, grad_x, *param_grads)
 
 

@@ -195,5 +195,5 @@ def test_autocast_is_replayed_in_the_rebuild():
             out = m(**b)
         out.loss.backward()
     # The two modes scale the local gradient at different points (fp32 rounding ~1e-7), which bf16
-    # matmuls in the backward can turn into one bf16 ulp (~4e-3); a missing autocast would be ~1e-1 off.
-    _assert_same_grads(free, stored, rtol=1e-2)
+    # matmuls in the backward turn into <= 2e-3 here; without the autocast replay it is up to 1.3e-2.
+    _assert_same_grads(free, stored, rtol=5e-3)
