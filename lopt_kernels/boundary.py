@@ -53,6 +53,10 @@ class BoundarySpec:
     replay_guard: object  # object with a boolean attribute ``replaying``, set during rebuilds
     preserve_rng: bool = True
     token_rows: torch.Tensor | None = None  # flat indices of the rows the aux loss counts (None: all)
+    # True: block gradients go straight into ``.grad`` as the rebuild produces them (no block-sized set
+    # held); False: they return through the Function, so that each parameter's AccumulateGrad runs once
+    # in the caller's backward, as DDP's reducer requires.
+    accumulate_into_grad: bool = True
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -145,12 +149,18 @@ def _grads_into(store: dict, params: list[torch.Tensor], grads) -> None:
             store[id(p)] = g if id(p) not in store else store[id(p)] + g
 
 
-def _local_backward(output, grad, layer_in, params, store: dict):
-    """``autograd.grad`` of ``output`` (seeded with ``grad``) for ``layer_in`` and ``params``; parameter
-    gradients go into ``store``. Returns the gradient of ``layer_in`` (None when not asked)."""
+def _local_backward(output, grad, layer_in, params, store: dict | None):
+    """Backpropagate ``grad`` from ``output`` to ``layer_in`` and ``params``. Parameter gradients go into
+    ``store`` or, when it is None, straight into ``.grad``. Returns the gradient of ``layer_in``."""
     wrt = ([layer_in] if layer_in is not None else []) + params
     if not wrt or not output.requires_grad:
         return None
+    if store is None:
+        torch.autograd.backward(output, grad, inputs=wrt)
+        if layer_in is None:
+            return None
+        grad_in, layer_in.grad = layer_in.grad, None
+        return grad_in
     grads = torch.autograd.grad(output, wrt, grad, allow_unused=True)
     grad_in = grads[0] if layer_in is not None else None
     _grads_into(store, params, grads[1:] if layer_in is not None else grads)
@@ -160,12 +170,12 @@ def _local_backward(output, grad, layer_in, params, store: dict):
 def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, grad_scale, x_needs_grad: bool):
     """Rebuild the block from its input ``x`` and backpropagate ``grad_scale * aux``.
 
-    Returns ``(grad_x, {id(param): grad})`` for the block's and the decoder's parameters. The gradients
-    go back through the boundary Function's outputs rather than into ``.grad`` directly, so each
-    parameter's AccumulateGrad runs exactly once in the caller's backward (DDP's reducer requires it)."""
+    Returns ``(grad_x, {id(param): grad})``: the decoder's parameter gradients, and the block's unless
+    ``spec.accumulate_into_grad`` sent those straight into ``.grad``."""
     guard = spec.replay_guard
     guard.replaying = True
     store: dict[int, torch.Tensor] = {}
+    block_store = None if spec.accumulate_into_grad else store
     decoder_params = list(spec.decoder.decoder_parameters())
     try:
         x = x.detach()
@@ -189,7 +199,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
                     out = _call_layer(call, layer_in)
                 grad_hidden = _local_backward(out, grad_hidden, layer_in if needs_input else None,
-                                              _trainable(call.layer), store)
+                                              _trainable(call.layer), block_store)
                 del out
                 if grad_hidden is None:
                     break
@@ -204,7 +214,8 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
             _, grads = local_loss_and_grads(spec, hidden.detach(), x, grad_scale=grad_scale)
             _grads_into(store, decoder_params, grads[1:])
             block_params = [p for call in tape.calls for p in _trainable(call.layer)]
-            grad_x = _local_backward(hidden, grads[0], layer_in if x_needs_grad else None, block_params, store)
+            grad_x = _local_backward(hidden, grads[0], layer_in if x_needs_grad else None, block_params,
+                                     block_store)
     finally:
         guard.replaying = False
     return grad_x, store

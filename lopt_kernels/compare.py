@@ -384,7 +384,8 @@ def compare_main(args) -> int:
     print(format_table(rows))
     checks = target_lines(rows)
     if checks:
-        print("targets:")
+        print("targets (set for LoRA on a frozen base at scale, where activations dominate, e.g. "
+              "--config cpu-1b --seq 1024 --lora 16; a tiny full fine-tune is dominated by embeddings):")
         print("\n".join(checks))
     print(verdict(rows))
     if args.json_path:

@@ -351,6 +351,7 @@ def _layer_post_hook(state: PatchState, block: int):
             layerwise_rebuild=run.layerwise_rebuild,
             replay_guard=state,
             token_rows=run.token_rows,
+            accumulate_into_grad=not _distributed(),
         )
         if activation_free:
             torch.set_grad_enabled(run.grad_was_enabled)
@@ -367,6 +368,11 @@ def _layer_post_hook(state: PatchState, block: int):
         return hand_off
 
     return hook
+
+
+def _distributed() -> bool:
+    """Whether a process group is up (DDP/FSDP reducers expect gradients from the outer backward)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _label_count(bound: dict) -> torch.Tensor | None:
