@@ -1,5 +1,7 @@
-"""Kernels and their autograd Functions. Nothing here imports transformers."""
+"""Kernels and their autograd Functions, one module per op; nothing here imports transformers.
 
-from .reconstruction_loss import reconstruction_loss, reconstruction_loss_and_grads
+- ``reconstruction_loss``: the aux decoder's fused reconstruction loss (Triton + chunked PyTorch twin).
+- ``linear_cross_entropy``: the task loss without logits (dispatch to Liger-Kernel / torch).
 
-__all__ = ["reconstruction_loss", "reconstruction_loss_and_grads"]
+The modules are not re-exported here, so ``lopt_kernels.ops.reconstruction_loss`` stays the module.
+"""
