@@ -15,6 +15,7 @@ Nothing here knows about transformers: a block is a list of layer modules and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,8 @@ class BoundarySpec:
     # held); False: they return through the Function, so that each parameter's AccumulateGrad runs once
     # in the caller's backward, as DDP's reducer requires.
     accumulate_into_grad: bool = True
+    # Called when a backward reaches the hand-off but the loss holds no aux term (the block stays untrained).
+    on_missing_aux: Callable[[], None] | None = None
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -245,6 +248,8 @@ class ActivationFreeBoundary(torch.autograd.Function):
         x_needs_grad = bool(needs[3])
         if grad_aux is None:
             # The caller's loss does not contain this block's aux term: nothing trains the block.
+            if grad_hand_off is not None and spec.on_missing_aux is not None:
+                spec.on_missing_aux()
             return (None,) * len(needs)
         grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad)
         param_grads = [grads_by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]

@@ -19,6 +19,7 @@ import json
 
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -194,7 +195,9 @@ def _bottom_task_grad_max(model, batch) -> float:
     decoders = {id(p) for p in state.decoders.parameters()}
     params = [p for p in model.parameters() if id(p) in bottom and id(p) not in decoders and p.requires_grad]
     probe = model(**batch, use_cache=False)
-    grads = torch.autograd.grad(probe.task_loss, params, allow_unused=True)
+    with warnings.catch_warnings():  # backpropagating the task loss alone is the point of the probe
+        warnings.simplefilter("ignore")
+        grads = torch.autograd.grad(probe.task_loss, params, allow_unused=True)
     return max((g.abs().max().item() for g in grads if g is not None), default=0.0)
 
 

@@ -34,6 +34,12 @@ FUSED_CE = ("auto", "liger", "torch", "off")
 _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_factor")
 AUX_DECODERS_ATTR = "lopt_aux_decoders"
 _STATE_ATTR = "_lopt_state"
+MISSING_AUX_MESSAGE = (
+    "lopt_kernels: a backward reached the LoPT boundary through the task path, but the loss being "
+    "backpropagated does not contain the aux term, so the blocks below the boundary get no gradient. "
+    "Backpropagate the patched model's out.loss, add lambda_aux * out.aux_loss to your own loss, or call "
+    "lopt_kernels.attach(trainer) for Trainer/TRL trainers that build their own loss."
+)
 
 
 class LoptPatchError(ValueError):
@@ -352,6 +358,7 @@ def _layer_post_hook(state: PatchState, block: int):
             replay_guard=state,
             token_rows=run.token_rows,
             accumulate_into_grad=not _distributed(),
+            on_missing_aux=lambda: state.notice_once("missing_aux", MISSING_AUX_MESSAGE),
         )
         if activation_free:
             torch.set_grad_enabled(run.grad_was_enabled)

@@ -24,7 +24,7 @@ def test_compare_prints_table_targets_and_verdict(tmp_path, capsys):
     assert code == 0
     for column in ("variant", "step peak MiB", "TFLOPs", "step ms", "tokens/s"):
         assert column in printed
-    assert "targets:" in printed and "lopt+ckpt / seed+ckpt" in printed
+    assert "targets (" in printed and "lopt+ckpt / seed+ckpt" in printed
     assert "verdict: gradient boundary holds" in printed and "task loss equals e2e" in printed
     rows = {r["variant"]: r for r in json.loads(out_json.read_text())}
     assert list(rows) == list(VARIANTS)

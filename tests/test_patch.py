@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -217,3 +218,15 @@ def test_block_gradients_into_grad_or_through_the_function_agree(monkeypatch, ch
     for b in micro:
         (returned(**b).loss / 2).backward()
     _assert_same_grads(direct, returned, rtol=1e-6)
+
+
+def test_loss_without_the_aux_term_warns_once():
+    model = tiny_model("llama")
+    lopt_kernels.patch(model)
+    with pytest.warns(UserWarning, match="does not contain the aux term"):
+        model(**batch()).task_loss.backward()
+    assert all(p.grad is None for p in model.model.layers[0].parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch()).task_loss.backward()  # once only
+        model(**batch()).loss.backward()
