@@ -94,6 +94,7 @@ class PatchState:
     task_request: _TaskRequest | None = None
     fused_ce_impl: str | None = None  # resolved lazily on the first training forward
     notices: set = field(default_factory=set)
+    fsdp_checked: bool = False
 
     def notice_once(self, key: str, message: str) -> None:
         if key not in self.notices:
@@ -265,13 +266,16 @@ def _backbone_pre_hook(state: PatchState):
             return None
         run = _PassState(active=module.training and torch.is_grad_enabled())
         if run.active:
-            if state.settings.mode == "activation_free" and _fsdp2_sharded(state.layers[: state.block_starts[-1]]):
-                raise LoptPatchError(
-                    "mode='activation_free' cannot train blocks sharded by FSDP2 (fully_shard): they run forward "
-                    "without autograd, so FSDP's backward hooks never reduce the gradients the boundary computes "
-                    "and the bottom half would not train. Patch with mode='stored' (same gradients, tested under "
-                    "FSDP2), or leave the non-final blocks unsharded."
-                )
+            # Checked until the first training forward passes: sharding happens before training starts.
+            if state.settings.mode == "activation_free" and not state.fsdp_checked:
+                if _fsdp2_sharded(state.layers[: state.block_starts[-1]]):
+                    raise LoptPatchError(
+                        "mode='activation_free' cannot train blocks sharded by FSDP2 (fully_shard): they run "
+                        "forward without autograd, so FSDP's backward hooks never reduce the gradients the boundary "
+                        "computes and the bottom half would not train. Patch with mode='stored' (same gradients, "
+                        "tested under FSDP2), or leave the non-final blocks unsharded."
+                    )
+                state.fsdp_checked = True
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
             if state.settings.aux_mask == "tokens":
