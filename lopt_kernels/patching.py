@@ -94,7 +94,7 @@ class PatchState:
     task_request: _TaskRequest | None = None
     fused_ce_impl: str | None = None  # resolved lazily on the first training forward
     notices: set = field(default_factory=set)
-    fsdp_checked: bool = False
+    bottom_fsdp2: bool | None = None  # whether FSDP2 shards the non-final blocks (checked on first use)
 
     def notice_once(self, key: str, message: str) -> None:
         if key not in self.notices:
@@ -266,16 +266,8 @@ def _backbone_pre_hook(state: PatchState):
             return None
         run = _PassState(active=module.training and torch.is_grad_enabled())
         if run.active:
-            # Checked until the first training forward passes: sharding happens before training starts.
-            if state.settings.mode == "activation_free" and not state.fsdp_checked:
-                if _fsdp2_sharded(state.layers[: state.block_starts[-1]]):
-                    raise LoptPatchError(
-                        "mode='activation_free' cannot train blocks sharded by FSDP2 (fully_shard): they run "
-                        "forward without autograd, so FSDP's backward hooks never reduce the gradients the boundary "
-                        "computes and the bottom half would not train. Patch with mode='stored' (same gradients, "
-                        "tested under FSDP2), or leave the non-final blocks unsharded."
-                    )
-                state.fsdp_checked = True
+            if state.bottom_fsdp2 is None:  # once: sharding happens before training starts
+                state.bottom_fsdp2 = _fsdp2_sharded(state.layers[: state.block_starts[-1]])
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
             if state.settings.aux_mask == "tokens":
@@ -361,7 +353,9 @@ def _layer_post_hook(state: PatchState, block: int):
             layerwise_rebuild=run.layerwise_rebuild,
             replay_guard=state,
             token_rows=run.token_rows,
-            accumulate_into_grad=not _distributed(),
+            # FSDP2 reduces gradients from hooks on the unsharded parameters' accumulation, so the
+            # rebuild must accumulate; DDP's reducer needs them from the outer backward instead.
+            accumulate_into_grad=bool(state.bottom_fsdp2) or not _distributed(),
             on_missing_aux=lambda: state.notice_once("missing_aux", MISSING_AUX_MESSAGE),
         )
         if activation_free:

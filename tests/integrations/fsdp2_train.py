@@ -1,7 +1,7 @@
 """FSDP2 (fully_shard per decoder layer + root) on 2 CPU processes over gloo, launched by test_distributed.py.
 
-mode='stored': one step's gradients (gathered) equal one process on the same global batch -> OUT/fsdp2_ok.
-mode='activation_free': the first training forward raises LoptPatchError -> OUT/fsdp2_refused."""
+For mode='stored' and mode='activation_free' (with and without checkpointing): one step's gradients
+(gathered) equal one process on the same global batch -> OUT/fsdp2_<mode>_ok."""
 
 import os
 import sys
@@ -35,25 +35,20 @@ def main(out):
     n = (b["labels"][:, 1:] != -100).sum()
     local = {k: v[2 * rank: 2 * rank + 2] for k, v in b.items()}
 
-    model = sharded("stored", mesh)
-    (model(**local, num_items_in_batch=n).loss * world).backward()  # as the Trainer does with num_items_in_batch
-    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
-    if rank == 0:
-        ref = lopt_kernels.patch(tiny_model("llama"), mode="stored")
-        ref(**b, num_items_in_batch=n).loss.backward()
-        for name, p in ref.named_parameters():
-            err = (grads[name] - p.grad).abs().max().item()
-            assert err <= 1e-5 * p.grad.abs().max().item() + 1e-10, f"{name}: {err:.3e}"
-        assert grads["model.layers.0.mlp.down_proj.weight"].abs().max() > 0
-        open(os.path.join(out, "fsdp2_ok"), "w").close()
-
-    free = sharded("activation_free", mesh)
-    try:
-        free(**local)
-    except lopt_kernels.LoptPatchError as e:
-        assert "FSDP2" in str(e)
+    ref = lopt_kernels.patch(tiny_model("llama"), mode="stored")
+    ref(**b, num_items_in_batch=n).loss.backward()
+    for mode, ckpt in (("stored", False), ("activation_free", False), ("activation_free", True)):
+        model = sharded(mode, mesh)
+        if ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        (model(**local, num_items_in_batch=n).loss * world).backward()  # as the Trainer does with num_items
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         if rank == 0:
-            open(os.path.join(out, "fsdp2_refused"), "w").close()
+            for name, p in ref.named_parameters():
+                err = (grads[name] - p.grad).abs().max().item()
+                assert err <= 1e-5 * p.grad.abs().max().item() + 1e-10, f"{mode}: {name}: {err:.3e}"
+            assert grads["model.layers.0.mlp.down_proj.weight"].abs().max() > 0
+            open(os.path.join(out, f"fsdp2_{mode}{'_ckpt' if ckpt else ''}_ok"), "w").close()
     dist.destroy_process_group()
 
 
