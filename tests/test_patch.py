@@ -34,7 +34,7 @@ def _compare_step(model, ref, batches, num_items=None, divide=1):
         torch.testing.assert_close(out.aux_loss, aux, rtol=1e-4, atol=1e-8)
     assert_grads_close(named_grads(model), named_grads(ref.model))
     for dec, ref_dec in zip(lopt_kernels.aux_decoders(model), ref.decoders):
-        assert_grads_close(dict(dec.named_parameters()) and {n: p.grad for n, p in dec.named_parameters()},
+        assert_grads_close({n: p.grad for n, p in dec.named_parameters()},
                            {n: p.grad for n, p in ref_dec.named_parameters()})
 
 
@@ -230,3 +230,18 @@ def test_loss_without_the_aux_term_warns_once():
         warnings.simplefilter("error")
         model(**batch()).task_loss.backward()  # once only
         model(**batch()).loss.backward()
+
+
+def test_grad_scaler_scales_and_unscales_the_local_gradient_too():
+    model, ref = _patched_and_reference("llama")
+    b = batch()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler.scale(model(**b).loss).backward()
+    scaler.unscale_(optimizer)  # divides every .grad by the scale, the bottom half's included
+    loss, _, _ = ref.step_loss(b)
+    loss.backward()
+    assert_grads_close(named_grads(model), named_grads(ref.model))
+    for dec, ref_dec in zip(lopt_kernels.aux_decoders(model), ref.decoders):
+        assert_grads_close({n: p.grad for n, p in dec.named_parameters()},
+                           {n: p.grad for n, p in ref_dec.named_parameters()})
