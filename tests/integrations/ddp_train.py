@@ -57,6 +57,11 @@ def main(out_dir: str) -> None:
         params = run(out_dir, variant, world)
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(params, os.path.join(out_dir, f"{variant}-world{world}.pt"))
+    # Tear the gloo group down before the interpreter exits: a live group's threads can abort the
+    # process at exit ("terminate called without an active exception"), failing a finished run.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
