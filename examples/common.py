@@ -59,8 +59,15 @@ def prepare(model, args):
     return torch.optim.AdamW(lopt_kernels.param_groups(model, lr=args.lr, local_lr=args.local_lr))
 
 
-def finish(trainer, args, started: float) -> dict:
-    """Print the summary line and write ``output_dir/summary.json``; save the final (standard) checkpoint."""
+def train_and_summarise(trainer, args) -> dict:
+    """Attach LoPT to the trainer (``--method lopt``), train, then print the summary line, write
+    ``output_dir/summary.json`` and save the final (standard) checkpoint."""
+    if args.method == "lopt":
+        import lopt_kernels
+
+        lopt_kernels.attach(trainer)
+    started = time.perf_counter()
+    trainer.train()
     elapsed = time.perf_counter() - started
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     if torch.cuda.is_available():

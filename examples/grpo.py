@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,8 +36,6 @@ def main(argv=None) -> dict:
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import lopt_kernels
-
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
     optimizer = common.prepare(model, args)
@@ -47,11 +44,7 @@ def main(argv=None) -> dict:
     trainer = trl.GRPOTrainer(model=model, reward_funcs=keyword_reward(args.keywords.split(",")), args=config,
                               train_dataset=common.load_data(args.data), processing_class=tokenizer,
                               optimizers=(optimizer, None))
-    if args.method == "lopt":
-        lopt_kernels.attach(trainer)
-    started = time.perf_counter()
-    trainer.train()
-    return common.finish(trainer, args, started)
+    return common.train_and_summarise(trainer, args)
 
 
 if __name__ == "__main__":

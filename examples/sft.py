@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,19 +25,13 @@ def main(argv=None) -> dict:
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import lopt_kernels
-
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
     optimizer = common.prepare(model, args)
     config = trl.SFTConfig(**common.common_config(args), max_length=args.max_length)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=common.load_data(args.data),
                              processing_class=tokenizer, optimizers=(optimizer, None))
-    if args.method == "lopt":
-        lopt_kernels.attach(trainer)
-    started = time.perf_counter()
-    trainer.train()
-    return common.finish(trainer, args, started)
+    return common.train_and_summarise(trainer, args)
 
 
 if __name__ == "__main__":
