@@ -47,12 +47,10 @@ class BlockTape:
 class BoundarySpec:
     """Static configuration of one boundary, shared by every forward pass."""
 
-    block_index: int
     decoder: torch.nn.Module
     backend: str
     layerwise_rebuild: bool
     replay_guard: object  # object with a boolean attribute ``replaying``, set during rebuilds
-    preserve_rng: bool = True
     token_rows: torch.Tensor | None = None  # flat indices of the rows the aux loss counts (None: all)
     # True: block gradients go straight into ``.grad`` as the rebuild produces them (no block-sized set
     # held); False: they return through the Function, so that each parameter's AccumulateGrad runs once
@@ -111,8 +109,8 @@ def _call_layer(call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
 class _ReplayContext:
     """Restores grad mode, autocast and RNG state around the replay of one layer."""
 
-    def __init__(self, tape: BlockTape, call: LayerCall, grad: bool, preserve_rng: bool):
-        self.tape, self.call, self.grad, self.preserve_rng = tape, call, grad, preserve_rng
+    def __init__(self, tape: BlockTape, call: LayerCall, grad: bool):
+        self.tape, self.call, self.grad = tape, call, grad
 
     def __enter__(self):
         self._stack = []
@@ -124,7 +122,7 @@ class _ReplayContext:
             ac = torch.autocast(device_type, dtype=dtype, enabled=enabled)
             ac.__enter__()
             self._stack.append(ac)
-        if self.preserve_rng and self.call.cpu_rng is not None:
+        if self.call.cpu_rng is not None:
             devices = []
             if self.call.device_rng is not None:
                 devices = [torch.cuda.current_device()]
@@ -188,7 +186,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
             hidden = x
             for call in tape.calls:
                 inputs.append(hidden)
-                with _ReplayContext(tape, call, grad=False, preserve_rng=spec.preserve_rng):
+                with _ReplayContext(tape, call, grad=False):
                     hidden = _call_layer(call, hidden)
             _, grads = local_loss_and_grads(spec, hidden, x, grad_scale=grad_scale)
             grad_hidden = grads[0]
@@ -199,7 +197,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 needs_input = i > 0 or x_needs_grad
                 layer_in = inputs[i].detach().requires_grad_(needs_input)
                 inputs[i] = None
-                with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
+                with _ReplayContext(tape, call, grad=True):
                     out = _call_layer(call, layer_in)
                 grad_hidden = _local_backward(out, grad_hidden, layer_in if needs_input else None,
                                               _trainable(call.layer), block_store)
@@ -212,7 +210,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
             layer_in = x.requires_grad_(x_needs_grad)
             hidden = layer_in
             for call in tape.calls:
-                with _ReplayContext(tape, call, grad=True, preserve_rng=spec.preserve_rng):
+                with _ReplayContext(tape, call, grad=True):
                     hidden = _call_layer(call, hidden)
             _, grads = local_loss_and_grads(spec, hidden.detach(), x, grad_scale=grad_scale)
             _grads_into(store, decoder_params, grads[1:])

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .patching import LoptPatchError, _state_of, _unwrap
+from .patching import label_count as _patch_label_count
 
 AUX_DECODERS_FILE = "lopt_aux_decoders.safetensors"
 _ATTACHED_ATTR = "_lopt_callback"
@@ -123,18 +124,6 @@ def load_aux_decoders(model: nn.Module, directory: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # the per-micro-batch weight of the aux term, as the trainer weights its own loss
 # ----------------------------------------------------------------------------------------------
-
-
-def _label_count(inputs) -> torch.Tensor | None:
-    if not isinstance(inputs, dict):
-        return None
-    shift = inputs.get("shift_labels")
-    if torch.is_tensor(shift):
-        return (shift != -100).sum()
-    labels = inputs.get("labels")
-    if torch.is_tensor(labels) and labels.dim() >= 1:
-        return (labels[..., 1:] != -100).sum()
-    return None
 
 
 def _loss_is_scaled_for_ga(trainer, num_items_in_batch) -> bool:
@@ -342,7 +331,7 @@ def attach(trainer):
         bound = signature.bind_partial(*args, **kwargs).arguments
         inputs = bound.get("inputs")
         num_items = bound.get("num_items_in_batch")
-        label_count = _label_count(inputs)  # before compute_loss (it may pop the labels)
+        label_count = _patch_label_count(inputs)  # before compute_loss (it may pop the labels)
         lopt = _state_of(trainer.model)
         if lopt is None:  # unpatched since attach: plain training
             return original_compute_loss(*args, **kwargs)

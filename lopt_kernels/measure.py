@@ -51,10 +51,6 @@ class StepMemory:
     grads: int
     step_peak: int  # peak of the step's own allocations (activations, temporaries) above what was live before
 
-    @property
-    def total(self) -> int:
-        return self.params + self.grads + self.step_peak
-
 
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -347,7 +347,6 @@ def _layer_post_hook(state: PatchState, block: int):
         tape = run.tapes.pop(block)
         y = hidden_of(output)
         spec = BoundarySpec(
-            block_index=block,
             decoder=state.decoders[block],
             backend=state.settings.backend,
             layerwise_rebuild=run.layerwise_rebuild,
@@ -380,14 +379,17 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _label_count(bound: dict) -> torch.Tensor | None:
-    shift_labels = bound.get("shift_labels")
-    if shift_labels is not None:
-        return (shift_labels != -100).sum()
-    labels = bound.get("labels")
-    if labels is None:
+def label_count(inputs) -> torch.Tensor | None:
+    """Label tokens of a micro-batch after the causal shift (``shift_labels`` wins), or None without labels."""
+    if not isinstance(inputs, dict):
         return None
-    return (labels[..., 1:] != -100).sum()
+    shift_labels = inputs.get("shift_labels")
+    if torch.is_tensor(shift_labels):
+        return (shift_labels != -100).sum()
+    labels = inputs.get("labels")
+    if torch.is_tensor(labels) and labels.dim() >= 1:
+        return (labels[..., 1:] != -100).sum()
+    return None
 
 
 def _fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
@@ -492,7 +494,7 @@ def _causal_lm_post_hook(state: PatchState):
         weight = 1.0
         num_items = bound.get("num_items_in_batch")
         if num_items is not None:
-            count = _label_count(bound)
+            count = label_count(bound)
             if count is not None:
                 weight = count.to(aux.device, torch.float32) / torch.as_tensor(num_items, device=aux.device).float()
         lam = state.settings.lambda_aux
