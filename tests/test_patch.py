@@ -214,7 +214,7 @@ def test_block_gradients_into_grad_or_through_the_function_agree(monkeypatch, ch
     micro = [batch(seed=1), batch(seed=2)]
     for b in micro:  # two micro-batches: the second accumulates into existing .grad
         (direct(**b).loss / 2).backward()
-    monkeypatch.setattr(lopt_kernels.patching, "_distributed", lambda: True)
+    monkeypatch.setattr(lopt_kernels.block_hooks, "distributed", lambda: True)
     for b in micro:
         (returned(**b).loss / 2).backward()
     _assert_same_grads(direct, returned, rtol=1e-6)

@@ -1,26 +1,26 @@
-"""The LoPT gradient boundary: one thin ``torch.autograd.Function`` per non-final block.
+"""Activation-free boundary: the block runs forward without an autograd graph and is rebuilt in the
+caller's backward.
 
-Activation-free mode: the block runs forward without an autograd graph; only its input ``x`` and
-the arguments of each layer call are kept (the "tape"). The boundary Function returns the block
-output unchanged (the hand-off to the next block, which receives no gradient back: stop-grad) and
-the block's reconstruction loss. When autograd reaches the boundary during the caller's ordinary
-``loss.backward()``, the gradient arriving at the reconstruction-loss output is exactly the weight
-that the caller's loss gives the aux term (``lambda_aux``, averaging over blocks, accumulation
-division, ``num_items_in_batch`` weighting, a GradScaler's scale...). The backward rebuilds the
-block from ``x``, backpropagates that scaled local loss into the block's parameters, the aux
-decoder and (for block 0) the embeddings, and returns nothing to the block above.
+Only the block input ``x`` and the arguments of each layer call (the "tape") are kept. The boundary
+Function returns the block output unchanged (the hand-off to the next block, which receives no
+gradient back: stop-grad) and the block's reconstruction loss. When autograd reaches the boundary
+during the caller's ordinary ``loss.backward()``, the gradient arriving at the reconstruction-loss
+output is exactly the weight that the caller's loss gives the aux term (``lambda_aux``, averaging over
+blocks, accumulation division, ``num_items_in_batch`` weighting, a GradScaler's scale...). The backward
+rebuilds the block from ``x``, backpropagates that scaled local loss into the block's parameters, the
+aux decoder and (for block 0) the embeddings, and returns nothing to the block above.
 
-Nothing here knows about transformers: a block is a list of layer modules and their recorded calls.
+Cost: every layer of the block runs forward twice (three times with gradient checkpointing); memory:
+nothing of the block but its input lives until the caller's backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .ops.reconstruction_loss import reconstruction_loss_and_grads
+from .common import BoundarySpec, as_hand_off, block_params, hidden_of, local_loss_and_grads, trainable
 
 
 @dataclass
@@ -41,56 +41,6 @@ class BlockTape:
     x: torch.Tensor | None = None
     calls: list[LayerCall] = field(default_factory=list)
     autocast: tuple | None = None  # (device_type, enabled, dtype)
-
-
-@dataclass
-class BoundarySpec:
-    """Static configuration of one boundary, shared by every forward pass."""
-
-    decoder: torch.nn.Module
-    backend: str
-    layerwise_rebuild: bool
-    replay_guard: object  # object with a boolean attribute ``replaying``, set during rebuilds
-    token_rows: torch.Tensor | None = None  # flat indices of the rows the aux loss counts (None: all)
-    # True: block gradients go straight into ``.grad`` as the rebuild produces them (no block-sized set
-    # held); False: they return through the Function, so that each parameter's AccumulateGrad runs once
-    # in the caller's backward, as DDP's reducer requires.
-    accumulate_into_grad: bool = True
-    # Called when a backward reaches the hand-off but the loss holds no aux term (the block stays untrained).
-    on_missing_aux: Callable[[], None] | None = None
-
-
-def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The (rows, h) view of ``t`` that the aux loss counts (a gather only when some rows are excluded)."""
-    flat = t.reshape(-1, t.shape[-1])
-    return flat if rows is None else flat.index_select(0, rows)
-
-
-def _unrows(grad_rows: torch.Tensor, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Scatter row gradients back to the shape of ``like`` (zero on excluded rows)."""
-    if rows is None:
-        return grad_rows.reshape(like.shape)
-    full = torch.zeros(like.numel() // like.shape[-1], like.shape[-1], dtype=grad_rows.dtype, device=grad_rows.device)
-    full.index_copy_(0, rows, grad_rows)
-    return full.reshape(like.shape)
-
-
-def local_loss_and_grads(spec: "BoundarySpec", y: torch.Tensor, x: torch.Tensor, *, grad_scale=1.0, compute_grads=True):
-    """The block's reconstruction loss over the counted rows; grads as ``reconstruction_loss_and_grads``
-    with ``grad_y`` shaped like ``y``."""
-    decoder = spec.decoder
-    loss, grads = reconstruction_loss_and_grads(
-        _rows(y, spec.token_rows), _rows(x, spec.token_rows), *decoder.decoder_parameters(), eps=decoder.norm.eps,
-        grad_scale=grad_scale, compute_grads=compute_grads, backend=spec.backend,
-    )
-    if grads is not None:
-        grads = (_unrows(grads[0], spec.token_rows, y), *grads[1:])
-    return loss, grads
-
-
-def hidden_of(output):
-    """The hidden-state tensor of a layer's output (tensor or tuple whose first item is it)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _call_layer(call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
@@ -138,10 +88,6 @@ class _ReplayContext:
         while self._stack:
             self._stack.pop().__exit__(*exc)
         return False
-
-
-def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _grads_into(store: dict, params: list[torch.Tensor], grads) -> None:
@@ -200,7 +146,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                 with _ReplayContext(tape, call, grad=True):
                     out = _call_layer(call, layer_in)
                 grad_hidden = _local_backward(out, grad_hidden, layer_in if needs_input else None,
-                                              _trainable(call.layer), block_store)
+                                              trainable(call.layer), block_store)
                 del out
                 if grad_hidden is None:
                     break
@@ -214,7 +160,7 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
                     hidden = _call_layer(call, hidden)
             _, grads = local_loss_and_grads(spec, hidden.detach(), x, grad_scale=grad_scale)
             _grads_into(store, decoder_params, grads[1:])
-            block_params = [p for call in tape.calls for p in _trainable(call.layer)]
+            block_params = [p for call in tape.calls for p in trainable(call.layer)]
             grad_x = _local_backward(hidden, grads[0], layer_in if x_needs_grad else None, block_params,
                                      block_store)
     finally:
@@ -254,50 +200,11 @@ class ActivationFreeBoundary(torch.autograd.Function):
         return (None, None, None, grad_x, *param_grads)
 
 
-def tape_params(tape: BlockTape, spec: BoundarySpec) -> list[torch.Tensor]:
-    """The trainable parameters a boundary takes as inputs: the block's layers', then the decoder's."""
-    seen = set()
-    params = []
-    for call in tape.calls:
-        for p in call.layer.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    for p in spec.decoder.decoder_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    return params
-
-
-class StopGradient(torch.autograd.Function):
-    """Identity forward; no gradient goes back. Keeps ``requires_grad`` on the output so that a
-    reentrant-checkpointed top half still sees an input that requires grad."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
 def apply_boundary(spec: BoundarySpec, tape: BlockTape, y: torch.Tensor, x: torch.Tensor):
     """Activation-free boundary over a block whose forward ran without a graph. Returns ``(hand_off, aux)``.
 
     Pass ``x`` with its graph only where the block input should receive gradient (block 0: the
     embeddings); later blocks take ``x.detach()`` (stop-grad between blocks)."""
-    params = tape_params(tape, spec)
+    params = block_params([call.layer for call in tape.calls], spec.decoder)
     hand_off, aux = ActivationFreeBoundary.apply(spec, tape, y, x, *params)
-    if not hand_off.requires_grad:
-        hand_off = hand_off.detach().requires_grad_(True)
-    return hand_off, aux
-
-
-def stored_boundary(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor):
-    """Reference behaviour: the block kept its graph; aux is differentiated by ordinary autograd."""
-    aux = spec.decoder.reconstruction_loss(_rows(y, spec.token_rows), _rows(x.detach(), spec.token_rows),
-                                           backend=spec.backend)
-    hand_off = StopGradient.apply(y) if y.requires_grad else y.detach().requires_grad_(True)
-    return hand_off, aux
+    return as_hand_off(hand_off), aux

@@ -1,0 +1,236 @@
+"""Hooks on the layer stack and its owner that insert the LoPT boundaries, for every boundary mode.
+
+A pre-hook on each non-final block's first layer starts the block (the mode decides how it runs:
+with its graph for ``eager``, without one for ``activation_free``), a hook on its last layer hands
+the block's output to the mode's boundary, which returns the next block's input (gradient stopped)
+and the block's reconstruction loss. The backbone's hooks reset the per-forward state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .boundary import activation_free, eager, stored
+from .boundary.common import BoundarySpec, hidden_of
+from .discovery import LoptPatchError
+from .state import PatchState, PassState
+
+MISSING_AUX_MESSAGE = (
+    "lopt_kernels: a backward reached the LoPT boundary through the task path, but the loss being "
+    "backpropagated does not contain the aux term, so the blocks below the boundary get no gradient. "
+    "Backpropagate the patched model's out.loss, add lambda_aux * out.aux_loss to your own loss, or call "
+    "lopt_kernels.attach(trainer) for Trainer/TRL trainers that build their own loss."
+)
+
+
+def _is_cache(value) -> bool:
+    return type(value).__name__.endswith("Cache") and hasattr(value, "update")
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A layer call that neither reads nor writes a KV cache (training does not need one, and a replay
+    must not append to it a second time)."""
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _autocast_state(device_type: str):
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return (device_type, True, torch.get_autocast_dtype(device_type))
+    except (TypeError, RuntimeError):  # pragma: no cover - older torch signatures
+        pass
+    return None
+
+
+def _fsdp2_sharded(layers) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for layer in layers for m in layer.modules())
+
+
+def _bottom_layers(state: PatchState):
+    return state.layers[: state.block_starts[-1]]
+
+
+def _held_gradient_bytes(state: PatchState) -> int:
+    """What eager mode holds from the bottom blocks' forward to the caller's backward: a gradient for
+    every trainable parameter of the non-final blocks and their aux decoders."""
+    params = {id(p): p for layer in _bottom_layers(state) for p in layer.parameters() if p.requires_grad}
+    params.update((id(p), p) for p in state.decoders.parameters() if p.requires_grad)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def resolve_mode(state: PatchState, hidden: torch.Tensor) -> str:
+    """The boundary mode of this training forward. ``auto``: eager (no recomputation) when the gradients it
+    would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models),
+    activation-free otherwise (a full fine-tune, where holding half the model's gradients through the top
+    half's work costs more memory than recomputing the bottom half costs time); activation-free under FSDP2."""
+    mode = state.settings.mode
+    if mode == "eager" and state.bottom_fsdp2:
+        raise LoptPatchError(
+            "mode='eager' does not run under FSDP2 (fully_shard): its local backward runs inside the forward, "
+            "before FSDP2 can reduce-scatter the bottom blocks' gradients. Patch with mode='activation_free' "
+            "(same gradients, tested under FSDP2) or mode='auto'."
+        )
+    if mode != "auto":
+        return mode
+    if state.bottom_fsdp2:
+        return "activation_free"
+    activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
+    return "eager" if _held_gradient_bytes(state) <= activations else "activation_free"
+
+
+def _use_non_reentrant_checkpointing(state: PatchState) -> None:
+    """Eager mode's local backward is a ``torch.autograd.grad``, which reentrant checkpointing refuses: for
+    this forward, the bottom layers checkpoint non-reentrantly (same recomputation, same values)."""
+    for layer in _bottom_layers(state):
+        if not getattr(layer, "gradient_checkpointing", False):
+            continue
+        func = layer.__dict__.get("_gradient_checkpointing_func")
+        replacement = eager.non_reentrant_checkpoint(func) if func is not None else None
+        if replacement is not None:
+            state.saved_checkpoint_funcs[layer] = func
+            layer._gradient_checkpointing_func = replacement
+
+
+def _restore_checkpointing(state: PatchState) -> None:
+    for layer, func in state.saved_checkpoint_funcs.items():
+        layer._gradient_checkpointing_func = func
+    state.saved_checkpoint_funcs.clear()
+
+
+def backbone_pre_hook(state: PatchState):
+    def hook(module, args, kwargs):
+        if state.replaying:
+            return None
+        run = PassState(active=module.training and torch.is_grad_enabled())
+        if run.active:
+            if state.bottom_fsdp2 is None:  # once: sharding happens before training starts
+                state.bottom_fsdp2 = _fsdp2_sharded(_bottom_layers(state))
+            final_layers = state.layers[state.block_starts[-1] :]
+            run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
+            if state.settings.aux_mask == "tokens":
+                run.token_rows = _token_rows(state, kwargs.get("attention_mask"))
+        state.current = run
+        return None
+
+    return hook
+
+
+def _token_rows(state: PatchState, attention_mask) -> torch.Tensor | None:
+    """Flat indices of the non-padding positions, or None when every position is a token."""
+    if attention_mask is None:
+        return None  # no padding (e.g. a padding-free packed batch)
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+        state.notice_once(
+            "aux_mask",
+            "lopt_kernels: aux_mask='tokens' needs a 2-D attention_mask (batch, seq) to find padding; got "
+            f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}. The aux loss counts every position.",
+        )
+        return None
+    flat = attention_mask.reshape(-1)
+    if bool(flat.all()):
+        return None
+    return flat.nonzero().squeeze(1)
+
+
+def backbone_post_hook(state: PatchState):
+    def hook(module, args, kwargs, output):
+        run = state.current
+        if run.grad_was_enabled is not None:  # an exception escaped a block: restore grad mode
+            torch.set_grad_enabled(run.grad_was_enabled)
+            run.grad_was_enabled = None
+        _restore_checkpointing(state)
+        run.tapes.clear()
+        return None
+
+    return hook
+
+
+def layer_pre_hook(state: PatchState, block: int, is_start: bool):
+    block_layers = [state.layers[i] for i in state.block_range(block)]
+
+    def hook(module, args, kwargs):
+        run = state.current
+        if not run.active or state.replaying:
+            return None
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        if is_start and block == 0:
+            run.mode = resolve_mode(state, hidden)
+            if run.mode == "eager":
+                _use_non_reentrant_checkpointing(state)
+        if run.mode == "eager":
+            if not is_start:
+                return None
+            tape = eager.start_block(hidden, first_block=block == 0)
+            tape.layers = block_layers
+            run.tapes[block] = tape
+            return (tape.leaf, *rest), kwargs
+        if is_start:
+            run.tapes[block] = activation_free.BlockTape(x=hidden, autocast=_autocast_state(hidden.device.type))
+            if run.mode == "activation_free":
+                run.grad_was_enabled = torch.is_grad_enabled()
+                torch.set_grad_enabled(False)
+        if run.mode != "activation_free":
+            return None
+        rest, kwargs = _without_cache(rest, kwargs)
+        call = activation_free.LayerCall(module, rest, kwargs, cpu_rng=torch.get_rng_state())
+        if hidden.device.type == "cuda":
+            call.device_rng = torch.cuda.get_rng_state(hidden.device)
+        run.tapes[block].calls.append(call)
+        return (hidden, *rest), kwargs
+
+    return hook
+
+
+def layer_post_hook(state: PatchState, block: int):
+    def hook(module, args, kwargs, output):
+        run = state.current
+        if not run.active or state.replaying:
+            return None
+        tape = run.tapes.pop(block)
+        y = hidden_of(output)
+        spec = BoundarySpec(
+            decoder=state.decoders[block],
+            backend=state.settings.backend,
+            layerwise_rebuild=run.layerwise_rebuild,
+            replay_guard=state,
+            token_rows=run.token_rows,
+            # FSDP2 reduces gradients from hooks on the unsharded parameters' accumulation, so the
+            # rebuild must accumulate; DDP's reducer needs them from the outer backward instead.
+            accumulate_into_grad=bool(state.bottom_fsdp2) or not distributed(),
+            on_missing_aux=lambda: state.notice_once("missing_aux", MISSING_AUX_MESSAGE),
+        )
+        if run.mode == "eager":
+            hand_off, aux = eager.apply_boundary(spec, tape, y)
+        elif run.mode == "activation_free":
+            torch.set_grad_enabled(run.grad_was_enabled)
+            run.grad_was_enabled = None
+            x = tape.x if block == 0 else tape.x.detach()
+            hand_off, aux = activation_free.apply_boundary(spec, tape, y, x)
+        else:
+            hand_off, aux = stored.stored_boundary(spec, y, tape.x)
+        run.aux_terms.append(aux)
+        if isinstance(output, tuple):
+            return (hand_off, *output[1:])
+        if isinstance(output, list):
+            return [hand_off, *output[1:]]
+        return hand_off
+
+    return hook
+
+
+def distributed() -> bool:
+    """Whether a process group is up (DDP/FSDP reducers expect gradients from the outer backward)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+

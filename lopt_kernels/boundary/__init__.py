@@ -1,0 +1,12 @@
+"""The LoPT gradient boundary, one module per mode, sharing ``common``.
+
+- ``eager``: the block learns during the forward (its local backward runs as soon as its forward
+  ends); nothing is recomputed, the local gradients are held until the caller's backward scales them.
+- ``activation_free``: the block runs forward without a graph and is rebuilt in the caller's backward.
+- ``stored``: the reference's behaviour, every activation kept for one ordinary backward.
+"""
+
+from . import activation_free, eager, stored
+from .common import BoundarySpec, StopGradient, hidden_of, local_loss_and_grads
+
+__all__ = ["BoundarySpec", "StopGradient", "activation_free", "eager", "hidden_of", "local_loss_and_grads", "stored"]

@@ -1,0 +1,149 @@
+"""Eager boundary: the block learns during the forward, so nothing is recomputed.
+
+A non-final block's gradient depends only on its own input and its local loss, so its backward can
+run as soon as its forward ends. The block runs forward with its autograd graph (from a detached
+copy of its input: stop-grad), the fused reconstruction-loss op returns the aux loss and its
+gradients in one pass, and the block's local backward runs at once (``torch.autograd.grad``): the
+graph and the block's activations are freed before the next block starts. Per-layer gradient
+checkpointing applies as usual, so each layer runs forward and backward exactly as often as in
+end-to-end training.
+
+The caller's loss decides the weight of the aux term (``lambda_aux``, averaging over blocks,
+accumulation division, ``num_items_in_batch``, a GradScaler...), which is only known when its
+backward reaches the aux term. So the local gradients are held unscaled, and the boundary Function
+returns them multiplied by the gradient it receives: each parameter's AccumulateGrad runs once,
+inside the caller's backward (DDP's reducer and gradient hooks see nothing unusual). The held
+gradients live with the output's graph: a forward that is never backpropagated frees them with it.
+
+Cost: one forward and one backward per layer (end-to-end's compute); memory: the block's trainable
+parameters' gradients (tiny for LoRA) held from the block's forward to the caller's backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .common import BoundarySpec, as_hand_off, block_params, local_loss_and_grads
+
+SECOND_BACKWARD_MESSAGE = (
+    "lopt_kernels: a second backward reached an eager LoPT boundary, whose local gradients were handed over "
+    "by the first one (mode='eager' trains the bottom blocks during the forward and holds their gradients for "
+    "one backward). To backpropagate twice through one output (retain_graph=True), patch with "
+    "mode='activation_free' or mode='stored'."
+)
+
+
+@dataclass
+class EagerTape:
+    """The block input as the caller passed it (``x``, with its graph for block 0) and the detached
+    leaf the block actually runs on (``leaf``: it requires grad only where the input does)."""
+
+    x: torch.Tensor
+    leaf: torch.Tensor
+    layers: list
+
+
+def start_block(hidden: torch.Tensor, *, first_block: bool) -> EagerTape:
+    """The tape of a block about to run on ``hidden``; the block runs on ``tape.leaf``."""
+    needs_grad = first_block and hidden.requires_grad  # later blocks: stop-grad between blocks
+    return EagerTape(x=hidden, leaf=hidden.detach().requires_grad_(needs_grad), layers=[])
+
+
+def non_reentrant_checkpoint(func):
+    """``func`` (a layer's ``_gradient_checkpointing_func``) with ``use_reentrant=False``, or None when it
+    already is. The eager local backward is a ``torch.autograd.grad``, which reentrant checkpointing refuses;
+    both kinds recompute the same values (same RNG and autocast replay)."""
+    if isinstance(func, functools.partial):
+        if func.keywords.get("use_reentrant") is False:
+            return None
+        return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+    if func is checkpoint:
+        return functools.partial(checkpoint, use_reentrant=False)
+    return None
+
+
+def _internal_scale(y_rows: int, hidden: int) -> float:
+    """A power of two near the number of counted elements: the local backward runs on the gradient of the
+    *sum* of squared errors rather than the mean, so that fp16 activation gradients do not underflow
+    (~1/N each for the mean); dividing by a power of two afterwards is exact."""
+    return 2.0 ** math.floor(math.log2(max(y_rows * hidden, 1)))
+
+
+def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
+    """The block's aux loss and its unscaled-by-the-caller local gradients, computed now.
+
+    Returns ``(aux, params, held, internal_scale)``: ``held[i]`` is the gradient of
+    ``internal_scale * aux`` for ``params[i]`` (block layers, then decoder), and ``held[-1]`` the one for
+    the block input (or None)."""
+    params = block_params(tape.layers, spec.decoder)
+    rows = y.numel() // y.shape[-1] if spec.token_rows is None else spec.token_rows.numel()
+    scale = _internal_scale(rows, y.shape[-1])
+    aux, grads = local_loss_and_grads(spec, y.detach(), tape.leaf.detach(), grad_scale=scale)
+    grad_y, decoder_grads = grads[0], grads[1:]
+    by_id = {id(p): g for p, g in zip(spec.decoder.decoder_parameters(), decoder_grads)}
+    decoder_ids = set(by_id)
+    layer_params = [p for p in params if id(p) not in decoder_ids]
+    wrt = layer_params + ([tape.leaf] if tape.leaf.requires_grad else [])
+    grad_x = None
+    if wrt and y.requires_grad:
+        guard = spec.replay_guard
+        guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
+        try:
+            local = torch.autograd.grad(y, wrt, grad_y, allow_unused=True)
+        finally:
+            guard.replaying = False
+        by_id.update((id(p), g) for p, g in zip(layer_params, local))
+        if tape.leaf.requires_grad:
+            grad_x = local[-1]
+    held = [by_id.get(id(p)) for p in params] + [grad_x]
+    return aux, params, held, scale
+
+
+class EagerBoundary(torch.autograd.Function):
+    """``(hand_off, aux) = f(y, x, *params)``: ``y`` with the gradient stopped, and the block's aux loss,
+    whose backward returns the held local gradients times the gradient the aux output receives."""
+
+    @staticmethod
+    def forward(ctx, spec: BoundarySpec, held: list, internal_scale: float, y, aux, x, *params):
+        ctx.spec, ctx.held, ctx.internal_scale = spec, held, internal_scale
+        ctx.set_materialize_grads(False)
+        return y.detach(), aux.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_hand_off, grad_aux):
+        spec, needs = ctx.spec, ctx.needs_input_grad
+        nones = (None,) * len(needs)
+        if grad_aux is None:
+            # The caller's loss does not contain this block's aux term: nothing trains the block.
+            if grad_hand_off is not None and spec.on_missing_aux is not None:
+                spec.on_missing_aux()
+            return nones
+        held, ctx.held = ctx.held, None
+        if held is None:
+            raise RuntimeError(SECOND_BACKWARD_MESSAGE)
+        scale = grad_aux.detach().float() / ctx.internal_scale
+        *param_grads, grad_x = held
+        out, scaled = [], set()
+        for g, need in zip(param_grads, needs[6:]):
+            if not need or g is None:
+                out.append(None)
+                continue
+            if id(g) not in scaled:  # in place: the held tensor becomes the gradient (no second copy)
+                g.mul_(scale.to(g.device))
+                scaled.add(id(g))
+            out.append(g)
+        grad_x = grad_x * scale.to(grad_x.device) if needs[5] and grad_x is not None else None
+        return (None, None, None, None, None, grad_x, *out)
+
+
+def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
+    """Run the block's local backward now and return ``(hand_off, aux)`` for the caller's graph."""
+    aux, params, held, scale = run_local_backward(spec, tape, y)
+    x = tape.x if tape.leaf.requires_grad else tape.x.detach()
+    hand_off, aux = EagerBoundary.apply(spec, held, scale, y.detach(), aux, x, *params)
+    return as_hand_off(hand_off), aux

@@ -1,0 +1,138 @@
+"""Finding what ``patch`` changes in a Hugging Face causal LM, and validating its options.
+
+The layer stack is found by structure (the ``nn.ModuleList`` holding ``config.num_hidden_layers``
+layers of one class), never by a model family's name.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .ops.reconstruction_loss import _BACKENDS
+from .state import LoptSettings
+
+SUPPORTED_FAMILIES = (
+    "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text), Phi3, GPT-2, GPT-NeoX, and any decoder-only "
+    "causal LM whose backbone runs an nn.ModuleList of config.num_hidden_layers layers"
+)
+MODES = ("auto", "eager", "activation_free", "stored")
+AUX_MASKS = ("all", "tokens")
+FUSED_CE = ("auto", "liger", "torch", "off")
+AUX_DECODERS_ATTR = "lopt_aux_decoders"
+
+
+class LoptPatchError(ValueError):
+    """A model or an option that ``patch``/``unpatch`` cannot accept; the model is left untouched."""
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside ``model`` (itself, or the base model of a PEFT wrapper)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__name__.startswith("Peft"):
+        return get_base()
+    return model
+
+
+def text_config(lm):
+    """The text model's config (the config itself for a text-only causal LM)."""
+    config = getattr(lm, "config", None)
+    if config is None:
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_layer_stack(lm: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    config = text_config(lm)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise LoptPatchError(
+            f"{type(lm).__name__}: its config has no num_hidden_layers, so no decoder layer stack can be found. "
+            f"Supported: {SUPPORTED_FAMILIES}."
+        )
+    candidates = []
+    for name, module in lm.named_modules():
+        if name.startswith(AUX_DECODERS_ATTR):
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name:
+            if len({type(m) for m in module}) == 1:
+                candidates.append(name)
+    if not candidates:
+        raise LoptPatchError(
+            f"{type(lm).__name__}: no nn.ModuleList of {num_layers} identical decoder layers was found. "
+            f"Supported: {SUPPORTED_FAMILIES}."
+        )
+    name = min(candidates, key=lambda n: (n.count("."), n))
+    owner_name, _, attr = name.rpartition(".")
+    backbone = lm.get_submodule(owner_name) if owner_name else lm
+    return backbone, attr, lm.get_submodule(name)
+
+
+def even_block_starts(num_layers: int, num_blocks: int) -> tuple[int, ...]:
+    """Start layer of blocks 1..k-1: widths ``L // k``, the first ``L % k`` blocks one layer wider."""
+    base, extra = divmod(num_layers, num_blocks)
+    starts, pos = [], 0
+    for b in range(num_blocks - 1):
+        pos += base + (1 if b < extra else 0)
+        starts.append(pos)
+    return tuple(starts)
+
+
+def resolve_boundaries(num_layers: int, num_blocks, boundaries) -> tuple[int, ...]:
+    if boundaries is not None:
+        try:
+            bounds = tuple(int(b) for b in boundaries)
+        except (TypeError, ValueError):
+            raise LoptPatchError(f"boundaries must be a sequence of layer indices, got {boundaries!r}") from None
+        if not bounds:
+            raise LoptPatchError("boundaries must name at least one layer index (the start of the second block)")
+        if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
+            raise LoptPatchError(f"boundaries must be strictly increasing, got {list(bounds)}")
+        if bounds[0] < 1 or bounds[-1] > num_layers - 1:
+            raise LoptPatchError(
+                f"boundaries must lie in [1, {num_layers - 1}] for a model with {num_layers} layers "
+                f"(each is the first layer of a new block), got {list(bounds)}"
+            )
+        if num_blocks is not None and num_blocks != len(bounds) + 1:
+            raise LoptPatchError(
+                f"num_blocks={num_blocks} contradicts boundaries={list(bounds)} ({len(bounds) + 1} blocks); pass one of them"
+            )
+        return bounds
+    k = 2 if num_blocks is None else num_blocks
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise LoptPatchError(f"num_blocks must be an integer, got {k!r}")
+    if k < 2 or k > num_layers:
+        raise LoptPatchError(f"num_blocks must be between 2 and the number of layers ({num_layers}), got {k}")
+    return even_block_starts(num_layers, k)
+
+
+def validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask, fused_ce):
+    lm = unwrap_causal_lm(model)
+    try:
+        from transformers import PreTrainedModel  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = nn.Module
+    if not isinstance(lm, PreTrainedModel) or lm.get_output_embeddings() is None or lm.get_input_embeddings() is None:
+        raise LoptPatchError(
+            f"lopt_kernels.patch needs a Hugging Face causal LM (AutoModelForCausalLM), got {type(lm).__name__}. "
+            f"Supported: {SUPPORTED_FAMILIES}."
+        )
+    backbone, attr, layers = find_layer_stack(lm)
+    bounds = resolve_boundaries(len(layers), num_blocks, boundaries)
+    try:
+        lam = float(lambda_aux)
+    except (TypeError, ValueError):
+        raise LoptPatchError(f"lambda_aux must be a number >= 0, got {lambda_aux!r}") from None
+    if math.isnan(lam) or lam < 0 or math.isinf(lam):
+        raise LoptPatchError(f"lambda_aux must be a finite number >= 0, got {lambda_aux!r}")
+    if mode not in MODES:
+        raise LoptPatchError(f"mode must be one of {MODES}, got {mode!r}")
+    if backend not in _BACKENDS:
+        raise LoptPatchError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if aux_mask not in AUX_MASKS:
+        raise LoptPatchError(f"aux_mask must be one of {AUX_MASKS}, got {aux_mask!r}")
+    if fused_ce not in FUSED_CE:
+        raise LoptPatchError(f"fused_ce must be one of {FUSED_CE}, got {fused_ce!r}")
+    return lm, backbone, layers, LoptSettings(bounds, lam, mode, backend, aux_mask, fused_ce)
+

@@ -1,0 +1,81 @@
+"""The state ``patch`` attaches to a causal LM: its settings, the modules it hooks, per-forward bookkeeping."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LoptSettings:
+    """What ``patch`` was called with (validated)."""
+
+    boundaries: tuple[int, ...]
+    lambda_aux: float
+    mode: str
+    backend: str
+    aux_mask: str
+    fused_ce: str
+
+
+@dataclass
+class PassState:
+    """Per-forward bookkeeping, reset when the backbone starts a forward."""
+
+    active: bool = False
+    mode: str = ""  # the boundary mode this forward runs ("auto" resolved)
+    tapes: dict = field(default_factory=dict)
+    aux_terms: list = field(default_factory=list)
+    grad_was_enabled: bool | None = None
+    layerwise_rebuild: bool = False
+    token_rows: torch.Tensor | None = None
+
+
+@dataclass
+class TaskRequest:
+    """A training forward with labels whose task loss the fused linear cross-entropy computes."""
+
+    labels: torch.Tensor | None
+    shift_labels: torch.Tensor
+    num_items_in_batch: object
+    hidden: torch.Tensor | None = None
+
+
+@dataclass
+class PatchState:
+    """Everything ``patch`` attached to one causal LM."""
+
+    settings: LoptSettings
+    causal_lm: nn.Module
+    backbone: nn.Module
+    layers: nn.ModuleList
+    decoders: nn.ModuleList
+    untied_embeddings: bool
+    ignore_on_save: tuple[str, ...]
+    handles: list = field(default_factory=list)
+    replaying: bool = False
+    current: PassState = field(default_factory=PassState)
+    forward_signature: inspect.Signature | None = None
+    task_request: TaskRequest | None = None
+    fused_ce_impl: str | None = None  # resolved lazily on the first training forward
+    notices: set = field(default_factory=set)
+    bottom_fsdp2: bool | None = None  # whether FSDP2 shards the non-final blocks (checked on first use)
+    saved_checkpoint_funcs: dict = field(default_factory=dict)  # layer -> its own checkpoint function (eager)
+
+    def notice_once(self, key: str, message: str) -> None:
+        if key not in self.notices:
+            self.notices.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    @property
+    def block_starts(self) -> tuple[int, ...]:
+        return (0, *self.settings.boundaries)
+
+    def block_range(self, b: int) -> range:
+        starts = (*self.block_starts, len(self.layers))
+        return range(starts[b], starts[b + 1])
+

@@ -1,0 +1,153 @@
+"""Hooks on the causal LM and its output head: the fused task loss (no logits) and the output's
+LoPT fields (``loss = task + lambda_aux * aux``, ``task_loss``, ``aux_loss``)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ._outputs import with_lopt_fields
+from .discovery import text_config
+from .ops import linear_cross_entropy as lce
+from .state import PatchState, TaskRequest
+
+# Config attributes through which a family transforms logits beyond ``lm_head(hidden)``; the fused
+# task loss honours only final-logit soft-capping and steps aside for the others.
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_factor")
+
+
+def label_count(inputs) -> torch.Tensor | None:
+    """Label tokens of a micro-batch after the causal shift (``shift_labels`` wins), or None without labels."""
+    if not isinstance(inputs, dict):
+        return None
+    shift_labels = inputs.get("shift_labels")
+    if torch.is_tensor(shift_labels):
+        return (shift_labels != -100).sum()
+    labels = inputs.get("labels")
+    if torch.is_tensor(labels) and labels.dim() >= 1:
+        return (labels[..., 1:] != -100).sum()
+    return None
+
+
+def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
+    """The fused task-loss implementation for this model, or None (with a one-time notice) where the
+    model's own loss must run because no fused path reproduces it exactly."""
+    if state.fused_ce_impl is not None:
+        return state.fused_ce_impl or None
+    lm, setting = state.causal_lm, state.settings.fused_ce
+    impl, reason = None, None
+    from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: PLC0415
+
+    config = text_config(lm)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    head = lm.get_output_embeddings()
+    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+    if setting == "off":
+        pass
+    elif getattr(lm, "loss_function", None) is not ForCausalLMLoss:
+        reason = f"{type(lm).__name__} uses its own loss function, not ForCausalLMLoss"
+    elif type(head) is not nn.Linear:
+        reason = f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
+    elif transforms:
+        reason = f"its config transforms logits ({', '.join(transforms)})"
+    else:
+        impl = lce.resolve_implementation(setting, device, softcap)
+        if impl is None:
+            reason = f"final logit soft-capping ({softcap}) is not supported by the {setting!r} implementation on {device.type}"
+    if reason:
+        state.notice_once("fused_ce", f"lopt_kernels: the fused task loss is off for this model because {reason}; "
+                                      "the model's own (logit-materialising) loss runs instead.")
+    state.fused_ce_impl = impl or ""
+    return impl
+
+
+def causal_lm_pre_hook(state: PatchState):
+    def hook(module, args, kwargs):
+        state.task_request = None
+        if state.settings.fused_ce == "off" or not (module.training and torch.is_grad_enabled()) or args:
+            return None
+        if "forward" in module.__dict__:
+            # The forward was replaced on the instance (TRL's fused LM head, Liger's fused linear CE): the
+            # replacement owns the head and the loss, and may need the labels itself.
+            return None
+        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+        if labels is None and shift_labels is None:
+            return None
+        if fused_ce_impl(state, labels.device if labels is not None else shift_labels.device) is None:
+            return None
+        if shift_labels is None:
+            shift_labels = lce.shift_labels_of(labels)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels")}
+        state.task_request = TaskRequest(labels, shift_labels, kwargs.get("num_items_in_batch"))
+        return args, kwargs
+
+    return hook
+
+
+def output_head_pre_hook(state: PatchState):
+    def hook(module, args):
+        request = state.task_request
+        if request is None or request.hidden is not None or not args:
+            return None
+        hidden = args[0]
+        if hidden.shape[:-1] != request.shift_labels.shape:
+            return None  # e.g. logits_to_keep sliced the positions: let the model compute its logits
+        request.hidden = hidden
+        # The head then runs on zero positions: the logits are never materialised.
+        return (hidden[..., :0, :], *args[1:])
+
+    return hook
+
+
+def causal_lm_post_hook(state: PatchState):
+    def hook(module, args, kwargs, output):
+        run = state.current
+        request, state.task_request = state.task_request, None
+        if output is None:  # the forward raised
+            run.aux_terms = []
+            return None
+        if request is not None:
+            kwargs = {**kwargs, "labels": request.labels, "shift_labels": request.shift_labels}
+            if request.hidden is not None:
+                head = state.causal_lm.get_output_embeddings()
+                task = lce.linear_cross_entropy(
+                    request.hidden, head.weight, request.shift_labels, bias=head.bias,
+                    num_items_in_batch=request.num_items_in_batch,
+                    softcap=getattr(text_config(state.causal_lm), "final_logit_softcapping", None),
+                    impl=state.fused_ce_impl,
+                )
+                if not isinstance(output, tuple):
+                    # Rebuilt so that ``loss`` keeps its place first in the output's key order.
+                    output = type(output)(**{**output, "loss": task, "logits": None})
+        if not run.aux_terms:
+            return output if request is not None else None
+        terms, run.aux_terms = run.aux_terms, []
+        aux = terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device) for t in terms]).mean()
+        bound = kwargs
+        if args:
+            if state.forward_signature is None:
+                state.forward_signature = inspect.signature(module.forward)
+            bound = state.forward_signature.bind_partial(*args, **kwargs).arguments
+        weight = 1.0
+        num_items = bound.get("num_items_in_batch")
+        if num_items is not None:
+            count = label_count(bound)
+            if count is not None:
+                weight = count.to(aux.device, torch.float32) / torch.as_tensor(num_items, device=aux.device).float()
+        lam = state.settings.lambda_aux
+        if isinstance(output, tuple):
+            if output and torch.is_tensor(output[0]) and output[0].dim() == 0:
+                return (output[0] + lam * weight * aux.to(output[0].device), *output[1:])
+            return None
+        output = with_lopt_fields(output)  # task_loss/aux_loss as dataclass fields: pytree rebuilds (DDP) work
+        task = output.get("loss")
+        if task is not None:
+            output["loss"] = task + (lam * weight * aux).to(task.device, task.dtype)
+        output["task_loss"] = task
+        output["aux_loss"] = aux
+        return output
+
+    return hook
+
