@@ -4,3 +4,26 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Every test that patches with the default mode runs once per way the bottom blocks can learn: the
+# default "auto" resolves to one of these, and on tiny full-fine-tune models it would always pick
+# activation-free. Kernel tests (tests/ops) do not patch models.
+DEFAULT_MODES = ("eager", "activation_free")
+
+
+def pytest_generate_tests(metafunc):
+    if "lopt_default_mode" in metafunc.fixturenames and "ops" not in metafunc.definition.path.parts:
+        metafunc.parametrize("lopt_default_mode", DEFAULT_MODES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def lopt_default_mode(request, monkeypatch):
+    """The mode ``lopt_kernels.patch`` uses when none is passed (also for subprocesses, via the env)."""
+    import lopt_kernels.patching  # noqa: PLC0415
+
+    mode = getattr(request, "param", "auto")
+    monkeypatch.setitem(lopt_kernels.patching.patch.__kwdefaults__, "mode", mode)
+    monkeypatch.setenv("LOPT_TEST_DEFAULT_MODE", mode)
+    return mode

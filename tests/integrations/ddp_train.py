@@ -34,7 +34,8 @@ def _sum_ce(outputs, labels, num_items_in_batch=None):
 
 def run(out_dir: str, variant: str, world: int) -> dict:
     torch.manual_seed(0)
-    model = lopt_kernels.patch(tiny_model("llama"))
+    # the mode the test session runs (tests/conftest.py), also in the torchrun children
+    model = lopt_kernels.patch(tiny_model("llama"), mode=os.environ.get("LOPT_TEST_DEFAULT_MODE", "auto"))
     # equal lengths: the aux loss counts padding positions, so per-rank padding must not differ from one process's
     data = VariableLengthSequences(n=32, min_len=9, max_len=9)
     args = TrainingArguments(
