@@ -34,6 +34,7 @@ from torch import nn
 
 from .patching import LoptPatchError, _state_of, _unwrap
 from .patching import label_count as _patch_label_count
+from .task_loss_hooks import item_share as _item_share
 
 AUX_DECODERS_FILE = "lopt_aux_decoders.safetensors"
 _ATTACHED_ATTR = "_lopt_callback"
@@ -151,8 +152,8 @@ def aux_weight(trainer, label_count, num_items_in_batch) -> tuple[float | torch.
         return 1.0, 1.0 / _ga_steps(trainer)
     if num_items_in_batch is not None and label_count is not None:
         # Normalised by the window's label count: the micro-batch's share of it (item-weighted mean).
-        n = torch.as_tensor(num_items_in_batch).float().reshape(-1)[0]
-        w = label_count.float().to(n.device) / n
+        n = num_items_in_batch.reshape(-1)[0] if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        w = _item_share(label_count, n, label_count.device)  # 0, not NaN, for a window without labels
         if getattr(trainer.args, "average_tokens_across_devices", False):
             tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
             w = w * (trainer.accelerator.num_processes // max(tp, 1))

@@ -31,6 +31,18 @@ def label_count(inputs) -> torch.Tensor | None:
     return None
 
 
+def item_share(count: torch.Tensor, num_items, device: torch.device) -> torch.Tensor:
+    """``count / num_items`` on ``device`` (fp32) without a host-device sync: a Python number stays a Python
+    number, a tensor is copied with ``non_blocking``. A window without label tokens (``num_items == 0``)
+    gives a share of 0, not NaN: its micro-batches carry no task gradient and no aux weight."""
+    count = count.to(device, torch.float32, non_blocking=True)
+    if not torch.is_tensor(num_items):
+        return count / num_items if num_items != 0 else count * 0.0
+    n = num_items.to(device, torch.float32, non_blocking=True)
+    nonzero = n != 0
+    return torch.where(nonzero, count / torch.where(nonzero, n, torch.ones_like(n)), torch.zeros_like(n))
+
+
 def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
     """The fused task-loss implementation for this model, or None (with a one-time notice) where the
     model's own loss must run because no fused path reproduces it exactly."""
@@ -135,7 +147,7 @@ def causal_lm_post_hook(state: PatchState):
         if num_items is not None:
             count = label_count(bound)
             if count is not None:
-                weight = count.to(aux.device, torch.float32) / torch.as_tensor(num_items, device=aux.device).float()
+                weight = item_share(count, num_items, aux.device)
         lam = state.settings.lambda_aux
         if isinstance(output, tuple):
             if output and torch.is_tensor(output[0]) and output[0].dim() == 0:

@@ -7,7 +7,9 @@ soft-capping) and torch's native chunked ``torch.nn.functional.linear_cross_entr
 chunk so the (tokens x vocab) logits never exist whole.
 
 Semantics match transformers' ``ForCausalLMLoss``: fp32 loss, ``ignore_index=-100``, mean over
-non-ignored targets, or ``sum / num_items_in_batch`` when that is given.
+non-ignored targets, or ``sum / num_items_in_batch`` when that is given. A batch with no counted
+target (every label -100, or ``num_items_in_batch == 0``) gives the model's NaN loss and, as the
+model's ``cross_entropy`` does, zero gradients (never NaN ones).
 """
 
 from __future__ import annotations
@@ -60,22 +62,50 @@ def linear_cross_entropy(
     chosen = resolve_implementation(impl, hidden.device, softcap)
     if chosen is None:
         raise ValueError(f"no fused linear cross-entropy honours softcap={softcap} on {hidden.device.type} with impl={impl!r}")
-    reduction = "sum" if num_items_in_batch is not None else "mean"
+    # Always the summed loss, divided here: ``0 / 0`` is the model's NaN loss for a batch without counted
+    # targets, while the gradient of that division is taken as 0 (not inf, which the fused ops would turn
+    # into NaN gradients against their zero per-row gradients).
     if chosen == "liger":
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction  # noqa: PLC0415
 
         loss = LigerFusedLinearCrossEntropyFunction.apply(
-            hidden2, weight, target, bias, None, IGNORE_INDEX, 0.0, 0.0, reduction, softcap
+            hidden2, weight, target, bias, None, IGNORE_INDEX, 0.0, 0.0, "sum", softcap
         )
         loss = loss[0] if isinstance(loss, tuple) else loss
     else:
         loss = F.linear_cross_entropy(
-            hidden2, weight, target, linear_bias=bias, reduction=reduction, ignore_index=IGNORE_INDEX,
+            hidden2, weight, target, linear_bias=bias, reduction="sum", ignore_index=IGNORE_INDEX,
             options=torch.nn.LinearCrossEntropyOptions(),
         )
     loss = loss.float()
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    if num_items_in_batch is None:
+        denominator = (target != IGNORE_INDEX).sum()
+    elif torch.is_tensor(num_items_in_batch):
+        # non_blocking: a host tensor's copy must not wait for the device (no sync in the training step).
+        denominator = num_items_in_batch.to(loss.device, non_blocking=True)
+    else:
+        denominator = num_items_in_batch
+    return _SafeDivide.apply(loss, denominator) if torch.is_tensor(denominator) else _divide_by_number(loss, denominator)
+
+
+def _divide_by_number(loss: torch.Tensor, denominator) -> torch.Tensor:
+    if denominator == 0:
+        return _SafeDivide.apply(loss, torch.zeros((), device=loss.device))
+    return loss / denominator
+
+
+class _SafeDivide(torch.autograd.Function):
+    """``numerator / denominator`` whose gradient is 0 where the denominator is 0 (no inf, so no NaN
+    gradients from the fused ops' zero rows). No host-device sync: it stays a tensor expression."""
+
+    @staticmethod
+    def forward(ctx, numerator, denominator):
+        denominator = denominator.to(numerator.dtype)
+        ctx.save_for_backward(denominator)
+        return numerator / denominator
+
+    @staticmethod
+    def backward(ctx, grad):
+        (denominator,) = ctx.saved_tensors
+        safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+        return torch.where(denominator == 0, torch.zeros_like(grad), grad / safe), None
