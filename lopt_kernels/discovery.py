@@ -7,7 +7,9 @@ layers of one class), never by a model family's name.
 from __future__ import annotations
 
 import math
+import operator
 
+import torch
 from torch import nn
 
 from .ops.reconstruction_loss import _BACKENDS
@@ -79,12 +81,34 @@ def even_block_starts(num_layers: int, num_blocks: int) -> tuple[int, ...]:
     return tuple(starts)
 
 
+def _layer_indices(boundaries, num_layers: int) -> tuple[int, ...]:
+    """``boundaries`` as a tuple of ints: only a list or tuple of integers is accepted (no str, set,
+    float or bool; numpy/torch integer scalars are read through ``operator.index``)."""
+    example = f"e.g. boundaries=[{max(num_layers // 2, 1)}] for two blocks"
+
+    def refuse(detail):
+        return LoptPatchError(
+            f"boundaries must be a list or tuple of int layer indices (the first layer of each block after the "
+            f"first), {detail}; {example}"
+        )
+
+    if not isinstance(boundaries, (list, tuple)):
+        raise refuse(f"got {type(boundaries).__name__} {boundaries!r}")
+    bounds = []
+    for b in boundaries:
+        is_bool = isinstance(b, bool) or (torch.is_tensor(b) and b.dtype == torch.bool)
+        try:
+            if is_bool:
+                raise TypeError
+            bounds.append(operator.index(b))
+        except TypeError:
+            raise refuse(f"got {boundaries!r} (item {b!r} of type {type(b).__name__} is not an int)") from None
+    return tuple(bounds)
+
+
 def resolve_boundaries(num_layers: int, num_blocks, boundaries) -> tuple[int, ...]:
     if boundaries is not None:
-        try:
-            bounds = tuple(int(b) for b in boundaries)
-        except (TypeError, ValueError):
-            raise LoptPatchError(f"boundaries must be a sequence of layer indices, got {boundaries!r}") from None
+        bounds = _layer_indices(boundaries, num_layers)
         if not bounds:
             raise LoptPatchError("boundaries must name at least one layer index (the start of the second block)")
         if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
