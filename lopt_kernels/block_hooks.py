@@ -186,7 +186,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
         rest, kwargs = _without_cache(rest, kwargs)
         call = activation_free.LayerCall(module, rest, kwargs, cpu_rng=torch.get_rng_state())
         if hidden.device.type == "cuda":
-            call.device_rng = torch.cuda.get_rng_state(hidden.device)
+            call.device_rng, call.rng_device = torch.cuda.get_rng_state(hidden.device), hidden.device
         run.tapes[block].calls.append(call)
         return (hidden, *rest), kwargs
 

@@ -32,6 +32,7 @@ class LayerCall:
     kwargs: dict
     cpu_rng: torch.Tensor | None = None
     device_rng: torch.Tensor | None = None
+    rng_device: torch.device | None = None  # the CUDA device ``device_rng`` was captured from
 
 
 @dataclass
@@ -73,15 +74,18 @@ class _ReplayContext:
             ac.__enter__()
             self._stack.append(ac)
         if self.call.cpu_rng is not None:
+            # The device state goes back to the device it was captured from (the block's, which need not
+            # be the current device), and only that device's state is saved and restored around the call.
             devices = []
             if self.call.device_rng is not None:
-                devices = [torch.cuda.current_device()]
+                index = self.call.rng_device.index if self.call.rng_device is not None else None
+                devices = [index if index is not None else torch.cuda.current_device()]
             fork = torch.random.fork_rng(devices=devices)
             fork.__enter__()
             self._stack.append(fork)
             torch.set_rng_state(self.call.cpu_rng)
             if self.call.device_rng is not None:
-                torch.cuda.set_rng_state(self.call.device_rng)
+                torch.cuda.set_rng_state(self.call.device_rng, devices[0])
         return self
 
     def __exit__(self, *exc):
