@@ -45,6 +45,48 @@ def text_config(lm):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _causal_lm_class_names() -> set[str]:
+    """Names of the classes ``AutoModelForCausalLM`` builds: transformers' own (read by name, so that no
+    model module is imported) and those registered at run time (remote code loaded through the auto class,
+    ``AutoModelForCausalLM.register``)."""
+    try:
+        from transformers.models.auto import modeling_auto  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return set()
+    names = set()
+    for value in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    extra = getattr(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING, "_extra_content", {})
+    names.update(getattr(cls, "__name__", str(cls)) for cls in extra.values())
+    return names
+
+
+def is_causal_lm_class(cls: type) -> bool:
+    """Whether ``cls`` is an ``AutoModelForCausalLM`` class, a subclass of one, or named ``*ForCausalLM``
+    (a custom decoder-only causal LM)."""
+    names = _causal_lm_class_names()
+    return any(c.__name__ in names or c.__name__.endswith("ForCausalLM") for c in cls.__mro__)
+
+
+def check_decoder_only_causal_lm(lm: nn.Module) -> None:
+    """Refuse encoder-decoder models (T5, BART, Whisper) and models that are not causal LMs (masked LMs,
+    classifiers): their layer stacks look alike, but LoPT's task loss and boundaries assume one causal
+    decoder stack."""
+    name = type(lm).__name__
+    if getattr(getattr(lm, "config", None), "is_encoder_decoder", False):
+        raise LoptPatchError(
+            f"{name} is an encoder-decoder model (config.is_encoder_decoder=True); lopt_kernels.patch supports "
+            f"decoder-only causal LMs only (load one with AutoModelForCausalLM). Supported: {SUPPORTED_FAMILIES}."
+        )
+    if not is_causal_lm_class(type(lm)):
+        raise LoptPatchError(
+            f"{name} is not a decoder-only causal LM: its class is none of the classes AutoModelForCausalLM "
+            "builds (transformers' MODEL_FOR_CAUSAL_LM_MAPPING or a class registered with "
+            "AutoModelForCausalLM.register), nor a subclass of one, nor named *ForCausalLM. Load the model "
+            f"with AutoModelForCausalLM. Supported: {SUPPORTED_FAMILIES}."
+        )
+
+
 def find_layer_stack(lm: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     config = text_config(lm)
     num_layers = getattr(config, "num_hidden_layers", None)
@@ -131,6 +173,86 @@ def resolve_boundaries(num_layers: int, num_blocks, boundaries) -> tuple[int, ..
     return even_block_starts(num_layers, k)
 
 
+def check_weight_sharing(lm: nn.Module, backbone: nn.Module, layers: nn.ModuleList, bounds: tuple[int, ...]) -> None:
+    """Refuse weights shared across a block boundary.
+
+    Each block learns from its own loss (the task loss for the final block, a reconstruction loss for
+    every other block, no gradient crossing a boundary), so a parameter used in two blocks would be
+    trained by both losses while ``param_groups`` puts it in one group; and the boundary hooks sit on
+    the layer modules of the non-final blocks, so one layer module at two positions runs its block's
+    hooks at both (in eager mode the embeddings then silently get no gradient). Sharing within one block
+    is fine (the block's local backward, or the ordinary backward of the final block, sums the uses),
+    except that a module repeated inside a non-final block would still run its hooks twice: repeated
+    module objects are accepted only inside the final block.
+    """
+    num_layers = len(layers)
+    starts = (0, *bounds, num_layers)
+    final = len(bounds)
+    block_of = [b for b in range(final + 1) for _ in range(starts[b], starts[b + 1])]
+
+    def span(b: int) -> str:
+        return f"block {b} = layers {starts[b]}-{starts[b + 1] - 1}"
+
+    def one_block_hint(j: int, i: int) -> str:
+        """How boundaries can keep layers j < i in one block: every boundary <= j or > i."""
+        if j == 0 and i == num_layers - 1:
+            return f"untie the weights (no choice of boundaries puts layers {j} and {i} in one block)"
+        return (f"pass boundaries=[...] with no block starting at layers {j + 1}-{i}, so that layers {j} and {i} "
+                "lie in one block, or untie the weights")
+
+    first_position: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        j = first_position.setdefault(id(layer), i)
+        if j == i or block_of[i] == block_of[j] == final:
+            continue
+        where = (f"in two blocks ({span(block_of[j])}; {span(block_of[i])})" if block_of[i] != block_of[j]
+                 else f"inside the non-final {span(block_of[i])}")
+        fix = "give each position its own module (copy.deepcopy)"
+        if j >= 1:
+            fix += f", or put both positions in the final block (boundaries=[...] whose last entry is <= {j})"
+        raise LoptPatchError(
+            f"layers {j} and {i} are the same module ({type(layer).__name__}), {where}. lopt_kernels hooks the "
+            "layer modules of the non-final blocks, so that block's boundary hooks would run at both positions "
+            "and train it wrongly; a repeated layer module is supported only inside the final block "
+            f"({span(final)}). Fix: {fix}."
+        )
+
+    # id(param) -> (layer index or None for the embeddings, description of where it was first seen)
+    owner: dict[int, tuple[int | None, str]] = {}
+    embeddings = [("input embeddings", lm.get_input_embeddings())]
+    for child_name, child in backbone.named_children():  # modules before the stack feed block 0
+        if child is layers:
+            break
+        embeddings.append((f"module {child_name!r} before the layer stack", child))
+    for label, module in embeddings:
+        for name, p in module.named_parameters():
+            owner.setdefault(id(p), (None, f"the {label} ({name})"))
+    seen_layers: set[int] = set()
+    for i, layer in enumerate(layers):
+        if id(layer) in seen_layers:  # a repeated module inside the final block (accepted above)
+            continue
+        seen_layers.add(id(layer))
+        for name, p in layer.named_parameters():
+            j, first = owner.setdefault(id(p), (i, f"layer {i}'s {name}"))
+            block_j = 0 if j is None else block_of[j]
+            if block_j == block_of[i]:
+                continue
+            if j is not None:
+                raise LoptPatchError(
+                    f"layers {j} and {i} share a parameter tensor ({first} is layer {i}'s {name}) across a block "
+                    f"boundary ({span(block_j)}; {span(block_of[i])}). Each block learns from its own loss with no "
+                    "gradient crossing a boundary, so a weight used in two blocks would be trained by both; sharing "
+                    f"within one block is supported. Fix: {one_block_hint(j, i)}."
+                )
+            fix = ("untie the weights" if i == num_layers - 1 else
+                   f"untie the weights, or put layer {i} in block 0 (boundaries=[...] whose first entry is > {i})")
+            raise LoptPatchError(
+                f"{first} and layer {i}'s {name} are one parameter tensor, but the embeddings feed block 0 and "
+                f"layer {i} is in {span(block_of[i])}. Each block learns from its own loss with no gradient crossing "
+                f"a boundary, so the weight would be trained by both. Fix: {fix}."
+            )
+
+
 def validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask, fused_ce):
     lm = unwrap_causal_lm(model)
     try:
@@ -142,8 +264,10 @@ def validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask,
             f"lopt_kernels.patch needs a Hugging Face causal LM (AutoModelForCausalLM), got {type(lm).__name__}. "
             f"Supported: {SUPPORTED_FAMILIES}."
         )
+    check_decoder_only_causal_lm(lm)
     backbone, attr, layers = find_layer_stack(lm)
     bounds = resolve_boundaries(len(layers), num_blocks, boundaries)
+    check_weight_sharing(lm, backbone, layers, bounds)
     try:
         lam = float(lambda_aux)
     except (TypeError, ValueError):

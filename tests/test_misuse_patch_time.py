@@ -1,0 +1,181 @@
+"""Misuse that ``patch`` must refuse up front (issue 9, "No silent wrong training"): each case raises
+``LoptPatchError`` naming the problem and the fix, and leaves the model unpatched and working."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import lopt_kernels
+from lopt_kernels import LoptPatchError
+from reference import ReferenceLoPT, assert_grads_close, named_grads
+from tiny_models import FAMILIES, batch, tiny_model
+
+
+def _still_works_unpatched(model):
+    assert not lopt_kernels.is_patched(model)
+    assert not hasattr(model, "lopt_aux_decoders")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    model.zero_grad(set_to_none=True)
+    model(**batch(), use_cache=False).loss.backward()  # (no KV cache: it cannot take a repeated layer)
+    assert model.get_input_embeddings().weight.grad.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------- case 7: weight sharing
+# 5 layers, default num_blocks=2: block 0 = layers 0-2, block 1 (the final block) = layers 3-4.
+
+
+def test_case7_same_layer_module_in_two_blocks_refused():
+    model = tiny_model("llama")
+    model.model.layers[3] = model.model.layers[1]
+    with pytest.raises(LoptPatchError, match=r"(?s)layers 1 and 3 are the same module.*boundaries"):
+        lopt_kernels.patch(model)
+    _still_works_unpatched(model)
+
+
+def test_case7_same_layer_module_twice_in_a_bottom_block_refused():
+    # Hooks are per module object: the block-start hook of layer 0 would also fire as layer 1.
+    model = tiny_model("llama")
+    model.model.layers[1] = model.model.layers[0]
+    with pytest.raises(LoptPatchError, match=r"layers 0 and 1 are the same module"):
+        lopt_kernels.patch(model)
+    _still_works_unpatched(model)
+
+
+def test_case7_same_layer_module_twice_in_the_final_block_accepted():
+    model = tiny_model("llama")
+    model.model.layers[4] = model.model.layers[3]  # both in the final block: ordinary autograd there
+    lopt_kernels.patch(model)
+    model(**batch(), use_cache=False).loss.backward()
+    assert model.model.layers[3].mlp.down_proj.weight.grad.abs().max() > 0
+
+
+def test_case7_parameter_shared_across_blocks_refused():
+    model = tiny_model("llama")
+    layers = model.model.layers
+    layers[4].mlp.up_proj.weight = layers[0].mlp.up_proj.weight  # block 0 and block 1 share a tensor
+    with pytest.raises(LoptPatchError, match=r"(?s)layers 0 and 4 share.*mlp\.up_proj\.weight.*boundaries"):
+        lopt_kernels.patch(model)
+    _still_works_unpatched(model)
+
+
+def test_case7_parameter_shared_across_blocks_refused_for_explicit_boundaries():
+    model = tiny_model("gpt2", num_hidden_layers=6)
+    h = model.transformer.h
+    h[3].attn.c_attn.weight = h[2].attn.c_attn.weight
+    lopt_kernels.patch(model, boundaries=[2, 4])  # layers 2 and 3 in one block: fine
+    lopt_kernels.unpatch(model)
+    with pytest.raises(LoptPatchError, match=r"layers 2 and 3 share"):
+        lopt_kernels.patch(model, boundaries=[3])
+    _still_works_unpatched(model)
+
+
+def test_case7_input_embeddings_shared_with_a_later_block_refused():
+    model = tiny_model("llama", intermediate_size=97)  # gate_proj (97 x 40) shaped like the embeddings
+    # a (contrived) layer of the final block reusing the embedding matrix: trained by two losses
+    model.model.layers[4].mlp.gate_proj.weight = model.get_input_embeddings().weight
+    with pytest.raises(LoptPatchError, match=r"(?s)input embeddings.*layer 4"):
+        lopt_kernels.patch(model)
+    _still_works_unpatched(model)
+
+
+def test_case7_parameter_shared_within_one_block_trains_like_the_reference():
+    model = tiny_model("llama")
+    layers = model.model.layers
+    layers[1].mlp.up_proj.weight = layers[0].mlp.up_proj.weight  # both in block 0
+    layers[4].self_attn.o_proj.weight = layers[3].self_attn.o_proj.weight  # both in the final block
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    ref = ReferenceLoPT(original, "llama", [0, 3, 5], lopt_kernels.aux_decoders(model))
+    b = batch()
+    out = model(**b)
+    out.loss.backward()
+    loss, _, _ = ref.step_loss(b)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
+    assert_grads_close(named_grads(model), named_grads(ref.model))
+    assert layers[0].mlp.up_proj.weight.grad.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------- case 13: not a causal LM
+
+
+def _tiny_t5():
+    config = tf.T5Config(vocab_size=97, d_model=40, d_kv=10, d_ff=72, num_layers=4, num_heads=4,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(config).train()
+
+
+def _tiny_bert_mlm():
+    config = tf.BertConfig(vocab_size=97, hidden_size=40, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=72, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    return tf.BertForMaskedLM(config).train()
+
+
+def test_case13_encoder_decoder_t5_refused():
+    model = _tiny_t5()
+    with pytest.raises(LoptPatchError, match=r"(?s)encoder-decoder.*decoder-only causal LM.*Supported"):
+        lopt_kernels.patch(model)
+    assert not lopt_kernels.is_patched(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    b = batch()
+    model(input_ids=b["input_ids"], labels=b["input_ids"]).loss.backward()  # still the plain T5
+
+
+def test_case13_masked_lm_bert_refused():
+    model = _tiny_bert_mlm()
+    with pytest.raises(LoptPatchError, match=r"(?s)BertForMaskedLM.*not a decoder-only causal LM.*Supported"):
+        lopt_kernels.patch(model)
+    assert not lopt_kernels.is_patched(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    b = batch()
+    model(input_ids=b["input_ids"], labels=b["input_ids"]).loss.backward()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_case13_every_supported_family_still_patches(family):
+    model = tiny_model(family)
+    lopt_kernels.patch(model)
+    assert lopt_kernels.is_patched(model)
+
+
+def test_case13_custom_and_peft_wrapped_causal_lms_still_patch():
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    class MyDecoder(tf.LlamaForCausalLM):  # a user's own subclass, in no transformers mapping
+        pass
+
+    torch.manual_seed(0)
+    custom = MyDecoder(FAMILIES["llama"]())
+    lopt_kernels.patch(custom)
+    assert lopt_kernels.is_patched(custom)
+    peft_model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, target_modules=["q_proj"]))
+    lopt_kernels.patch(peft_model)
+    assert lopt_kernels.is_patched(peft_model)
+
+
+# ---------------------------------------------------------------------------- case 14: boundaries type
+
+
+@pytest.mark.parametrize(
+    "boundaries",
+    ["13", "2", [1.7], [2.0], [True], [2, False], {2}, frozenset({1, 3}), {2: 1}, 2, [[2]], [None]],
+    ids=repr,
+)
+def test_case14_boundaries_not_a_list_of_ints_refused(boundaries):
+    model = tiny_model("llama")
+    with pytest.raises(LoptPatchError, match=r"boundaries must be a list or tuple of int layer indices"):
+        lopt_kernels.patch(model, boundaries=boundaries)
+    _still_works_unpatched(model)
+
+
+@pytest.mark.parametrize("boundaries", [[2], (1, 3), [np.int64(2)], [torch.tensor(3)]], ids=repr)
+def test_case14_boundaries_int_sequences_accepted(boundaries):
+    model = tiny_model("llama")
+    lopt_kernels.patch(model, boundaries=boundaries)
+    assert lopt_kernels.patching._state_of(model).settings.boundaries == tuple(int(b) for b in boundaries)
+    assert all(type(b) is int for b in lopt_kernels.patching._state_of(model).settings.boundaries)
