@@ -118,15 +118,32 @@ def _local_backward(output, grad, layer_in, params, store: dict | None):
     return grad_in
 
 
-def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, grad_scale, x_needs_grad: bool):
+def engine_accumulates(params) -> bool:
+    """Whether the running backward will execute every one of ``params``' AccumulateGrad nodes, i.e. write
+    their ``.grad``. Not under ``torch.autograd.grad`` (which returns gradients instead) nor for a
+    parameter left out of ``backward(inputs=...)``: there the block's gradients must return through the
+    boundary Function, or the rebuild would write ``.grad`` the caller did not ask for."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_execute is None:  # pragma: no cover - a torch without it: always the exact path
+        return False
+    try:
+        return all(will_execute(torch.autograd.graph.get_gradient_edge(p).node) for p in params)
+    except RuntimeError:  # torch.autograd.grad refuses the question for its inputs: they are not accumulated
+        return False
+
+
+def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, grad_scale, x_needs_grad: bool,
+                         into_grad: bool | None = None):
     """Rebuild the block from its input ``x`` and backpropagate ``grad_scale * aux``.
 
     Returns ``(grad_x, {id(param): grad})``: the decoder's parameter gradients, and the block's unless
-    ``spec.accumulate_into_grad`` sent those straight into ``.grad``."""
+    ``into_grad`` (default ``spec.accumulate_into_grad``) sent those straight into ``.grad``."""
     guard = spec.replay_guard
     guard.replaying = True
     store: dict[int, torch.Tensor] = {}
-    block_store = None if spec.accumulate_into_grad else store
+    if into_grad is None:
+        into_grad = spec.accumulate_into_grad
+    block_store = None if into_grad else store
     decoder_params = list(spec.decoder.decoder_parameters())
     try:
         x = x.detach()
@@ -184,7 +201,7 @@ class ActivationFreeBoundary(torch.autograd.Function):
         ctx.save_for_backward(x)
         tape.x = None
         ctx.spec, ctx.tape = spec, tape
-        ctx.param_ids = [id(p) for p in params]
+        ctx.params = params
         ctx.set_materialize_grads(False)
         return y.detach(), aux
 
@@ -199,8 +216,10 @@ class ActivationFreeBoundary(torch.autograd.Function):
             if grad_hand_off is not None and spec.on_missing_aux is not None:
                 spec.on_missing_aux()
             return (None,) * len(needs)
-        grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad)
-        param_grads = [grads_by_id.get(pid) if need else None for pid, need in zip(ctx.param_ids, needs[4:])]
+        decoder_ids = {id(p) for p in spec.decoder.decoder_parameters()}
+        into_grad = spec.accumulate_into_grad and engine_accumulates([p for p in ctx.params if id(p) not in decoder_ids])
+        grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad, into_grad)
+        param_grads = [grads_by_id.get(id(p)) if need else None for p, need in zip(ctx.params, needs[4:])]
         return (None, None, None, grad_x, *param_grads)
 
 
