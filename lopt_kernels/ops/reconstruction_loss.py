@@ -30,6 +30,10 @@ matmuls run through torch in the decoder's dtype, the row-wise work runs in Trit
    ``dW_down += d_z^T @ normed``; ``d_normed = d_z @ W_down`` (into the ``recon`` buffer);
    ``_ln_backward_kernel`` writes the rows of ``grad_y`` and the LayerNorm weight/bias partials.
 
+The host code runs under ``torch.cuda.device(y.device)`` (``_device_guard``): Triton launches on the
+current CUDA device, so a block on another GPU (``device_map="auto"``) gets its kernels on its own device
+and stream, where its matmuls run.
+
 Weight gradients accumulate across chunks in fp32 buffers (``torch.mm(..., out_dtype=float32)`` where
 the device supports it, otherwise each chunk's product is rounded once to the matmul dtype before the
 fp32 accumulation); per-program partial rows are summed once at the end and everything is cast to the
@@ -55,6 +59,7 @@ to fp32 before any arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -433,8 +438,25 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
+def _device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device, a no-op context otherwise.
+
+    Triton launches on the *current* CUDA device and its current stream, while torch's allocations and
+    cuBLAS matmuls follow the tensors: with the block on another GPU (``device_map="auto"``) an unguarded
+    launch would read that GPU's memory from the current one (an illegal access) or race the matmuls on
+    another stream. Liger-Kernel guards its launches the same way.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
-    """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between."""
+    """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between;
+    every launch runs with ``y``'s device current."""
+    with _device_guard(y2.device):
+        return _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+
+
+def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
     if device.type != "cuda" and not _INTERPRETED:

@@ -272,6 +272,80 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
 
 
+# ---------------------------------------------------------------------- device guard (issue 9, case 16)
+# Triton launches on the *current* CUDA device while cuBLAS and allocations follow the tensors: with a
+# block on cuda:1 (device_map="auto") an unguarded launch reads cuda:1 memory from cuda:0 (illegal access)
+# or runs on another device's stream. The launcher must run under ``torch.cuda.device(y.device)``.
+
+
+class _RecordingDevice:
+    """Stands in for ``torch.cuda.device``: records the device it is entered with and keeps a stack."""
+
+    entered: list = []
+    active: list = []
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        type(self).entered.append(self.device)
+        type(self).active.append(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        type(self).active.pop()
+        return False
+
+
+@pytest.fixture
+def recording_cuda_device(monkeypatch):
+    monkeypatch.setattr(_RecordingDevice, "entered", [])
+    monkeypatch.setattr(_RecordingDevice, "active", [])
+    monkeypatch.setattr(torch.cuda, "device", _RecordingDevice)
+    return _RecordingDevice
+
+
+def test_case16_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, monkeypatch):
+    # Pretend y is a CUDA tensor: the guard takes the branch it takes for CUDA tensors, entering
+    # torch.cuda.device(y.device) (here the recorder), while the kernels run interpreted on CPU.
+    monkeypatch.setattr(rl, "_device_guard", lambda device: torch.cuda.device(device), raising=False)
+    launches = []
+
+    class LaunchRecorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append((self.name, list(recording_cuda_device.active)))
+                return launch(*args, **kwargs)
+
+            return run
+
+    kernels = [n for n in vars(rl) if n.startswith("_") and n.endswith("_kernel")]
+    assert len(kernels) == 5, kernels
+    for name in kernels:
+        monkeypatch.setattr(rl, name, LaunchRecorder(name, getattr(rl, name)))
+    y, x, params = make_inputs(37, torch.float32)
+    loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton", chunk_rows=16)
+    ref_loss, _ = reference(y, x, params)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    assert {name for name, _ in launches} == set(kernels)
+    unguarded = [(name, active) for name, active in launches if active[-1:] != [y.device]]
+    assert not unguarded, f"Triton kernels launched outside torch.cuda.device({y.device}): {unguarded[:3]}"
+
+
+def test_case16_device_guard_is_the_tensor_device_for_cuda_and_a_no_op_otherwise(recording_cuda_device):
+    with rl._device_guard(torch.device("cuda", 1)):
+        assert recording_cuda_device.active == [torch.device("cuda", 1)]
+    assert recording_cuda_device.entered == [torch.device("cuda", 1)]
+    with rl._device_guard(torch.device("cpu")):
+        assert recording_cuda_device.active == []
+    assert recording_cuda_device.entered == [torch.device("cuda", 1)]  # CPU tensors: torch.cuda never touched
+
+
 # ---------------------------------------------------------------------- torch.compile / FakeTensor
 
 
