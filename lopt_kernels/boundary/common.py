@@ -46,10 +46,20 @@ def _unrows(grad_rows: torch.Tensor, rows: torch.Tensor | None, like: torch.Tens
     return full.reshape(like.shape)
 
 
+def counts_no_rows(spec: BoundarySpec) -> bool:
+    """Whether the aux loss counts no position at all (``aux_mask="tokens"`` on a batch without tokens)."""
+    return spec.token_rows is not None and spec.token_rows.numel() == 0
+
+
 def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *, grad_scale=1.0, compute_grads=True):
     """The block's reconstruction loss over the counted rows; grads as ``reconstruction_loss_and_grads``
-    with ``grad_y`` shaped like ``y``."""
+    with ``grad_y`` shaped like ``y``. Over no rows the loss is 0 and every gradient is zero."""
     decoder = spec.decoder
+    if counts_no_rows(spec):
+        loss = torch.zeros((), dtype=torch.float32, device=y.device)
+        if not compute_grads:
+            return loss, None
+        return loss, (torch.zeros_like(y), *(torch.zeros_like(p) for p in decoder.decoder_parameters()))
     loss, grads = reconstruction_loss_and_grads(
         _rows(y, spec.token_rows), _rows(x, spec.token_rows), *decoder.decoder_parameters(), eps=decoder.norm.eps,
         grad_scale=grad_scale, compute_grads=compute_grads, backend=spec.backend,

@@ -1,17 +1,48 @@
 """Stored boundary: the reference code's behaviour. The block keeps its autograd graph (every
-activation stays alive until the caller's backward) and the aux loss is differentiated by ordinary
-autograd. Same gradients as the other modes, end-to-end training's activation memory."""
+activation stays alive until the caller's backward) and the aux loss's gradient flows into it by
+ordinary autograd. Same gradients as the other modes, end-to-end training's activation memory."""
 
 from __future__ import annotations
 
 import torch
 
-from .common import BoundarySpec, StopGradient, _rows
+from .common import BoundarySpec, as_hand_off, local_loss_and_grads
+
+
+class StoredBoundary(torch.autograd.Function):
+    """``(hand_off, aux) = f(y, x, *decoder_params)``: ``y`` with the gradient stopped, and the block's aux
+    loss, whose gradients (computed with it by the fused op) flow into ``y``'s stored graph and the decoder.
+    One node for both outputs, so that its backward sees a loss that reached the hand-off without the aux
+    term (the same one-time warning as the other modes)."""
+
+    @staticmethod
+    def forward(ctx, spec: BoundarySpec, y, x, *decoder_params):
+        needs = ctx.needs_input_grad
+        ctx.computed = needs[1] or any(needs[3:])
+        aux, grads = local_loss_and_grads(spec, y.detach(), x.detach(), compute_grads=ctx.computed)
+        if ctx.computed:
+            ctx.save_for_backward(*grads)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return y.detach(), aux
+
+    @staticmethod
+    def backward(ctx, grad_hand_off, grad_aux):
+        needs = ctx.needs_input_grad
+        if grad_aux is None:
+            # The caller's loss does not contain this block's aux term: nothing trains the block.
+            if grad_hand_off is not None and ctx.spec.on_missing_aux is not None:
+                ctx.spec.on_missing_aux()
+            return (None,) * len(needs)
+        if not ctx.computed:
+            return (None,) * len(needs)
+        grad_y, *param_grads = ctx.saved_tensors
+        scaled_y = grad_y * grad_aux if needs[1] else None
+        scaled = [g * grad_aux if need else None for g, need in zip(param_grads, needs[3:])]
+        return (None, scaled_y, None, *scaled)
 
 
 def stored_boundary(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor):
     """Returns ``(hand_off, aux)``: ``y`` with the gradient stopped, and the block's differentiable aux loss."""
-    aux = spec.decoder.reconstruction_loss(_rows(y, spec.token_rows), _rows(x.detach(), spec.token_rows),
-                                           backend=spec.backend)
-    hand_off = StopGradient.apply(y) if y.requires_grad else y.detach().requires_grad_(True)
-    return hand_off, aux
+    hand_off, aux = StoredBoundary.apply(spec, y, x.detach(), *spec.decoder.decoder_parameters())
+    return as_hand_off(hand_off), aux
