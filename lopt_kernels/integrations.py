@@ -190,7 +190,7 @@ def _reaches(loss: torch.Tensor, target: torch.Tensor) -> bool:
 
 
 class _ForwardRecorder:
-    """A forward hook on the causal LM that collects each training forward's ``aux_loss``/``task_loss``."""
+    """A forward hook on the causal LM that collects each training forward's ``lopt_aux_loss``/``task_loss``."""
 
     def __init__(self):
         self.active = False
@@ -200,7 +200,8 @@ class _ForwardRecorder:
     def __call__(self, module, args, kwargs, output):
         if not self.active or not module.training or not torch.is_grad_enabled():
             return None
-        aux = output.get("aux_loss") if isinstance(output, dict) else None
+        # lopt_aux_loss, not aux_loss: a MoE model's aux_loss is its router loss (already in its .loss).
+        aux = output.get("lopt_aux_loss") if isinstance(output, dict) else None
         if torch.is_tensor(aux) and aux.requires_grad:
             self.records.append((aux, output.get("task_loss")))
         elif aux is None:
@@ -348,7 +349,7 @@ def attach(trainer):
             recorder.records = []
         if unreadable and not records:
             raise LoptPatchError(
-                "a training forward of the patched model returned no aux_loss (return_dict=False?): LoPT needs the "
+                "a training forward of the patched model returned no lopt_aux_loss (return_dict=False?): LoPT needs the "
                 "ModelOutput to find the local loss."
             )
         if not records:

@@ -1,5 +1,9 @@
 """Hooks on the causal LM and its output head: the fused task loss (no logits) and the output's
-LoPT fields (``loss = task + lambda_aux * aux``, ``task_loss``, ``aux_loss``)."""
+LoPT fields (``loss = task + lambda_aux * aux``, ``task_loss``, ``lopt_aux_loss`` and, where the model's
+output has no ``aux_loss`` of its own, ``aux_loss``).
+
+``task_loss`` is the loss the unpatched model returns, a MoE model's router term
+(``router_aux_loss_coef * aux_loss``) included; ``aux_loss`` of a MoE model stays its router loss."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import inspect
 import torch
 from torch import nn
 
-from ._outputs import with_lopt_fields
+from ._outputs import declares_own_aux_loss, with_lopt_fields
 from .discovery import text_config
 from .ops import linear_cross_entropy as lce
 from .state import PatchState, TaskRequest
@@ -64,6 +68,8 @@ def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
         reason = f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
     elif transforms:
         reason = f"its config transforms logits ({', '.join(transforms)})"
+    elif hasattr(config, "output_router_logits") and router_loss_coef(lm) is None:
+        reason = "it is a mixture-of-experts model whose router-loss coefficient is unknown"
     else:
         impl = lce.resolve_implementation(setting, device, softcap)
         if impl is None:
@@ -73,6 +79,24 @@ def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
                                       "the model's own (logit-materialising) loss runs instead.")
     state.fused_ce_impl = impl or ""
     return impl
+
+
+def router_loss_coef(lm) -> float | None:
+    """The coefficient with which a MoE causal LM adds its router load-balancing loss (``output.aux_loss``)
+    to its task loss (``loss += coef * aux_loss``, every transformers MoE family), or None."""
+    for attr in ("router_aux_loss_coef", "aux_loss_coef"):
+        coef = getattr(lm, attr, None)
+        if isinstance(coef, (int, float)):
+            return coef
+    return None
+
+
+def with_router_loss(lm, task: torch.Tensor, router_loss) -> torch.Tensor:
+    """The fused task loss plus the model's router term, as the model's own forward adds it when it gets the
+    labels (``loss += router_aux_loss_coef * aux_loss``): the fused loss equals the unpatched ``loss``."""
+    if not torch.is_tensor(router_loss):
+        return task
+    return task + router_loss_coef(lm) * router_loss.to(task.device)
 
 
 def causal_lm_pre_hook(state: PatchState):
@@ -131,6 +155,7 @@ def causal_lm_post_hook(state: PatchState):
                     impl=state.fused_ce_impl,
                 )
                 if not isinstance(output, tuple):
+                    task = with_router_loss(state.causal_lm, task, output.get("aux_loss"))
                     # Rebuilt so that ``loss`` keeps its place first in the output's key order.
                     output = type(output)(**{**output, "loss": task, "logits": None})
         if not run.aux_terms:
@@ -153,12 +178,15 @@ def causal_lm_post_hook(state: PatchState):
             if output and torch.is_tensor(output[0]) and output[0].dim() == 0:
                 return (output[0] + lam * weight * aux.to(output[0].device), *output[1:])
             return None
-        output = with_lopt_fields(output)  # task_loss/aux_loss as dataclass fields: pytree rebuilds (DDP) work
+        own_aux = declares_own_aux_loss(type(output))
+        output = with_lopt_fields(output)  # LoPT's fields as dataclass fields: pytree rebuilds (DDP) work
         task = output.get("loss")
         if task is not None:
             output["loss"] = task + (lam * weight * aux).to(task.device, task.dtype)
         output["task_loss"] = task
-        output["aux_loss"] = aux
+        if not own_aux:  # dense models: .aux_loss is LoPT's; MoE models keep their router loss there
+            output["aux_loss"] = aux
+        output["lopt_aux_loss"] = aux  # set in field order, so that pytree rebuilds keep the key order
         return output
 
     return hook

@@ -49,3 +49,89 @@ def test_case1_all_labels_ignored_gives_zero_task_gradients_not_nan(impl, num_it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# case 3: MoE router (load-balancing) loss
+# ----------------------------------------------------------------------------------------------
+
+_MOE_COMMON = dict(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=5, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=0, output_router_logits=True, router_aux_loss_coef=0.5)
+MOE_CONFIGS = {
+    "mixtral": lambda: __import__("transformers").MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
+                                                                **_MOE_COMMON),
+    "qwen2_moe": lambda: __import__("transformers").Qwen2MoeConfig(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+        **_MOE_COMMON),
+    "qwen3_moe": lambda: __import__("transformers").Qwen3MoeConfig(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=12, **_MOE_COMMON),
+}
+
+
+# The router term's gradient reaches the non-final blocks' routers through ``output.router_logits`` (collected
+# by transformers from each layer's gate, outside the block hooks): mode="eager" has already freed that graph
+# (backward raises), mode="stored" lets the task loss train the bottom routers. Fix in block_hooks (not this
+# change's files): detach the non-final blocks' entries of the backbone output's ``router_logits``.
+_BOTTOM_ROUTER_XFAIL = pytest.mark.xfail(
+    reason="bottom-block router logits are not detached by the block hooks (block_hooks.backbone_post_hook)",
+    strict=False,
+)
+
+
+def _tiny_moe(family):
+    import transformers as tf  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(MOE_CONFIGS[family](), attn_implementation="sdpa",
+                                                dtype=torch.float32)
+    return model.train()
+
+
+@pytest.mark.parametrize("fused_ce", ["auto", "off"])
+@pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
+def test_case3_moe_router_loss_is_kept(family, fused_ce, lopt_default_mode, request):
+    if lopt_default_mode == "eager":
+        request.applymarker(_BOTTOM_ROUTER_XFAIL)
+    model = _tiny_moe(family)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, fused_ce=fused_ce)
+    b = batch()
+    ref = original(**b)
+    out = model(**b)
+    assert ref.aux_loss is not None and ref.aux_loss.requires_grad
+    # .aux_loss stays the model's router loss; LoPT's reconstruction loss is in .lopt_aux_loss
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-6, atol=0)
+    assert out.lopt_aux_loss is not None and out.lopt_aux_loss.requires_grad
+    assert not torch.equal(out.lopt_aux_loss, out.aux_loss)
+    # task_loss is the unpatched loss: CE + router_aux_loss_coef * router loss
+    torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, ref.loss + 10.0 * out.lopt_aux_loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    ref.loss.backward()
+    ref_params = dict(original.named_parameters())
+    top = _top_grads(model)
+    assert any("gate" in n for n in top)  # the top block's routers are trained by the router term
+    for name, grad in top.items():
+        expected = ref_params[name].grad
+        if expected is None:
+            assert grad is None or not grad.any(), name
+        else:
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_case3_dense_model_keeps_aux_loss_as_reconstruction_loss():
+    out = lopt_kernels.patch(tiny_model("llama"))(**batch())
+    assert out.aux_loss is out.lopt_aux_loss
+    torch.testing.assert_close(out.loss, out.task_loss + 10.0 * out.lopt_aux_loss)
+
+
+@pytest.mark.parametrize("mode", ["activation_free", "eager", "stored"])
+def test_case3_moe_router_term_does_not_train_bottom_blocks(mode, request):
+    if mode != "activation_free":
+        request.applymarker(_BOTTOM_ROUTER_XFAIL)
+    model = lopt_kernels.patch(_tiny_moe("mixtral"), mode=mode)
+    out = model(**batch())
+    bottom_router = model.model.layers[0].mlp.gate.weight
+    (grad,) = torch.autograd.grad(out.task_loss, [bottom_router], allow_unused=True)
+    assert grad is None or not grad.any()
