@@ -111,6 +111,10 @@ def causal_lm_pre_hook(state: PatchState):
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
         if labels is None and shift_labels is None:
             return None
+        if kwargs.get("return_dict", getattr(module.config, "return_dict", True)) is False:
+            # A tuple output has no named fields: the model's own loss and logits keep their positions
+            # ((loss, logits, ...), as unpatched); the post hook adds lambda_aux * aux to the loss.
+            return None
         if fused_ce_impl(state, labels.device if labels is not None else shift_labels.device) is None:
             return None
         if shift_labels is None:

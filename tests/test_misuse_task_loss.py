@@ -135,3 +135,25 @@ def test_case3_moe_router_term_does_not_train_bottom_blocks(mode, request):
     bottom_router = model.model.layers[0].mlp.gate.weight
     (grad,) = torch.autograd.grad(out.task_loss, [bottom_router], allow_unused=True)
     assert grad is None or not grad.any()
+
+
+# ----------------------------------------------------------------------------------------------
+# case 9: return_dict=False with labels
+# ----------------------------------------------------------------------------------------------
+
+
+def test_case9_return_dict_false_puts_the_loss_first():
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    b = batch()
+    as_dict = model(**b)
+    # (config.return_dict=False breaks the unpatched model itself in transformers 5: not tested here)
+    out, ref = model(**b, return_dict=False), original(**b, return_dict=False)
+    assert isinstance(out, tuple)  # (the cache entry is the block hooks' business, not compared here)
+    assert out[0].dim() == 0, "the tuple's first element must be the loss"
+    torch.testing.assert_close(out[0], as_dict.loss, rtol=1e-5, atol=1e-6)  # task + lambda_aux * aux
+    torch.testing.assert_close(out[0], ref[0] + 10.0 * as_dict.lopt_aux_loss, rtol=1e-5, atol=1e-6)
+    assert out[1].shape == ref[1].shape  # the logits, where the unpatched tuple has them
+    out[0].backward()
+    as_dict.loss.backward()  # gradients flow through the tuple's loss as through the dict's
