@@ -99,6 +99,22 @@ def with_router_loss(lm, task: torch.Tensor, router_loss) -> torch.Tensor:
     return task + router_loss_coef(lm) * router_loss.to(task.device)
 
 
+def _fusable_shapes(kwargs, labels: torch.Tensor, shift_labels) -> bool:
+    """Whether the fused loss sees exactly the model's positions: no ``logits_to_keep`` slicing, and labels
+    (and shift_labels) of the inputs' (batch, length) shape. Shapes only: no host-device sync."""
+    keep = kwargs.get("logits_to_keep", 0)
+    if torch.is_tensor(keep) or keep != 0:
+        return False
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if torch.is_tensor(ids):
+        positions = ids.shape
+    elif torch.is_tensor(embeds):
+        positions = embeds.shape[:-1]
+    else:
+        return False
+    return labels.shape == positions and (shift_labels is None or shift_labels.shape == positions)
+
+
 def causal_lm_pre_hook(state: PatchState):
     def hook(module, args, kwargs):
         state.task_request = None
@@ -109,13 +125,17 @@ def causal_lm_pre_hook(state: PatchState):
             # replacement owns the head and the loss, and may need the labels itself.
             return None
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
-        if labels is None and shift_labels is None:
+        if labels is None:
+            return None  # the model computes no loss without labels (shift_labels alone included)
+        if not _fusable_shapes(kwargs, labels, shift_labels):
+            # Labels that do not line up with the positions, or logits_to_keep: the model's own loss runs,
+            # raising the model's own error or computing the model's own loss on the kept positions.
             return None
         if kwargs.get("return_dict", getattr(module.config, "return_dict", True)) is False:
             # A tuple output has no named fields: the model's own loss and logits keep their positions
             # ((loss, logits, ...), as unpatched); the post hook adds lambda_aux * aux to the loss.
             return None
-        if fused_ce_impl(state, labels.device if labels is not None else shift_labels.device) is None:
+        if fused_ce_impl(state, labels.device) is None:
             return None
         if shift_labels is None:
             shift_labels = lce.shift_labels_of(labels)
@@ -150,6 +170,15 @@ def causal_lm_post_hook(state: PatchState):
             return None
         if request is not None:
             kwargs = {**kwargs, "labels": request.labels, "shift_labels": request.shift_labels}
+            if request.hidden is None:
+                # The labels were taken for the fused loss but the output head never ran on positions that
+                # match them: the model would silently return no loss. (The pre hook's shape checks make
+                # this unreachable for the transformers families; a custom forward may still get here.)
+                raise RuntimeError(
+                    f"lopt_kernels: the fused task loss found no output-head input matching the labels {tuple(request.shift_labels.shape)} "
+                    f"in this {type(module).__name__} forward, so it cannot compute the loss; patch with fused_ce='off' "
+                    "to let the model compute its own loss."
+                )
             if request.hidden is not None:
                 head = state.causal_lm.get_output_embeddings()
                 task = lce.linear_cross_entropy(

@@ -157,3 +157,60 @@ def test_case9_return_dict_false_puts_the_loss_first():
     assert out[1].shape == ref[1].shape  # the logits, where the unpatched tuple has them
     out[0].backward()
     as_dict.loss.backward()  # gradients flow through the tuple's loss as through the dict's
+
+
+# ----------------------------------------------------------------------------------------------
+# case 10: labels of the wrong length, logits_to_keep with labels
+# ----------------------------------------------------------------------------------------------
+
+
+def _outcome(fn):
+    try:
+        out = fn()
+    except Exception as error:  # noqa: BLE001 - the same exception as the unpatched model is the requirement
+        return type(error), str(error)
+    return out
+
+
+@pytest.mark.parametrize("case", ["short_labels", "long_labels", "logits_to_keep_1", "logits_to_keep_5_sliced_labels",
+                                  "logits_to_keep_0"])
+@pytest.mark.parametrize("fused_ce", ["auto", "liger"])
+def test_case10_wrong_length_labels_and_logits_to_keep_match_the_unpatched_model(case, fused_ce):
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, fused_ce=fused_ce)
+    b = batch()
+    ids, labels = b["input_ids"], b["labels"]
+    kw = {
+        "short_labels": dict(labels=labels[:, :-2]),
+        "long_labels": dict(labels=torch.cat([labels, labels[:, :3]], dim=1)),
+        "logits_to_keep_1": dict(labels=labels, logits_to_keep=1),
+        "logits_to_keep_5_sliced_labels": dict(labels=labels[:, -5:], logits_to_keep=5),
+        "logits_to_keep_0": dict(labels=labels, logits_to_keep=0),
+    }[case]
+    ref = _outcome(lambda: original(input_ids=ids, **kw))
+    out = _outcome(lambda: model(input_ids=ids, **kw))
+    if isinstance(ref, tuple):  # the unpatched model raised: so must the patched one, with the same error
+        assert out == ref
+        return
+    assert not isinstance(out, tuple), out
+    assert out.loss is not None
+    torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, ref.loss + 10.0 * out.lopt_aux_loss, rtol=1e-5, atol=1e-6)
+    # the model's logits are returned wherever the unpatched model's are not the whole sequence
+    if kw.get("logits_to_keep"):
+        assert out.logits is not None and out.logits.shape == ref.logits.shape
+
+
+def test_case10_shift_labels_without_labels_matches_the_unpatched_model():
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    b = batch()
+    shift = torch.nn.functional.pad(b["labels"], (0, 1), value=-100)[:, 1:]
+    ref = original(input_ids=b["input_ids"], shift_labels=shift)
+    out = model(input_ids=b["input_ids"], shift_labels=shift)
+    if ref.loss is None:
+        assert out.loss is None
+    else:
+        torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
