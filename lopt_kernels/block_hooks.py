@@ -9,6 +9,7 @@ and the block's reconstruction loss. The backbone's hooks reset the per-forward 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .boundary import activation_free, eager, stored
 from .boundary.common import BoundarySpec, hidden_of
@@ -23,8 +24,45 @@ MISSING_AUX_MESSAGE = (
 )
 
 
+EVAL_MODE_MESSAGE = (
+    "lopt_kernels: the patched model ran a forward with gradients enabled in eval() mode, where LoPT is off: "
+    "no gradient boundary and no aux loss, so a backward from this output trains the whole model end-to-end. "
+    "from_pretrained returns a model in eval mode: call model.train() before training (and run evaluation "
+    "under torch.no_grad())."
+)
+
+ADAPTED_DECODER_MESSAGE = (
+    "lopt_kernels: PEFT injected an adapter into an aux decoder (target_modules matched lopt_aux_decoders, e.g. "
+    "'all-linear'): the fused reconstruction loss uses the decoders' own weights, so the adapters would never "
+    "train and the decoders would stay at their initialisation. Exclude the decoders from target_modules "
+    "(e.g. a list of the model's projection names), or call lopt_kernels.patch after get_peft_model."
+)
+
+PREFILLED_CACHE_MESSAGE = (
+    "lopt_kernels: a training forward got a KV cache that already holds {n} positions, but mode='activation_free' "
+    "rebuilds the bottom blocks in the backward and cannot replay them against the cache as it was. Pass "
+    "use_cache=False (and no cache) in training, or patch with mode='eager' or mode='stored', which run every "
+    "layer once and honour the cache."
+)
+
+
+def _check_decoders(state: PatchState) -> None:
+    """Refuse decoders whose projections PEFT replaced by adapter layers (the fused op would bypass them)."""
+    for decoder in state.decoders:
+        for module in (decoder.down, decoder.up):
+            if not isinstance(module, nn.Linear) or hasattr(module, "base_layer"):
+                raise LoptPatchError(ADAPTED_DECODER_MESSAGE)
+
+
 def _is_cache(value) -> bool:
     return type(value).__name__.endswith("Cache") and hasattr(value, "update")
+
+
+def _cache_in(args, kwargs):
+    for value in (*args, *kwargs.values()):
+        if _is_cache(value):
+            return value
+    return None
 
 
 def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -109,8 +147,17 @@ def backbone_pre_hook(state: PatchState):
     def hook(module, args, kwargs):
         if state.replaying:
             return None
-        run = PassState(active=module.training and torch.is_grad_enabled())
+        grad = torch.is_grad_enabled()
+        if grad and not module.training:
+            state.notice_once("eval_mode", EVAL_MODE_MESSAGE)
+        run = PassState(active=module.training and grad)
+        # Per-forward KV-cache flags (kept here rather than as PassState fields, which live in state.py).
+        run.cache_requested = run.cache_skipped = False
         if run.active:
+            _check_decoders(state)
+            # A KV cache the caller asked for is honoured by every layer; one the model builds by itself
+            # (config.use_cache) is not kept by activation-free blocks, and then not returned (see the post-hook).
+            run.cache_requested = bool(kwargs.get("use_cache")) or _cache_in(args, kwargs) is not None
             if state.bottom_fsdp2 is None:  # once: sharding happens before training starts
                 state.bottom_fsdp2 = _fsdp2_sharded(_bottom_layers(state))
             final_layers = state.layers[state.block_starts[-1] :]
@@ -135,9 +182,10 @@ def _token_rows(state: PatchState, attention_mask) -> torch.Tensor | None:
         )
         return None
     flat = attention_mask.reshape(-1)
-    if bool(flat.all()):
-        return None
-    return flat.nonzero().squeeze(1)
+    # The one host-device sync of aux_mask="tokens" (none when the mask is on the CPU): the row count sizes
+    # the gather of the counted rows, which the fused op takes whole (it has no row mask).
+    rows = flat.nonzero().squeeze(1)
+    return None if rows.numel() == flat.numel() else rows
 
 
 def backbone_post_hook(state: PatchState):
@@ -148,9 +196,20 @@ def backbone_post_hook(state: PatchState):
             run.grad_was_enabled = None
         _restore_checkpointing(state)
         run.tapes.clear()
+        if getattr(run, "cache_skipped", False):
+            return _drop_cache(output)
         return None
 
     return hook
+
+
+def _drop_cache(output):
+    """The backbone output without its KV cache (which the activation-free blocks did not fill)."""
+    if isinstance(output, tuple):
+        return tuple(None if _is_cache(v) else v for v in output)
+    if hasattr(output, "items"):
+        return type(output)(**{k: (None if _is_cache(v) else v) for k, v in output.items()})
+    return None
 
 
 def layer_pre_hook(state: PatchState, block: int, is_start: bool):
@@ -176,6 +235,10 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
             tape.layers = block_layers
             run.tapes[block] = tape
             return (tape.leaf, *rest), kwargs
+        if is_start and block == 0 and run.mode == "activation_free":  # before any layer wrote this forward
+            cache = _cache_in(rest, kwargs)
+            if cache is not None and cache.get_seq_length() > 0:
+                raise LoptPatchError(PREFILLED_CACHE_MESSAGE.format(n=cache.get_seq_length()))
         if is_start:
             run.tapes[block] = activation_free.BlockTape(x=hidden, autocast=_autocast_state(hidden.device.type))
             if run.mode == "activation_free":
@@ -183,8 +246,13 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
                 torch.set_grad_enabled(False)
         if run.mode != "activation_free":
             return None
-        rest, kwargs = _without_cache(rest, kwargs)
-        call = activation_free.LayerCall(module, rest, kwargs, cpu_rng=torch.get_rng_state())
+        # The replay neither reads nor writes the cache: it was empty before this forward (prefilled ones are
+        # refused above), so a layer without one computes what it computed with it.
+        replay_rest, replay_kwargs = _without_cache(rest, kwargs)
+        if not run.cache_requested:
+            run.cache_skipped = run.cache_skipped or _cache_in(rest, kwargs) is not None
+            rest, kwargs = replay_rest, replay_kwargs
+        call = activation_free.LayerCall(module, replay_rest, replay_kwargs, cpu_rng=torch.get_rng_state())
         if hidden.device.type == "cuda":
             call.device_rng, call.rng_device = torch.cuda.get_rng_state(hidden.device), hidden.device
         run.tapes[block].calls.append(call)
