@@ -1,0 +1,288 @@
+"""Issue 9, "no silent wrong training": misuses at run time that used to train wrongly without a word.
+
+Each test is named after the issue's case number. Tests that apply to every boundary mode take the ``mode``
+fixture: the conftest's default mode (eager, activation_free) plus ``stored``.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lopt_kernels
+from lopt_kernels.boundary import activation_free
+from lopt_kernels.discovery import LoptPatchError
+from tiny_models import batch, tiny_model
+
+
+@pytest.fixture(params=["default", "stored"])
+def mode(request, lopt_default_mode):
+    """Every boundary mode once: the conftest's two default modes, and stored (run under one of them)."""
+    if request.param == "default":
+        return lopt_default_mode
+    if lopt_default_mode != "eager":
+        pytest.skip("mode='stored' runs once, alongside the eager default")
+    return "stored"
+
+
+def _top_and_bottom_names(model):
+    bottom = [n for n, p in model.named_parameters() if "layers.0." in n or "layers.1." in n or "layers.2." in n
+              or "embed_tokens" in n or "lopt_aux_decoders" in n]
+    top = [n for n, _ in model.named_parameters() if n not in bottom]
+    return top, bottom
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out.get("past_key_values")
+
+
+# --- case 2: eval mode trains end-to-end ------------------------------------------------------------------
+
+
+def test_case2_eval_mode_grad_forward_warns_once(mode):
+    model = tiny_model("llama")
+    lopt_kernels.patch(model, mode=mode)
+    model.eval()  # what from_pretrained returns
+    with pytest.warns(UserWarning, match=r"eval\(\) mode.*model\.train\(\)"):
+        model(**batch()).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch()).loss.backward()  # once only
+
+
+def test_case2_no_warning_under_no_grad_or_in_train_mode(mode):
+    model = tiny_model("llama")
+    lopt_kernels.patch(model, mode=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.eval()
+        with torch.no_grad():
+            model(**batch())
+        with torch.inference_mode():
+            model(**batch())
+        model.train()
+        model(**batch()).loss.backward()
+
+
+# --- case 4: KV cache in a grad-enabled train-mode forward ------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_case4_kv_cache_in_training_equals_unpatched(family, mode):
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, num_blocks=3, mode=mode, fused_ce="off")
+    ids = batch(pad_lengths=(0,), seq=9)["input_ids"]
+    out = model(input_ids=ids[:, :6], use_cache=True)
+    plain = original(input_ids=ids[:, :6], use_cache=True)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)
+    cache, plain_cache = _cache_of(out), _cache_of(plain)
+    for layer, plain_layer in zip(cache.layers, plain_cache.layers, strict=True):  # every layer honoured it
+        torch.testing.assert_close(layer.keys, plain_layer.keys, rtol=0, atol=0)
+        torch.testing.assert_close(layer.values, plain_layer.values, rtol=0, atol=0)
+    # The step's gradients do not depend on the cache (a replay reads none and writes none).
+    (out.logits.float().square().mean() + out.aux_loss).backward()
+    for layer, plain_layer in zip(cache.layers, plain_cache.layers, strict=True):
+        assert layer.keys.shape == plain_layer.keys.shape
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    again = model(input_ids=ids[:, :6], use_cache=False)
+    (again.logits.float().square().mean() + again.aux_loss).backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_case4_training_forward_on_a_prefilled_cache(family, mode):
+    """A prompt prefilled without a graph, then a training forward on the continuation: the unpatched model's
+    logits (every layer reads the cache), or a clear error where a replay cannot reproduce the cache state."""
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, mode=mode, fused_ce="off")
+    ids = batch(pad_lengths=(0,), seq=9)["input_ids"]
+    with torch.no_grad():
+        cache = _cache_of(model(input_ids=ids[:, :6], use_cache=True))
+        plain_cache = _cache_of(original(input_ids=ids[:, :6], use_cache=True))
+    if mode == "activation_free":
+        with pytest.raises(LoptPatchError, match=r"use_cache=False.*mode='eager'"):
+            model(input_ids=ids[:, 6:], cache=cache, use_cache=True)
+        return
+    nxt = model(input_ids=ids[:, 6:], cache=cache, use_cache=True)
+    plain_nxt = original(input_ids=ids[:, 6:], cache=plain_cache, use_cache=True)
+    torch.testing.assert_close(nxt.logits, plain_nxt.logits, rtol=0, atol=0)
+    (nxt.logits.float().square().mean() + nxt.aux_loss).backward()
+    assert all(p.grad is not None for p in model.model.layers[0].parameters())
+
+
+def test_case4_cache_built_by_default_is_complete_or_absent(mode):
+    """``config.use_cache`` builds a cache in every training forward the caller did not ask one of: the
+    output's cache is the unpatched model's, or None (never one missing the bottom layers)."""
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, mode=mode)
+    b = batch()
+    cache, plain_cache = _cache_of(model(**b)), _cache_of(original(**b))
+    assert plain_cache is not None
+    if cache is not None:
+        for layer, plain_layer in zip(cache.layers, plain_cache.layers, strict=True):
+            torch.testing.assert_close(layer.keys, plain_layer.keys, rtol=0, atol=0)
+
+
+# --- case 5: PEFT target_modules="all-linear" after patch, own loop ----------------------------------------
+
+
+def test_case5_peft_adapters_in_aux_decoders_refused_at_first_training_forward(mode):
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    model = lopt_kernels.patch(tiny_model("llama"), mode=mode)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    assert type(lopt_kernels.aux_decoders(model)[0].down) is not torch.nn.Linear  # the misuse happened
+    model.train()
+    with pytest.raises(LoptPatchError, match=r"aux decoder.*target_modules"):
+        model(**batch())
+    model.eval()
+    with torch.no_grad():
+        model(**batch())  # inference is unaffected
+
+
+# --- case 6: torch.autograd.grad ---------------------------------------------------------------------------
+
+
+def _pair(mode):
+    model = tiny_model("llama")
+    stored = copy.deepcopy(model)
+    lopt_kernels.patch(model, mode=mode)
+    lopt_kernels.patch(stored, mode="stored")
+    stored.lopt_aux_decoders.load_state_dict(model.lopt_aux_decoders.state_dict())
+    return model, stored
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_case6_autograd_grad_equals_stored(lopt_default_mode, checkpointing):
+    model, stored = _pair(lopt_default_mode)
+    if checkpointing:
+        for m in (model, stored):
+            m.gradient_checkpointing_enable({"use_reentrant": False})
+    b = batch()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(**b).loss, [p for p in model.parameters() if p.requires_grad],
+                                allow_unused=True)
+    expected = torch.autograd.grad(stored(**b).loss, [p for p in stored.parameters() if p.requires_grad],
+                                   allow_unused=True)
+    assert all(p.grad is None for p in model.parameters()), "torch.autograd.grad must not write .grad"
+    for n, g, e in zip(names, grads, expected, strict=True):
+        assert (g is None) == (e is None), n
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_case6_backward_with_inputs_touches_only_those_inputs(lopt_default_mode):
+    model, stored = _pair(lopt_default_mode)
+    top, _ = _top_and_bottom_names(model)
+    wanted = top + [n for n, _ in model.named_parameters() if "layers.0." in n]
+    params, stored_params = dict(model.named_parameters()), dict(stored.named_parameters())
+    b = batch()
+    model(**b).loss.backward(inputs=[params[n] for n in wanted])
+    stored(**b).loss.backward(inputs=[stored_params[n] for n in wanted])
+    for n, p in params.items():
+        if n not in wanted:
+            assert p.grad is None, f"{n} is not an input of the backward"
+        else:
+            torch.testing.assert_close(p.grad, stored_params[n].grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+# --- case 8: stored mode and a loss without the aux term ---------------------------------------------------
+
+
+def test_case8_stored_mode_warns_once_without_the_aux_term():
+    model = tiny_model("llama")
+    lopt_kernels.patch(model, mode="stored")
+    with pytest.warns(UserWarning, match="does not contain the aux term"):
+        model(**batch()).task_loss.backward()
+    assert all(p.grad is None for p in model.model.layers[0].parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch()).task_loss.backward()  # once only
+        model(**batch()).loss.backward()
+    assert all(p.grad is not None for p in model.model.layers[0].parameters())
+
+
+# --- case 12: aux_mask="tokens" on a batch without tokens --------------------------------------------------
+
+
+def test_case12_token_mask_on_a_batch_without_tokens_trains(mode):
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, mode=mode, aux_mask="tokens")
+    b = batch()
+    b["attention_mask"] = torch.zeros_like(b["attention_mask"])
+    b["labels"] = b["input_ids"].clone()
+    out = model(**b)
+    torch.testing.assert_close(out.task_loss, original(**b).loss, rtol=1e-5, atol=1e-6)
+    assert float(out.aux_loss) == 0.0
+    out.loss.backward()
+    top, bottom = _top_and_bottom_names(model)
+    params = dict(model.named_parameters())
+    for n in bottom:
+        assert params[n].grad is None or params[n].grad.abs().max() == 0, n
+    assert params["lm_head.weight"].grad is not None and params["lm_head.weight"].grad.abs().max() > 0
+    model(**batch()).loss.backward()  # the next, ordinary batch trains as usual
+
+
+# --- case 17: RNG replay on the block's device -------------------------------------------------------------
+
+
+def _index(device) -> int:
+    return device if isinstance(device, int) else (torch.device(device).index or 0)  # "cuda": the current one (0)
+
+
+def test_case17_rng_replay_restores_the_captured_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device="cuda": torch.tensor([_index(device)], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": calls.append((int(state[0]), _index(device))))
+    captured = torch.tensor([42], dtype=torch.uint8)
+    call = activation_free.LayerCall(torch.nn.Identity(), (), {}, cpu_rng=torch.get_rng_state(),
+                                     device_rng=captured, rng_device=torch.device("cuda", 1))
+    tape = activation_free.BlockTape(x=None)
+    with activation_free._ReplayContext(tape, call, grad=False):
+        assert calls == [(42, 1)], "the captured state is restored on the device it was captured from"
+    assert calls[1:] == [(1, 1)], "and that device's own state is put back afterwards"
+
+
+# --- case 18: aux_mask="tokens" host-device syncs ----------------------------------------------------------
+
+
+class _SyncCounter(TorchDispatchMode):
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::item"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs(model, b):
+    with _SyncCounter() as counter:
+        model(**b).loss.backward()
+    return counter.count
+
+
+def test_case18_token_mask_costs_at_most_one_host_sync(mode):
+    b = batch()
+    counts = {}
+    for aux_mask in ("all", "tokens"):
+        model = lopt_kernels.patch(tiny_model("llama"), mode=mode, aux_mask=aux_mask)
+        _syncs(model, b)  # first forward: one-time checks
+        counts[aux_mask] = _syncs(model, b)
+    assert counts["tokens"] - counts["all"] <= 1, counts
