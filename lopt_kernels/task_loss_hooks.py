@@ -115,6 +115,36 @@ def _fusable_shapes(kwargs, labels: torch.Tensor, shift_labels) -> bool:
     return labels.shape == positions and (shift_labels is None or shift_labels.shape == positions)
 
 
+def _second_backward_message(state: PatchState) -> str:
+    impl = state.fused_ce_impl
+    message = (
+        f"lopt_kernels: a second backward (retain_graph=True) reached the fused task loss (fused_ce={state.settings.fused_ce!r}: "
+        f"{'Liger' if impl == 'liger' else 'torch'}'s fused linear cross-entropy, which supports one backward per forward). "
+        "To backpropagate twice through one output, patch with fused_ce='off' (the model's own loss, logits materialised)"
+    )
+    if state.current.mode == "eager":
+        message += " and with mode='activation_free' or mode='stored' (the eager boundary also allows one backward)"
+    return message + "."
+
+
+class _OneBackward(torch.autograd.Function):
+    """Identity on the fused task loss whose second backward raises ``message``: torch's op refuses a second
+    backward with a message that does not say what to change, Liger's rescales its saved gradients in place
+    (a second backward would be silently wrong)."""
+
+    @staticmethod
+    def forward(ctx, loss, message):
+        ctx.message, ctx.used = message, False
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.used:
+            raise RuntimeError(ctx.message)
+        ctx.used = True
+        return grad, None
+
+
 def causal_lm_pre_hook(state: PatchState):
     def hook(module, args, kwargs):
         state.task_request = None
@@ -187,6 +217,7 @@ def causal_lm_post_hook(state: PatchState):
                     softcap=getattr(text_config(state.causal_lm), "final_logit_softcapping", None),
                     impl=state.fused_ce_impl,
                 )
+                task = _OneBackward.apply(task, _second_backward_message(state))
                 if not isinstance(output, tuple):
                     task = with_router_loss(state.causal_lm, task, output.get("aux_loss"))
                     # Rebuilt so that ``loss`` keeps its place first in the output's key order.

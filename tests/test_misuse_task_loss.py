@@ -214,3 +214,32 @@ def test_case10_shift_labels_without_labels_matches_the_unpatched_model():
         assert out.loss is None
     else:
         torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# case 11: a second backward (retain_graph=True) through the fused task loss
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", "liger"])
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
+def test_case11_second_backward_through_fused_task_loss_names_the_cause_and_the_setting(mode, impl):
+    model = lopt_kernels.patch(tiny_model("llama"), mode=mode, fused_ce=impl)
+    out = model(**batch())
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"fused task loss.*fused_ce='off'") as info:
+        out.loss.backward()
+    if mode == "eager":
+        assert "mode='activation_free'" in str(info.value)  # the eager boundary allows one backward too
+
+
+@pytest.mark.parametrize("mode", ["activation_free", "stored"])
+def test_case11_second_backward_works_with_fused_ce_off(mode):
+    model = lopt_kernels.patch(tiny_model("llama"), mode=mode, fused_ce="off")
+    out = model(**batch())
+    out.loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        if n in first:
+            torch.testing.assert_close(p.grad, 2 * first[n], rtol=1e-5, atol=1e-7, msg=n)
