@@ -43,9 +43,15 @@ __all__ = ["AUX_DECODERS_FILE", "LoptCallback", "attach", "ensure_aux_trainable"
            "save_aux_decoders"]
 
 
-def _require_patched(model):
+def _require_patched(model, *, attached: bool = False):
     state = _state_of(model)
     if state is None:
+        if attached:
+            raise LoptPatchError(
+                f"{type(model).__name__} was unpatched after lopt_kernels.attach(trainer) (lopt_kernels.unpatch), so "
+                "the trainer would train it without LoPT. To train with LoPT, call lopt_kernels.patch(model) again "
+                "(same settings) before trainer.train(); to train end-to-end, build a new trainer without attach."
+            )
         raise LoptPatchError(
             f"{type(model).__name__} is not patched: call lopt_kernels.patch(model) before lopt_kernels.attach(trainer)"
         )
@@ -248,7 +254,7 @@ class LoptCallback(_CallbackBase):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self._steps == 0:
             return
-        lam = _require_patched(self.trainer.model).settings.lambda_aux
+        lam = _require_patched(self.trainer.model, attached=True).settings.lambda_aux
         aux = float(self._aux) / self._steps
         task = float(self._task) / self._steps
         self._task = self._aux = 0.0
@@ -277,7 +283,7 @@ class LoptCallback(_CallbackBase):
         if self.resume_dir is not None:
             load_aux_decoders(self.trainer.model, self.resume_dir)
             self.resume_dir = None
-        lopt = _require_patched(self.trainer.model)
+        lopt = _require_patched(self.trainer.model, attached=True)
         if optimizer is not None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [p for p in lopt.decoders.parameters() if id(p) not in in_optimizer]
@@ -334,9 +340,7 @@ def attach(trainer):
         inputs = bound.get("inputs")
         num_items = bound.get("num_items_in_batch")
         label_count = _patch_label_count(inputs)  # before compute_loss (it may pop the labels)
-        lopt = _state_of(trainer.model)
-        if lopt is None:  # unpatched since attach: plain training
-            return original_compute_loss(*args, **kwargs)
+        lopt = _require_patched(trainer.model, attached=True)  # unpatched since attach: say so, never train silently
         hooks = lopt.causal_lm._forward_hooks
         if handle.id in hooks:  # after patch's own hook (which adds aux_loss), even if re-patched since
             hooks.move_to_end(handle.id)
@@ -382,6 +386,7 @@ def attach(trainer):
 
             resume = get_last_checkpoint(trainer.args.output_dir)
         callback.resume_dir = resume
+        _require_patched(trainer.model, attached=True)
         ensure_aux_trainable(trainer.model)
         return original_train(*args, **kwargs)
 

@@ -243,3 +243,25 @@ def test_case11_second_backward_works_with_fused_ce_off(mode):
     for n, p in model.named_parameters():
         if n in first:
             torch.testing.assert_close(p.grad, 2 * first[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# case 15: attach, then unpatch, then train
+# ----------------------------------------------------------------------------------------------
+
+
+def test_case15_unpatch_after_attach_says_so_and_how_to_fix(tmp_path):
+    from transformers import Trainer, TrainingArguments  # noqa: PLC0415
+
+    from lopt_kernels.patching import LoptPatchError  # noqa: PLC0415
+
+    b = batch()
+    rows = [{k: v[i] for k, v in b.items()} for i in range(2)]
+    model = lopt_kernels.patch(tiny_model("llama"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, dataloader_num_workers=0)
+    trainer = lopt_kernels.attach(Trainer(model=model, args=args, train_dataset=rows))
+    lopt_kernels.unpatch(model)
+    with pytest.raises(LoptPatchError, match=r"unpatched after lopt_kernels\.attach.*lopt_kernels\.patch") as info:
+        trainer.train()
+    assert "before lopt_kernels.attach" not in str(info.value)
