@@ -151,8 +151,6 @@ def backbone_pre_hook(state: PatchState):
         if grad and not module.training:
             state.notice_once("eval_mode", EVAL_MODE_MESSAGE)
         run = PassState(active=module.training and grad)
-        # Per-forward KV-cache flags (kept here rather than as PassState fields, which live in state.py).
-        run.cache_requested = run.cache_skipped = False
         if run.active:
             _check_decoders(state)
             # A KV cache the caller asked for is honoured by every layer; one the model builds by itself
@@ -196,7 +194,7 @@ def backbone_post_hook(state: PatchState):
             run.grad_was_enabled = None
         _restore_checkpointing(state)
         run.tapes.clear()
-        if getattr(run, "cache_skipped", False):
+        if run.cache_skipped:
             return _drop_cache(output)
         return None
 

@@ -14,6 +14,8 @@ DEFAULT_MODES = ("eager", "activation_free")
 
 
 def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("explicit_modes"):
+        return  # the test names its modes itself
     if "lopt_default_mode" in metafunc.fixturenames and "ops" not in metafunc.definition.path.parts:
         metafunc.parametrize("lopt_default_mode", DEFAULT_MODES, indirect=True)
 
