@@ -96,7 +96,7 @@ def with_router_loss(lm, task: torch.Tensor, router_loss) -> torch.Tensor:
     labels (``loss += router_aux_loss_coef * aux_loss``): the fused loss equals the unpatched ``loss``."""
     if not torch.is_tensor(router_loss):
         return task
-    return task + router_loss_coef(lm) * router_loss.to(task.device)
+    return task + router_loss_coef(lm) * router_loss.to(task.device, non_blocking=True)
 
 
 def _fusable_shapes(kwargs, labels: torch.Tensor, shift_labels) -> bool:
@@ -225,7 +225,7 @@ def causal_lm_post_hook(state: PatchState):
         if not run.aux_terms:
             return output if request is not None else None
         terms, run.aux_terms = run.aux_terms, []
-        aux = terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device) for t in terms]).mean()
+        aux = terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device, non_blocking=True) for t in terms]).mean()
         bound = kwargs
         if args:
             if state.forward_signature is None:
@@ -240,13 +240,13 @@ def causal_lm_post_hook(state: PatchState):
         lam = state.settings.lambda_aux
         if isinstance(output, tuple):
             if output and torch.is_tensor(output[0]) and output[0].dim() == 0:
-                return (output[0] + lam * weight * aux.to(output[0].device), *output[1:])
+                return (output[0] + lam * weight * aux.to(output[0].device, non_blocking=True), *output[1:])
             return None
         own_aux = declares_own_aux_loss(type(output))
         output = with_lopt_fields(output)  # LoPT's fields as dataclass fields: pytree rebuilds (DDP) work
         task = output.get("loss")
         if task is not None:
-            output["loss"] = task + (lam * weight * aux).to(task.device, task.dtype)
+            output["loss"] = task + (lam * weight * aux).to(task.device, task.dtype, non_blocking=True)
         output["task_loss"] = task
         if not own_aux:  # dense models: .aux_loss is LoPT's; MoE models keep their router loss there
             output["aux_loss"] = aux

@@ -265,3 +265,55 @@ def test_case15_unpatch_after_attach_says_so_and_how_to_fix(tmp_path):
     with pytest.raises(LoptPatchError, match=r"unpatched after lopt_kernels\.attach.*lopt_kernels\.patch") as info:
         trainer.train()
     assert "before lopt_kernels.attach" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# case 18 (part): no host-device sync in the task-loss/aux-weighting hot path
+# ----------------------------------------------------------------------------------------------
+
+_HOT_PATH = ("lopt_kernels/task_loss_hooks.py", "lopt_kernels/ops/linear_cross_entropy.py")
+
+
+def _caller_in_hot_path() -> str | None:
+    import sys  # noqa: PLC0415
+
+    frame = sys._getframe(2)  # the caller of the wrapped method
+    name = frame.f_code.co_filename.replace("\\", "/")
+    return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{frame.f_lineno}" if name.endswith(_HOT_PATH) else None
+
+
+@pytest.mark.parametrize("num_items", ["int", "cpu_tensor"])
+def test_case18_aux_weighting_makes_no_blocking_host_device_transfer(num_items, monkeypatch):
+    """On CPU there is no device to wait for, so this checks the calls that would block on CUDA: a value read
+    back to the host (``.item()``, ``bool``/``int``/``float`` of a tensor) or a copy to a device without
+    ``non_blocking`` (``Tensor.to(device)``, ``torch.as_tensor``/``torch.tensor`` of a host value on a device),
+    made from the fused task loss and the aux weighting."""
+    model = lopt_kernels.patch(tiny_model("llama"))
+    b = batch()
+    n = 17 if num_items == "int" else torch.tensor(17)
+    blocking = []
+
+    def record(kind, original, check=None):
+        def wrapper(*args, **kwargs):
+            where = _caller_in_hot_path()
+            if where is not None and (check is None or check(*args, **kwargs)):
+                blocking.append((kind, where))
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def to_without_non_blocking(self, *args, **kwargs):
+        moves = any(isinstance(a, (torch.device, str)) for a in args) or "device" in kwargs
+        return moves and not kwargs.get("non_blocking", False)
+
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, record(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.Tensor, "to", record("to", torch.Tensor.to, to_without_non_blocking))
+    for name in ("as_tensor", "tensor"):
+        monkeypatch.setattr(torch, name, record(name, getattr(torch, name), lambda *a, **k: "device" in k))
+    out = model(**b, num_items_in_batch=n)
+    monkeypatch.undo()
+    assert blocking == []
+    # and the weighting is still right: loss = task + lambda * (n_mb / num_items) * aux
+    n_mb = (b["labels"][:, 1:] != -100).sum().float()
+    torch.testing.assert_close(out.loss, out.task_loss + 10.0 * n_mb / 17 * out.lopt_aux_loss)

@@ -56,7 +56,7 @@ def linear_cross_entropy(
     """Causal-LM loss of ``hidden`` (..., h) through the head ``weight`` (V, h) against ``shift_labels`` (...)."""
     h = hidden.shape[-1]
     hidden2 = hidden.reshape(-1, h)
-    target = shift_labels.reshape(-1).to(hidden2.device)
+    target = shift_labels.reshape(-1).to(hidden2.device, non_blocking=True)
     if target.shape[0] != hidden2.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden2.shape[0]} hidden rows but {target.shape[0]} labels")
     chosen = resolve_implementation(impl, hidden.device, softcap)
