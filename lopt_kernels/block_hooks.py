@@ -96,7 +96,7 @@ def _bottom_layers(state: PatchState):
     return state.layers[: state.block_starts[-1]]
 
 
-def _held_gradient_bytes(state: PatchState) -> int:
+def held_gradient_bytes(state: PatchState) -> int:
     """What eager mode holds from the bottom blocks' forward to the caller's backward: a gradient for
     every trainable parameter of the non-final blocks and their aux decoders."""
     params = {id(p): p for layer in _bottom_layers(state) for p in layer.parameters() if p.requires_grad}
@@ -121,7 +121,7 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor) -> str:
     if state.bottom_fsdp2:
         return "activation_free"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
-    return "eager" if _held_gradient_bytes(state) <= activations else "activation_free"
+    return "eager" if held_gradient_bytes(state) <= activations else "activation_free"
 
 
 def _use_non_reentrant_checkpointing(state: PatchState) -> None:
@@ -194,11 +194,26 @@ def backbone_post_hook(state: PatchState):
             run.grad_was_enabled = None
         _restore_checkpointing(state)
         run.tapes.clear()
+        if run.active:
+            output = _without_bottom_router_gradients(state, output)
         if run.cache_skipped:
             return _drop_cache(output)
-        return None
+        return output
 
     return hook
+
+
+def _without_bottom_router_gradients(state: PatchState, output):
+    """MoE backbones return every layer's router logits (for the router load-balancing loss, added to the
+    task loss): the non-final blocks' entries are detached, so the task loss never reaches the bottom
+    blocks (stop-grad), and eager mode's already-freed block graphs are never backpropagated twice."""
+    logits = output.get("router_logits") if hasattr(output, "get") else None
+    if not isinstance(logits, tuple) or len(logits) != len(state.layers):
+        return output
+    bottom = state.block_starts[-1]
+    output["router_logits"] = tuple(t.detach() if i < bottom and torch.is_tensor(t) else t
+                                    for i, t in enumerate(logits))
+    return output
 
 
 def _drop_cache(output):

@@ -69,16 +69,6 @@ MOE_CONFIGS = {
 }
 
 
-# The router term's gradient reaches the non-final blocks' routers through ``output.router_logits`` (collected
-# by transformers from each layer's gate, outside the block hooks): mode="eager" has already freed that graph
-# (backward raises), mode="stored" lets the task loss train the bottom routers. Fix in block_hooks (not this
-# change's files): detach the non-final blocks' entries of the backbone output's ``router_logits``.
-_BOTTOM_ROUTER_XFAIL = pytest.mark.xfail(
-    reason="bottom-block router logits are not detached by the block hooks (block_hooks.backbone_post_hook)",
-    strict=False,
-)
-
-
 def _tiny_moe(family):
     import transformers as tf  # noqa: PLC0415
 
@@ -91,8 +81,6 @@ def _tiny_moe(family):
 @pytest.mark.parametrize("fused_ce", ["auto", "off"])
 @pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
 def test_case3_moe_router_loss_is_kept(family, fused_ce, lopt_default_mode, request):
-    if lopt_default_mode == "eager":
-        request.applymarker(_BOTTOM_ROUTER_XFAIL)
     model = _tiny_moe(family)
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, fused_ce=fused_ce)
@@ -128,8 +116,6 @@ def test_case3_dense_model_keeps_aux_loss_as_reconstruction_loss():
 
 @pytest.mark.parametrize("mode", ["activation_free", "eager", "stored"])
 def test_case3_moe_router_term_does_not_train_bottom_blocks(mode, request):
-    if mode != "activation_free":
-        request.applymarker(_BOTTOM_ROUTER_XFAIL)
     model = lopt_kernels.patch(_tiny_moe("mixtral"), mode=mode)
     out = model(**batch())
     bottom_router = model.model.layers[0].mlp.gate.weight
