@@ -8,6 +8,8 @@ from lopt_kernels.cli import main
 from lopt_kernels.compare import VARIANTS
 
 
+pytestmark = pytest.mark.explicit_modes  # compare names every variant's mode itself
+
 SMALL_CONFIG = {
     "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
@@ -24,25 +26,30 @@ def test_compare_prints_table_targets_and_verdict(tmp_path, capsys):
     assert code == 0
     for column in ("variant", "step peak MiB", "TFLOPs", "step ms", "tokens/s"):
         assert column in printed
-    assert "targets (" in printed and "lopt+ckpt / seed+ckpt" in printed
+    assert "targets (" in printed and "lopt-af+ckpt / seed+ckpt" in printed and "lopt+ckpt / e2e+ckpt+fce" in printed
     assert "verdict: gradient boundary holds" in printed and "task loss equals e2e" in printed
     rows = {r["variant"]: r for r in json.loads(out_json.read_text())}
     assert list(rows) == list(VARIANTS)
-    assert rows["lopt"]["bottom_task_grad_max"] == 0.0 and rows["lopt+ckpt"]["bottom_task_grad_max"] == 0.0
-    assert rows["lopt"]["step_peak_bytes"] < rows["seed"]["step_peak_bytes"]
-    assert rows["lopt+ckpt"]["step_peak_bytes"] < rows["seed+ckpt"]["step_peak_bytes"]
-    assert rows["lopt"]["flops"] > rows["e2e"]["flops"]  # the bottom half's recomputation
-    for name in ("seed", "lopt", "e2e+fce"):
+    for name in ("lopt", "lopt+ckpt", "lopt-af", "lopt-af+ckpt"):
+        assert rows[name]["bottom_task_grad_max"] == 0.0
+    assert rows["lopt-af"]["step_peak_bytes"] < rows["seed"]["step_peak_bytes"]
+    assert rows["lopt-af+ckpt"]["step_peak_bytes"] < rows["seed+ckpt"]["step_peak_bytes"]
+    assert rows["lopt-af"]["flops"] > rows["e2e+fce"]["flops"]  # the bottom half's recomputation
+    # eager: no recomputation (FLOPs are counted, not timed); the held gradients are reported
+    assert rows["lopt"]["flops"] <= 1.01 * rows["e2e+fce"]["flops"]
+    assert rows["lopt+ckpt"]["flops"] <= 1.01 * rows["e2e+ckpt+fce"]["flops"]
+    assert rows["lopt"]["held_bytes"] > 0 and "held_bytes" not in rows["lopt-af"]
+    for name in ("seed", "lopt", "lopt-af", "e2e+fce"):
         assert abs(rows[name]["task_loss"] - rows["e2e"]["task_loss"]) < 1e-4
 
 
 def test_compare_fake_estimates_without_allocating(capsys):
     code = main(["compare", "--fake", "--config", "tiny", "--batch", "1", "--seq", "64", "--lora", "4",
-                 "--variants", "e2e+ckpt,lopt+ckpt"])
+                 "--variants", "e2e+ckpt,lopt-af+ckpt"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "fake tensors (estimate)" in printed and "LoRA r=4" in printed
-    assert "FLOPs     lopt+ckpt / e2e+ckpt" in printed
+    assert "FLOPs     lopt-af+ckpt / e2e+ckpt" in printed
 
 
 @pytest.mark.parametrize(
