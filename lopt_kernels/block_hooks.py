@@ -244,8 +244,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
         if run.mode == "eager":
             if not is_start:
                 return None
-            tape = eager.start_block(hidden, first_block=block == 0)
-            tape.layers = block_layers
+            tape = eager.start_block(hidden, block_layers, first_block=block == 0)
             run.tapes[block] = tape
             return (tape.leaf, *rest), kwargs
         if is_start and block == 0 and run.mode == "activation_free":  # before any layer wrote this forward

@@ -48,10 +48,10 @@ class EagerTape:
     layers: list
 
 
-def start_block(hidden: torch.Tensor, *, first_block: bool) -> EagerTape:
-    """The tape of a block about to run on ``hidden``; the block runs on ``tape.leaf``."""
+def start_block(hidden: torch.Tensor, layers: list, *, first_block: bool) -> EagerTape:
+    """The tape of a block of ``layers`` about to run on ``hidden``; the block runs on ``tape.leaf``."""
     needs_grad = first_block and hidden.requires_grad  # later blocks: stop-grad between blocks
-    return EagerTape(x=hidden, leaf=hidden.detach().requires_grad_(needs_grad), layers=[])
+    return EagerTape(x=hidden, leaf=hidden.detach().requires_grad_(needs_grad), layers=layers)
 
 
 def non_reentrant_checkpoint(func):
