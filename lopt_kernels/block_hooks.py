@@ -8,6 +8,8 @@ and the block's reconstruction loss. The backbone's hooks reset the per-forward 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -143,6 +145,23 @@ def _restore_checkpointing(state: PatchState) -> None:
     state.saved_checkpoint_funcs.clear()
 
 
+def _embedding_output(run: PassState):
+    return run.embedding_output() if run.embedding_output is not None else None
+
+
+def input_embeddings_hook(state: PatchState):
+    """Records (weakly) the input embeddings' output of a training forward: where a hook made that output a
+    leaf that requires grad only to keep checkpointing working, eager mode need not hold its gradient."""
+
+    def hook(module, args, output):
+        run = state.current
+        if run.active and torch.is_tensor(output):
+            run.embedding_output = weakref.ref(output)
+        return None
+
+    return hook
+
+
 def backbone_pre_hook(state: PatchState):
     def hook(module, args, kwargs):
         if state.replaying:
@@ -244,7 +263,8 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
         if run.mode == "eager":
             if not is_start:
                 return None
-            tape = eager.start_block(hidden, block_layers, first_block=block == 0)
+            needs_grad = block == 0 and eager.input_gradient_needed(hidden, _embedding_output(run))
+            tape = eager.start_block(hidden, block_layers, input_needs_grad=needs_grad)
             run.tapes[block] = tape
             return (tape.leaf, *rest), kwargs
         if is_start and block == 0 and run.mode == "activation_free":  # before any layer wrote this forward

@@ -118,6 +118,7 @@ def patch(
             pre = block_hooks.layer_pre_hook(state, b, is_start=(i == block.start))
             handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layers[block.stop - 1].register_forward_hook(block_hooks.layer_post_hook(state, b), with_kwargs=True))
+    handles.append(lm.get_input_embeddings().register_forward_hook(block_hooks.input_embeddings_hook(state)))
     handles.append(lm.register_forward_pre_hook(task_loss_hooks.causal_lm_pre_hook(state), with_kwargs=True))
     handles.append(lm.get_output_embeddings().register_forward_pre_hook(task_loss_hooks.output_head_pre_hook(state)))
     handles.append(lm.register_forward_hook(task_loss_hooks.causal_lm_post_hook(state), with_kwargs=True,

@@ -157,3 +157,44 @@ def test_auto_is_eager_for_lora_style_training_and_activation_free_for_full_fine
     frozen(**batch(seq=11)).loss.backward()
     assert _resolved_mode(frozen) == "eager"
     assert frozen.model.layers[0].input_layernorm.weight.grad.abs().max() > 0
+
+
+def _held_input_gradients(monkeypatch):
+    held = []
+    original = eager.run_local_backward
+
+    def recording(*args):
+        result = original(*args)
+        held.append(result[2][-1])
+        return result
+
+    monkeypatch.setattr(eager, "run_local_backward", recording)
+    return held
+
+
+def test_no_input_gradient_is_held_for_a_frozen_embedding_made_to_require_grad(monkeypatch):
+    """Checkpointing (and PEFT) make the frozen embeddings' output require grad; eager mode holds neither a
+    gradient for it nor the output itself (two activation-sized tensors) through the top half's work."""
+    held = _held_input_gradients(monkeypatch)
+    model, stored = _pair("llama", 2)
+    for m in (model, stored):
+        m.model.embed_tokens.weight.requires_grad_(False)
+        m.gradient_checkpointing_enable({"use_reentrant": False})
+    b = batch()
+    model(**b).loss.backward()
+    stored(**b).loss.backward()
+    assert held == [None]
+    assert_grads_close(_grads(model), _grads(stored), rtol=1e-5)
+
+
+def test_the_callers_inputs_embeds_leaf_gets_its_gradient(monkeypatch):
+    held = _held_input_gradients(monkeypatch)
+    model, stored = _pair("llama", 2)
+    b = batch()
+    grads = []
+    for m in (model, stored):
+        embeds = m.model.embed_tokens(b["input_ids"]).detach().requires_grad_(True)
+        m(inputs_embeds=embeds, attention_mask=b["attention_mask"], labels=b["labels"]).loss.backward()
+        grads.append(embeds.grad)
+    assert held[0] is not None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)

@@ -48,10 +48,37 @@ class EagerTape:
     layers: list
 
 
-def start_block(hidden: torch.Tensor, layers: list, *, first_block: bool) -> EagerTape:
-    """The tape of a block of ``layers`` about to run on ``hidden``; the block runs on ``tape.leaf``."""
-    needs_grad = first_block and hidden.requires_grad  # later blocks: stop-grad between blocks
-    return EagerTape(x=hidden, leaf=hidden.detach().requires_grad_(needs_grad), layers=layers)
+def input_gradient_needed(x: torch.Tensor, placeholder_leaf: torch.Tensor | None) -> bool:
+    """Whether the gradient of the first block's input reaches anything that learns or that the caller
+    reads: a trainable parameter, or a leaf of the caller's (``inputs_embeds``). ``placeholder_leaf`` is
+    the input embeddings' output when a hook only made it require grad (``enable_input_require_grads``,
+    for reentrant checkpointing and PEFT): holding a gradient for it, and the leaf itself, would keep two
+    activation-sized tensors alive through the top half's work for nothing."""
+    if not x.requires_grad:
+        return False
+    if x.grad_fn is None:
+        return x is not placeholder_leaf
+    stack, seen = [x.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None or child in seen:
+                continue
+            seen.add(child)
+            leaf = getattr(child, "variable", None)  # AccumulateGrad
+            if leaf is not None:
+                if leaf.requires_grad and leaf is not placeholder_leaf:
+                    return True
+            else:
+                stack.append(child)
+    return False
+
+
+def start_block(hidden: torch.Tensor, layers: list, *, input_needs_grad: bool) -> EagerTape:
+    """The tape of a block of ``layers`` about to run on ``hidden``; the block runs on ``tape.leaf``, which
+    requires grad only where the input's gradient is needed (block 0 with trainable embeddings; later
+    blocks never: stop-grad between blocks)."""
+    return EagerTape(x=hidden, leaf=hidden.detach().requires_grad_(input_needs_grad), layers=layers)
 
 
 def non_reentrant_checkpoint(func):
