@@ -11,7 +11,8 @@ from reference import assert_grads_close
 from tiny_models import batch, tiny_model
 
 
-@pytest.mark.parametrize("mode", ["activation_free", "stored"])
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_triton_backend_matches_torch_backend(family, mode, monkeypatch):
     base = tiny_model(family)

@@ -80,7 +80,7 @@ def _tiny_moe(family):
 
 @pytest.mark.parametrize("fused_ce", ["auto", "off"])
 @pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
-def test_case3_moe_router_loss_is_kept(family, fused_ce, lopt_default_mode, request):
+def test_case3_moe_router_loss_is_kept(family, fused_ce):
     model = _tiny_moe(family)
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, fused_ce=fused_ce)
@@ -114,8 +114,9 @@ def test_case3_dense_model_keeps_aux_loss_as_reconstruction_loss():
     torch.testing.assert_close(out.loss, out.task_loss + 10.0 * out.lopt_aux_loss)
 
 
+@pytest.mark.explicit_modes
 @pytest.mark.parametrize("mode", ["activation_free", "eager", "stored"])
-def test_case3_moe_router_term_does_not_train_bottom_blocks(mode, request):
+def test_case3_moe_router_term_does_not_train_bottom_blocks(mode):
     model = lopt_kernels.patch(_tiny_moe("mixtral"), mode=mode)
     out = model(**batch())
     bottom_router = model.model.layers[0].mlp.gate.weight
@@ -207,6 +208,7 @@ def test_case10_shift_labels_without_labels_matches_the_unpatched_model():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.explicit_modes
 @pytest.mark.parametrize("impl", ["torch", "liger"])
 @pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
 def test_case11_second_backward_through_fused_task_loss_names_the_cause_and_the_setting(mode, impl):
@@ -219,6 +221,7 @@ def test_case11_second_backward_through_fused_task_loss_names_the_cause_and_the_
         assert "mode='activation_free'" in str(info.value)  # the eager boundary allows one backward too
 
 
+@pytest.mark.explicit_modes
 @pytest.mark.parametrize("mode", ["activation_free", "stored"])
 def test_case11_second_backward_works_with_fused_ce_off(mode):
     model = lopt_kernels.patch(tiny_model("llama"), mode=mode, fused_ce="off")
