@@ -5,6 +5,11 @@ allocator really handed out). On CPU and under ``FakeTensorMode`` (no allocation
 dispatch mode that follows every storage the step's ops allocate until it is freed: a
 deterministic count of live tensor bytes, unlike process RSS. Gradients are allocated by the
 warm-up step beforehand, so the step peak is activations and temporaries.
+
+The dispatcher shows an op's outputs, not what its kernel allocates and frees inside. For ATen
+kernels that is scratch (CPU flash attention's per-thread buffers: a few MiB); a
+``torch.library.custom_op`` written in Python, though, can hold whole chunks of intermediates
+(the reconstruction loss). Those ops run their Python body under the mode, so its ops count too.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -56,12 +62,26 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _custom_op_body(func, args, kwargs):
+    """The Python implementation that ``func`` (a ``torch.library.custom_op``) runs for its tensors'
+    device, or None for any other op (ATen, C++ kernels), whose inside the dispatcher cannot show."""
+    get_opdef = getattr(torch._library.custom_ops, "_maybe_get_opdef", None)
+    opdef = get_opdef(func) if get_opdef is not None and isinstance(func, torch._ops.OpOverload) else None
+    if opdef is None:
+        return None
+    device = next((t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+    return opdef._backend_fns.get(device, opdef._backend_fns.get(None))
+
+
 class _StepAllocations(TorchDispatchMode):
     """Live bytes of the storages that ops allocate while the mode is active, and their peak.
 
     An op output counts as an allocation when its storage is none of the op's inputs' storages
-    (views and in-place results share one); it stops counting when its storage is freed. Works
-    for real and fake tensors alike, since it reads sizes, never data."""
+    (views and in-place results share one); it stops counting when its storage is freed. A Python
+    custom op is not counted as one op: its body runs under the mode, so the temporaries it frees
+    before returning count too (see the module docstring). Works for real and fake tensors alike,
+    since it reads sizes, never data (under fake tensors a custom op's body runs on them, and only
+    an op whose body cannot, e.g. one that reads values, falls back to its fake implementation)."""
 
     def __init__(self):
         super().__init__()
@@ -74,6 +94,17 @@ class _StepAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        body = _custom_op_body(func, args, kwargs)
+        if body is not None:
+            fake = any(isinstance(t, FakeTensor) for t in tree_flatten((args, kwargs))[0])
+            try:
+                with self:  # the dispatcher popped this mode for the op; the body's ops must see it
+                    return body(*args, **kwargs)
+            except Exception:
+                if not fake:
+                    raise
+                # A body that cannot run on fake tensors (it reads values): its outputs count, as for any op;
+                # what it allocated before failing stops counting as it is freed.
         out = func(*args, **kwargs)
         inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
@@ -102,8 +133,10 @@ def measure_step(step_fn, model: torch.nn.Module, device: torch.device, *, memor
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with (fake_mode if fake_mode is not None else contextlib.nullcontext(), counter,
-          tracker if tracker is not None else contextlib.nullcontext()):
+    # The FLOP counter entered last (the first mode each op meets): a custom op whose body the tracker runs under
+    # itself stays one op for the counter, whether or not memory is measured.
+    with (fake_mode if fake_mode is not None else contextlib.nullcontext(),
+          tracker if tracker is not None else contextlib.nullcontext(), counter):
         step_fn()
     grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
     mem = None

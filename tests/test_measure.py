@@ -1,0 +1,127 @@
+"""measure_step's CPU step peak (a dispatch-mode count) against the allocator's own events (the profiler)."""
+
+import json
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from lopt_kernels import compare
+from lopt_kernels.measure import _StepAllocations, measure_step
+
+pytestmark = pytest.mark.explicit_modes  # compare's variants name their modes themselves
+
+TEMP_ROWS = 256  # the custom op below frees a TEMP_ROWS x 1024 fp32 temporary (1 MiB) before returning
+
+
+@torch.library.custom_op("lopt_kernels_test::column_sums_via_temporary", mutates_args=())
+def _column_sums(x: torch.Tensor) -> torch.Tensor:
+    return x.repeat(TEMP_ROWS // x.shape[0], 1).sum(0)
+
+
+@_column_sums.register_fake
+def _(x):
+    return x.new_empty(x.shape[1:])
+
+
+@torch.library.custom_op("lopt_kernels_test::reads_a_value", mutates_args=())
+def _reads_a_value(x: torch.Tensor) -> torch.Tensor:
+    return x * x.sum().item()
+
+
+@_reads_a_value.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _profiler_peak(fn) -> int:
+    """Peak of the running sum of the CPU allocator's allocation and free events during ``fn()``."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _dispatch_peak(fn, fake_mode=None) -> int:
+    tracker = _StepAllocations()
+    if fake_mode is None:
+        with tracker:
+            fn()
+    else:
+        with fake_mode, tracker:
+            fn()
+    return tracker.peak
+
+
+def test_custom_op_temporaries_count():
+    """The dispatcher shows a custom op's output only; its Python body's temporaries count as well."""
+    x = torch.randn(4, 1024)
+    temporary = TEMP_ROWS * 1024 * 4
+    counted = _dispatch_peak(lambda: torch.ops.lopt_kernels_test.column_sums_via_temporary(x))
+    assert counted == temporary + 1024 * 4  # the temporary and the result, live together
+    assert counted == _profiler_peak(lambda: torch.ops.lopt_kernels_test.column_sums_via_temporary(x))
+
+
+def test_custom_op_temporaries_count_under_fake_tensors():
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        x = torch.empty(4, 1024)
+    counted = _dispatch_peak(lambda: torch.ops.lopt_kernels_test.column_sums_via_temporary(x), fake_mode)
+    assert counted == TEMP_ROWS * 1024 * 4 + 1024 * 4
+
+
+def test_custom_op_that_reads_values_falls_back_to_its_fake_under_fake_tensors():
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        x = torch.empty(8, 16)
+    counted = _dispatch_peak(lambda: torch.ops.lopt_kernels_test.reads_a_value(x), fake_mode)
+    assert counted >= 8 * 16 * 4  # at least its output; no error
+
+
+def test_flops_do_not_depend_on_measuring_memory():
+    """The tracker runs a custom op's body under itself; the FLOP counter still sees the op as one op."""
+    x = torch.randn(64, 64)
+
+    def step():
+        torch.ops.lopt_kernels_test.column_sums_via_temporary(x @ x)
+
+    model = torch.nn.Linear(1, 1)
+    with_memory = measure_step(step, model, torch.device("cpu"), memory=True)[1]
+    without = measure_step(step, model, torch.device("cpu"), memory=False)[1]
+    assert with_memory == without == 2 * 64**3
+
+
+SMALL_CONFIG = dict(
+    model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps(SMALL_CONFIG))
+    return compare.load_config(str(path))
+
+
+# The variants compare's step-peak targets relate (each run costs seconds: the profiler, a model build).
+@pytest.mark.parametrize("variant", ["e2e+ckpt+fce", "lopt+ckpt", "lopt-af+ckpt"])
+def test_step_peak_matches_the_profiler(variant, small_config):
+    """compare's CPU step peak agrees with the allocator's events over the same step."""
+    v = compare.VARIANTS[variant]
+    cpu = torch.device("cpu")
+    model = compare.build_model(small_config, v, dtype=torch.float32, device=cpu, lora=0, seed=0)
+    step = compare.make_step(model, v, compare.synthetic_batch(small_config, 2, 64, 0, cpu))
+    step()  # warm-up: gradients exist from here on
+    model.zero_grad(set_to_none=False)
+    mem, _ = measure_step(step, model, cpu, flops=False)
+    model.zero_grad(set_to_none=False)
+    profiled = _profiler_peak(step)
+    assert mem.step_peak == pytest.approx(profiled, rel=0.03)
