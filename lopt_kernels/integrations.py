@@ -128,6 +128,31 @@ def load_aux_decoders(model: nn.Module, directory: str) -> None:
                 target.copy_(src.to(target.device, target.dtype))
 
 
+# DeepSpeed's optimiser wrappers keep the model's parameter objects in these lists of lists (their own
+# param_groups hold flattened partitions): ZeRO-1/2 ``bit16_groups``, ZeRO-3 and the fp16/bf16 wrappers
+# ``fp16_groups`` / ``bf16_groups``.
+_WRAPPED_GROUPS = ("bit16_groups", "fp16_groups", "bf16_groups")
+
+
+def _optimizer_param_ids(optimizer) -> set[int]:
+    """The ids of the parameter objects an optimiser updates, through the wrappers around it (accelerate's
+    ``AcceleratedOptimizer``, DeepSpeed's ZeRO and mixed-precision optimisers)."""
+    ids: set[int] = set()
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        for group in getattr(optimizer, "param_groups", None) or ():
+            ids.update(id(p) for p in group.get("params", ()))
+        for attr in _WRAPPED_GROUPS:
+            groups = getattr(optimizer, attr, None)
+            if isinstance(groups, (list, tuple)):
+                for group in groups:
+                    if isinstance(group, (list, tuple)):
+                        ids.update(id(p) for p in group)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return ids
+
+
 # ----------------------------------------------------------------------------------------------
 # the per-micro-batch weight of the aux term, as the trainer weights its own loss
 # ----------------------------------------------------------------------------------------------
@@ -173,15 +198,26 @@ def aux_weight(trainer, label_count, num_items_in_batch) -> tuple[float | torch.
 _PASS_THROUGH = frozenset({"_DDPSinkBackward"})
 
 
+# Identity Functions that wrap a module's output tensors one by one (DeepSpeed ZeRO-3's pre-backward hook on
+# every module's outputs): the recorded aux may be such a wrapper of the tensor the loss was built from.
+_OUTPUT_WRAPPERS = frozenset({"PreBackwardFunctionForModuleBackward"})
+
+
 def _reaches(loss: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether ``target`` (as that exact output of its graph node) is in ``loss``'s autograd graph."""
+    """Whether ``target`` (as that exact output of its graph node, or the tensor an output wrapper such as
+    ZeRO-3's took it from) is in ``loss``'s autograd graph."""
     fn, nr = target.grad_fn, target.output_nr
     if fn is None or loss.grad_fn is None:
         return False
+    targets = {(fn, nr)}
+    while fn is not None and fn.name() in _OUTPUT_WRAPPERS and len(fn.next_functions) == 1:
+        fn, nr = fn.next_functions[0]
+        if fn is not None:
+            targets.add((fn, nr))
     seen, stack = set(), [(loss.grad_fn, loss.output_nr)]
     while stack:
         node, out = stack.pop()
-        if node is fn and out == nr:
+        if (node, out) in targets:
             return True
         routed = node.name() in _PASS_THROUGH
         key = (node, out) if routed else node
@@ -285,7 +321,7 @@ class LoptCallback(_CallbackBase):
             self.resume_dir = None
         lopt = _require_patched(self.trainer.model, attached=True)
         if optimizer is not None:
-            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            in_optimizer = _optimizer_param_ids(optimizer)
             missing = [p for p in lopt.decoders.parameters() if id(p) not in in_optimizer]
             if missing:
                 raise LoptPatchError(
@@ -316,7 +352,7 @@ def attach(trainer):
             "the LoPT hooks do not support; launch one process per GPU (torchrun / accelerate launch) instead."
         )
     if getattr(trainer, "optimizer", None) is not None:
-        in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        in_optimizer = _optimizer_param_ids(trainer.optimizer)
         if not all(id(p) in in_optimizer for p in state.decoders.parameters()):
             raise LoptPatchError(
                 "the trainer's optimiser was built without the aux decoders' parameters; build it after "
