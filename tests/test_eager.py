@@ -198,3 +198,16 @@ def test_the_callers_inputs_embeds_leaf_gets_its_gradient(monkeypatch):
         grads.append(embeds.grad)
     assert held[0] is not None
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
+
+
+def test_the_aux_head_counts_its_flops():
+    """The fused op's FLOPs are counted (two projections forward, four more for the gradients), so compare's
+    eager-vs-end-to-end FLOP ratio includes the aux head."""
+    from lopt_kernels.measure import _FlopCounter
+
+    y, x = torch.randn(3, 7, 40), torch.randn(3, 7, 40)
+    decoder = lopt_kernels.AuxDecoder(40)
+    counter = _FlopCounter()
+    with counter:
+        common.reconstruction_loss_and_grads(y, x, *decoder.decoder_parameters(), backend="torch")
+    assert counter.total == 6 * 2 * 21 * 40 * 10

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils import flop_counter
 from triton.runtime.jit import JITFunction
 
 __all__ = [
@@ -624,6 +625,25 @@ def _loss_and_grads_op_fake(
 ):
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     return (y.new_empty((), dtype=torch.float32), y.new_empty(y.shape), *(p.new_empty(p.shape) for p in params))
+
+
+def _matmul_flops(y_shape, down_weight_shape) -> int:
+    """2 * rows * h * r: one of the aux head's two projections over every row."""
+    rows = math.prod(y_shape[:-1])
+    r, h = down_weight_shape
+    return 2 * rows * h * r
+
+
+# FLOP counts (torch.utils.flop_counter) for the custom ops, which the counter would otherwise see as zero:
+# the forward is two projections; the gradients add four more (two weight gradients, two input gradients).
+@flop_counter.register_flop_formula(torch.ops.lopt_kernels.reconstruction_loss)
+def _loss_op_flops(y_shape, x_shape, nw, nb, down_weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _matmul_flops(y_shape, down_weight_shape)
+
+
+@flop_counter.register_flop_formula(torch.ops.lopt_kernels.reconstruction_loss_and_grads)
+def _loss_and_grads_op_flops(y_shape, x_shape, nw, nb, down_weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 6 * _matmul_flops(y_shape, down_weight_shape)
 
 
 # ---------------------------------------------------------------------------------------------------
