@@ -225,9 +225,12 @@ def test_block_gradients_into_grad_or_through_the_function_agree(monkeypatch, ch
     _assert_same_grads(direct, returned, rtol=1e-6)
 
 
-def test_loss_without_the_aux_term_warns_once():
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
+def test_loss_without_the_aux_term_warns_once(mode):
+    """In every mode (issue 9 case 8: stored mode did not warn)."""
     model = tiny_model("llama")
-    lopt_kernels.patch(model)
+    lopt_kernels.patch(model, mode=mode)
     with pytest.warns(UserWarning, match="does not contain the aux term"):
         model(**batch()).task_loss.backward()
     assert all(p.grad is None for p in model.model.layers[0].parameters())
@@ -235,6 +238,7 @@ def test_loss_without_the_aux_term_warns_once():
         warnings.simplefilter("error")
         model(**batch()).task_loss.backward()  # once only
         model(**batch()).loss.backward()
+    assert all(p.grad is not None for p in model.model.layers[0].parameters())
 
 
 def test_grad_scaler_scales_and_unscales_the_local_gradient_too():
