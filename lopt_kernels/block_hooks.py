@@ -103,7 +103,8 @@ def held_gradient_bytes(state: PatchState) -> int:
     every trainable parameter of the non-final blocks and their aux decoders."""
     params = {id(p): p for layer in _bottom_layers(state) for p in layer.parameters() if p.requires_grad}
     params.update((id(p), p) for p in state.decoders.parameters() if p.requires_grad)
-    return sum(p.numel() * p.element_size() for p in params.values())
+    # ds_numel: the whole parameter's size where DeepSpeed ZeRO-3 keeps only a partition (numel 0) on this rank
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params.values())
 
 
 def resolve_mode(state: PatchState, hidden: torch.Tensor) -> str:

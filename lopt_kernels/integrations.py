@@ -79,7 +79,8 @@ def ensure_aux_trainable(model: nn.Module) -> list[torch.Tensor]:
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     full = getattr(t, "full_tensor", None)  # FSDP2 / DTensor: gather the shards (a collective on every rank)
-    return (full() if callable(full) else t).detach().cpu().contiguous()
+    # a copy: a ZeRO-3 parameter's gathered storage is freed when it is partitioned again
+    return (full() if callable(full) else t).detach().to("cpu", copy=True).contiguous()
 
 
 def save_aux_decoders(model: nn.Module, directory: str, *, write: bool = True) -> str:
@@ -88,7 +89,8 @@ def save_aux_decoders(model: nn.Module, directory: str, *, write: bool = True) -
     from safetensors.torch import save_file  # noqa: PLC0415
 
     state = _require_patched(model)
-    tensors = {k: _plain(v) for k, v in state.decoders.state_dict().items()}
+    with _zero3_gathered(state.decoders, modify=False):  # DeepSpeed ZeRO-3: whole tensors, not this rank's partition
+        tensors = {k: _plain(v) for k, v in state.decoders.state_dict().items()}
     path = os.path.join(directory, AUX_DECODERS_FILE)
     if write:
         os.makedirs(directory, exist_ok=True)
@@ -109,6 +111,24 @@ def load_aux_decoders(model: nn.Module, directory: str) -> None:
             "aux decoders cannot be restored (resuming would restart them from their initialisation)."
         )
     loaded = load_file(path)
+    with _zero3_gathered(state.decoders, modify=True):
+        _copy_decoders(state, loaded, path)
+
+
+def _zero3_gathered(decoders: nn.Module, *, modify: bool):
+    """The decoders' parameters whole while inside (DeepSpeed ZeRO-3 partitions them; a collective on every rank);
+    with ``modify``, rank 0's values are partitioned back. A no-op without ZeRO-3."""
+    from contextlib import nullcontext  # noqa: PLC0415
+
+    params = [p for p in decoders.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed  # noqa: PLC0415
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def _copy_decoders(state, loaded: dict, path: str) -> None:
     own = state.decoders.state_dict()
     if loaded.keys() != own.keys() or any(loaded[k].shape != own[k].shape for k in own):
         raise LoptPatchError(

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import BoundarySpec, as_hand_off, block_params, hidden_of, local_loss_and_grads, trainable
+from .common import (BoundarySpec, accumulate_gathered, as_hand_off, block_params, hidden_of, is_zero3,
+                     local_loss_and_grads, trainable, zero3_anchor)
 
 
 @dataclass
@@ -202,6 +203,8 @@ class ActivationFreeBoundary(torch.autograd.Function):
         tape.x = None
         ctx.spec, ctx.tape = spec, tape
         ctx.params = params
+        # ZeRO-3: params is an anchor alone (see apply_boundary)
+        ctx.zero3 = is_zero3(block_params([call.layer for call in tape.calls], spec.decoder))
         ctx.set_materialize_grads(False)
         return y.detach(), aux
 
@@ -216,7 +219,14 @@ class ActivationFreeBoundary(torch.autograd.Function):
             if grad_hand_off is not None and spec.on_missing_aux is not None:
                 spec.on_missing_aux()
             return (None,) * len(needs)
-        decoder_ids = {id(p) for p in spec.decoder.decoder_parameters()}
+        decoder_params = spec.decoder.decoder_parameters()
+        if ctx.zero3:
+            # ZeRO-3: the rebuild's own backward accumulates the block's gradients (DeepSpeed gathers each layer's
+            # parameters for it and reduces from their AccumulateGrad); the decoder's go in gathered.
+            grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad, True)
+            accumulate_gathered([[(p, grads_by_id.get(id(p))) for p in decoder_params]])
+            return (None, None, None, grad_x, *(None for _ in needs[4:]))
+        decoder_ids = {id(p) for p in decoder_params}
         into_grad = spec.accumulate_into_grad and engine_accumulates([p for p in ctx.params if id(p) not in decoder_ids])
         grad_x, grads_by_id = rebuild_and_backward(spec, tape, x, grad_aux, x_needs_grad, into_grad)
         param_grads = [grads_by_id.get(id(p)) if need else None for p, need in zip(ctx.params, needs[4:])]
@@ -229,5 +239,8 @@ def apply_boundary(spec: BoundarySpec, tape: BlockTape, y: torch.Tensor, x: torc
     Pass ``x`` with its graph only where the block input should receive gradient (block 0: the
     embeddings); later blocks take ``x.detach()`` (stop-grad between blocks)."""
     params = block_params([call.layer for call in tape.calls], spec.decoder)
+    if is_zero3(params):
+        # DeepSpeed ZeRO-3 has partitioned them by now: no parameter is an input (see accumulate_gathered)
+        params = [zero3_anchor()]
     hand_off, aux = ActivationFreeBoundary.apply(spec, tape, y, x, *params)
     return as_hand_off(hand_off), aux

@@ -7,6 +7,7 @@ Nothing in ``lopt_kernels.boundary`` knows about transformers: a block is a list
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,19 +52,75 @@ def counts_no_rows(spec: BoundarySpec) -> bool:
     return spec.token_rows is not None and spec.token_rows.numel() == 0
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def zero3_partitioned(params) -> list[torch.Tensor]:
+    """The DeepSpeed ZeRO-3 parameters among ``params`` whose data is partitioned away right now."""
+    return [p for p in params if hasattr(p, "ds_id") and getattr(p.ds_status, "name", "") == "NOT_AVAILABLE"]
+
+
+@contextmanager
+def gathered(params):
+    """Whole parameters inside the block: DeepSpeed ZeRO-3 keeps only a partition of each outside the forward
+    of the module that owns it, and the fused op reads the decoder's parameters directly. A collective on
+    every rank (each runs the same boundaries); nothing to do without ZeRO-3."""
+    missing = zero3_partitioned(params)
+    if not missing:
+        yield
+        return
+    import deepspeed  # noqa: PLC0415 - only ZeRO-3 parameters get here
+
+    with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+        yield
+
+
+def is_zero3(params) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages these parameters (it partitions them outside their modules' forward)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def zero3_anchor() -> torch.Tensor:
+    """A tiny leaf that requires grad, the one input through which a boundary Function that takes no ZeRO-3
+    parameter (see ``accumulate_gathered``) is still reached by the caller's backward."""
+    return torch.zeros((), requires_grad=True)
+
+
+def accumulate_gathered(groups) -> None:
+    """Under ZeRO-3, hand gradients computed off the autograd graph to their parameters. Each group of
+    ``(param, grad)`` pairs is gathered whole and backpropagated through the parameters' own AccumulateGrad
+    (a nested backward), where DeepSpeed's reduction hooks run, once per parameter and backward, as for any
+    parameter a module used. A Function must not take partitioned parameters as inputs and return their
+    gradients itself: its gradient edges would record the empty partition's shape (and AccumulateGrad would
+    see a partitioned parameter)."""
+    for group in groups:
+        pairs = [(p, g) for p, g in group if g is not None and p.requires_grad]
+        if not pairs:
+            continue
+        with gathered([p for p, _ in pairs]):
+            with torch.enable_grad():
+                views = [p.view_as(p) for p, _ in pairs]
+            torch.autograd.backward(views, [g.to(p.dtype) for p, g in pairs])
+
+
 def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *, grad_scale=1.0, compute_grads=True):
     """The block's reconstruction loss over the counted rows; grads as ``reconstruction_loss_and_grads``
     with ``grad_y`` shaped like ``y``. Over no rows the loss is 0 and every gradient is zero."""
     decoder = spec.decoder
+    params = decoder.decoder_parameters()
     if counts_no_rows(spec):
         loss = torch.zeros((), dtype=torch.float32, device=y.device)
         if not compute_grads:
             return loss, None
-        return loss, (torch.zeros_like(y), *(torch.zeros_like(p) for p in decoder.decoder_parameters()))
-    loss, grads = reconstruction_loss_and_grads(
-        _rows(y, spec.token_rows), _rows(x, spec.token_rows), *decoder.decoder_parameters(), eps=decoder.norm.eps,
-        grad_scale=grad_scale, compute_grads=compute_grads, backend=spec.backend,
-    )
+        zeros = (torch.zeros(full_shape(p), dtype=p.dtype, device=p.device) for p in params)
+        return loss, (torch.zeros_like(y), *zeros)
+    with gathered(params):
+        loss, grads = reconstruction_loss_and_grads(
+            _rows(y, spec.token_rows), _rows(x, spec.token_rows), *params, eps=decoder.norm.eps,
+            grad_scale=grad_scale, compute_grads=compute_grads, backend=spec.backend,
+        )
     if grads is not None:
         grads = (_unrows(grads[0], spec.token_rows, y), *grads[1:])
     return loss, grads

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .common import BoundarySpec, as_hand_off, block_params, local_loss_and_grads
+from .common import (BoundarySpec, accumulate_gathered, as_hand_off, block_params, is_zero3, local_loss_and_grads,
+                     zero3_anchor)
 
 SECOND_BACKWARD_MESSAGE = (
     "lopt_kernels: a second backward reached an eager LoPT boundary, whose local gradients were handed over "
@@ -136,8 +137,8 @@ class EagerBoundary(torch.autograd.Function):
     whose backward returns the held local gradients times the gradient the aux output receives."""
 
     @staticmethod
-    def forward(ctx, spec: BoundarySpec, held: list, internal_scale: float, y, aux, x, *params):
-        ctx.spec, ctx.held, ctx.internal_scale = spec, held, internal_scale
+    def forward(ctx, spec: BoundarySpec, held: list, internal_scale: float, zero3_groups, y, aux, x, *params):
+        ctx.spec, ctx.held, ctx.internal_scale, ctx.zero3_groups = spec, held, internal_scale, zero3_groups
         ctx.set_materialize_grads(False)
         return y.detach(), aux.detach().clone()
 
@@ -155,8 +156,16 @@ class EagerBoundary(torch.autograd.Function):
             raise RuntimeError(SECOND_BACKWARD_MESSAGE)
         scale = grad_aux.detach().float() / ctx.internal_scale
         *param_grads, grad_x = held
+        grad_x = grad_x * scale.to(grad_x.device) if needs[6] and grad_x is not None else None
+        if ctx.zero3_groups is not None:
+            # ZeRO-3: the parameters are not inputs; their gradients go in gathered, one layer at a time
+            params, groups = ctx.zero3_groups
+            for g in {id(g): g for g in param_grads if g is not None}.values():
+                g.mul_(scale.to(g.device))
+            accumulate_gathered([[(params[i], param_grads[i]) for i in group] for group in groups])
+            return (*nones[:6], grad_x, *nones[7:])
         out, scaled = [], set()
-        for g, need in zip(param_grads, needs[6:]):
+        for g, need in zip(param_grads, needs[7:]):
             if not need or g is None:
                 out.append(None)
                 continue
@@ -164,13 +173,19 @@ class EagerBoundary(torch.autograd.Function):
                 g.mul_(scale.to(g.device))
                 scaled.add(id(g))
             out.append(g)
-        grad_x = grad_x * scale.to(grad_x.device) if needs[5] and grad_x is not None else None
-        return (None, None, None, None, None, grad_x, *out)
+        return (None, None, None, None, None, None, grad_x, *out)
 
 
 def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """Run the block's local backward now and return ``(hand_off, aux)`` for the caller's graph."""
     aux, params, held, scale = run_local_backward(spec, tape, y)
     x = tape.x if tape.leaf.requires_grad else tape.x.detach()
-    hand_off, aux = EagerBoundary.apply(spec, held, scale, y.detach(), aux, x, *params)
+    zero3_groups = None
+    if is_zero3(params):
+        # DeepSpeed ZeRO-3 has partitioned the block's parameters by now: none is an input (accumulate_gathered)
+        index = {id(p): i for i, p in enumerate(params)}
+        owners = [*tape.layers, spec.decoder]
+        groups = [[index.pop(id(p)) for p in owner.parameters() if id(p) in index] for owner in owners]
+        zero3_groups, params = (params, groups), [zero3_anchor()]
+    hand_off, aux = EagerBoundary.apply(spec, held, scale, zero3_groups, y.detach(), aux, x, *params)
     return as_hand_off(hand_off), aux

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import BoundarySpec, as_hand_off, local_loss_and_grads
+from .common import BoundarySpec, accumulate_gathered, as_hand_off, is_zero3, local_loss_and_grads, zero3_anchor
 
 
 class StoredBoundary(torch.autograd.Function):
@@ -18,7 +18,11 @@ class StoredBoundary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: BoundarySpec, y, x, *decoder_params):
         needs = ctx.needs_input_grad
-        ctx.computed = needs[1] or any(needs[3:])
+        # ZeRO-3: the decoder parameters are not inputs (their gradients go in by accumulate_gathered)
+        params = tuple(spec.decoder.decoder_parameters())
+        ctx.zero3 = params if is_zero3(params) else None
+        zero3_needs = ctx.zero3 is not None and any(p.requires_grad for p in ctx.zero3)
+        ctx.computed = needs[1] or any(needs[3:]) or zero3_needs
         aux, grads = local_loss_and_grads(spec, y.detach(), x.detach(), compute_grads=ctx.computed)
         if ctx.computed:
             ctx.save_for_backward(*grads)
@@ -38,11 +42,15 @@ class StoredBoundary(torch.autograd.Function):
             return (None,) * len(needs)
         grad_y, *param_grads = ctx.saved_tensors
         scaled_y = grad_y * grad_aux if needs[1] else None
+        if ctx.zero3 is not None:
+            accumulate_gathered([[(p, g * grad_aux) for p, g in zip(ctx.zero3, param_grads)]])
+            return (None, scaled_y, None, *(None for _ in needs[3:]))
         scaled = [g * grad_aux if need else None for g, need in zip(param_grads, needs[3:])]
         return (None, scaled_y, None, *scaled)
 
 
 def stored_boundary(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor):
     """Returns ``(hand_off, aux)``: ``y`` with the gradient stopped, and the block's differentiable aux loss."""
-    hand_off, aux = StoredBoundary.apply(spec, y, x.detach(), *spec.decoder.decoder_parameters())
+    params = spec.decoder.decoder_parameters()
+    hand_off, aux = StoredBoundary.apply(spec, y, x.detach(), *((zero3_anchor(),) if is_zero3(params) else params))
     return as_hand_off(hand_off), aux
