@@ -215,6 +215,9 @@ def backbone_post_hook(state: PatchState):
         _restore_checkpointing(state)
         run.tapes.clear()
         if run.active:
+            # eager blocks' aux terms enter the graph now, after the top half: the caller's backward hands
+            # their held gradients over first (see boundary/eager.py)
+            run.aux_terms = [eager.hand_over(t) if isinstance(t, eager.HeldGradients) else t for t in run.aux_terms]
             output = _without_bottom_router_gradients(state, output)
         if run.cache_skipped:
             return _drop_cache(output)
@@ -313,7 +316,7 @@ def layer_post_hook(state: PatchState, block: int):
             on_missing_aux=lambda: state.notice_once("missing_aux", MISSING_AUX_MESSAGE),
         )
         if run.mode == "eager":
-            hand_off, aux = eager.apply_boundary(spec, tape, y)
+            hand_off, aux = eager.apply_boundary(spec, tape, y)  # aux: held gradients, handed over at the end
         elif run.mode == "activation_free":
             torch.set_grad_enabled(run.grad_was_enabled)
             run.grad_was_enabled = None

@@ -211,3 +211,14 @@ def test_the_aux_head_counts_its_flops():
     with counter:
         common.reconstruction_loss_and_grads(y, x, *decoder.decoder_parameters(), backend="torch")
     assert counter.total == 6 * 2 * 21 * 40 * 10
+
+
+def test_held_gradients_are_handed_over_before_the_top_half_backward():
+    """The aux term's Function enters the graph when the backbone's forward ends, so the caller's backward
+    runs it first: the held gradients are .grad before the top half's backward allocates its working set."""
+    model = lopt_kernels.patch(tiny_model("llama"), mode="eager")
+    seen = []
+    bottom = model.model.layers[0].mlp.down_proj.weight
+    model.model.layers[4].register_full_backward_pre_hook(lambda m, g: seen.append(bottom.grad is not None))
+    model(**batch()).loss.backward()
+    assert seen == [True]

@@ -10,10 +10,12 @@ end-to-end training.
 
 The caller's loss decides the weight of the aux term (``lambda_aux``, averaging over blocks,
 accumulation division, ``num_items_in_batch``, a GradScaler...), which is only known when its
-backward reaches the aux term. So the local gradients are held unscaled, and the boundary Function
+backward reaches the aux term. So the local gradients are held unscaled, and the aux term's Function
 returns them multiplied by the gradient it receives: each parameter's AccumulateGrad runs once,
-inside the caller's backward (DDP's reducer and gradient hooks see nothing unusual). The held
-gradients live with the output's graph: a forward that is never backpropagated frees them with it.
+inside the caller's backward (DDP's reducer and gradient hooks see nothing unusual). That Function is
+created when the backbone's forward ends, so the caller's backward runs it first and the held
+gradients never coexist with the top half's backward working set. The held gradients live with the
+output's graph: a forward that is never backpropagated frees them with it.
 
 Cost: one forward and one backward per layer (end-to-end's compute); memory: the block's trainable
 parameters' gradients (tiny for LoRA) held from the block's forward to the caller's backward.
@@ -132,40 +134,73 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     return aux, params, held, scale
 
 
+@dataclass
+class HeldGradients:
+    """A block's local gradients, held from its forward until the caller's backward reaches its aux term."""
+
+    spec: BoundarySpec
+    grads: list | None  # per parameter (None where unused), then the block input's (or None)
+    internal_scale: float
+    zero3_groups: tuple | None
+    aux: torch.Tensor
+    x: torch.Tensor
+    params: list
+    handed_over: bool = False
+
+
+class EagerHandOff(torch.autograd.Function):
+    """The next block's input: ``y`` with the gradient stopped. Its backward only notices a caller's loss
+    that reached the hand-off without the aux term (the block then stays untrained)."""
+
+    @staticmethod
+    def forward(ctx, held: HeldGradients, y):
+        ctx.held = held
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        held = ctx.held
+        if grad is not None and not held.handed_over and held.spec.on_missing_aux is not None:
+            held.spec.on_missing_aux()
+        return None, None
+
+
 class EagerBoundary(torch.autograd.Function):
-    """``(hand_off, aux) = f(y, x, *params)``: ``y`` with the gradient stopped, and the block's aux loss,
-    whose backward returns the held local gradients times the gradient the aux output receives."""
+    """``aux = f(x, *params)``: the block's aux loss, whose backward returns the held local gradients times
+    the gradient the aux output receives.
+
+    It is applied when the backbone's forward ends (``hand_over``), after every node of the top half, so
+    in the caller's backward it runs first, right after the loss: the held gradients become ``.grad``
+    before the top half's backward allocates its working set, instead of stacking on top of it."""
 
     @staticmethod
-    def forward(ctx, spec: BoundarySpec, held: list, internal_scale: float, zero3_groups, y, aux, x, *params):
-        ctx.spec, ctx.held, ctx.internal_scale, ctx.zero3_groups = spec, held, internal_scale, zero3_groups
+    def forward(ctx, held: HeldGradients, aux, x, *params):
+        ctx.held = held
         ctx.set_materialize_grads(False)
-        return y.detach(), aux.detach().clone()
+        return aux.detach().clone()
 
     @staticmethod
-    def backward(ctx, grad_hand_off, grad_aux):
-        spec, needs = ctx.spec, ctx.needs_input_grad
+    def backward(ctx, grad_aux):
+        record, needs = ctx.held, ctx.needs_input_grad
         nones = (None,) * len(needs)
         if grad_aux is None:
-            # The caller's loss does not contain this block's aux term: nothing trains the block.
-            if grad_hand_off is not None and spec.on_missing_aux is not None:
-                spec.on_missing_aux()
             return nones
-        held, ctx.held = ctx.held, None
+        held, record.grads = record.grads, None
         if held is None:
             raise RuntimeError(SECOND_BACKWARD_MESSAGE)
-        scale = grad_aux.detach().float() / ctx.internal_scale
+        record.handed_over = True
+        scale = grad_aux.detach().float() / record.internal_scale
         *param_grads, grad_x = held
-        grad_x = grad_x * scale.to(grad_x.device) if needs[6] and grad_x is not None else None
-        if ctx.zero3_groups is not None:
+        grad_x = grad_x * scale.to(grad_x.device) if needs[2] and grad_x is not None else None
+        if record.zero3_groups is not None:
             # ZeRO-3: the parameters are not inputs; their gradients go in gathered, one layer at a time
-            params, groups = ctx.zero3_groups
+            params, groups = record.zero3_groups
             for g in {id(g): g for g in param_grads if g is not None}.values():
                 g.mul_(scale.to(g.device))
             accumulate_gathered([[(params[i], param_grads[i]) for i in group] for group in groups])
-            return (*nones[:6], grad_x, *nones[7:])
+            return (None, None, grad_x, *nones[3:])
         out, scaled = [], set()
-        for g, need in zip(param_grads, needs[7:]):
+        for g, need in zip(param_grads, needs[3:]):
             if not need or g is None:
                 out.append(None)
                 continue
@@ -173,12 +208,13 @@ class EagerBoundary(torch.autograd.Function):
                 g.mul_(scale.to(g.device))
                 scaled.add(id(g))
             out.append(g)
-        return (None, None, None, None, None, None, grad_x, *out)
+        return (None, None, grad_x, *out)
 
 
 def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
-    """Run the block's local backward now and return ``(hand_off, aux)`` for the caller's graph."""
-    aux, params, held, scale = run_local_backward(spec, tape, y)
+    """Run the block's local backward now. Returns ``(hand_off, held)``: the next block's input, and the
+    held gradients, which ``hand_over`` turns into the aux term when the backbone's forward ends."""
+    aux, params, grads, scale = run_local_backward(spec, tape, y)
     x = tape.x if tape.leaf.requires_grad else tape.x.detach()
     zero3_groups = None
     if is_zero3(params):
@@ -187,5 +223,10 @@ def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         owners = [*tape.layers, spec.decoder]
         groups = [[index.pop(id(p)) for p in owner.parameters() if id(p) in index] for owner in owners]
         zero3_groups, params = (params, groups), [zero3_anchor()]
-    hand_off, aux = EagerBoundary.apply(spec, held, scale, zero3_groups, y.detach(), aux, x, *params)
-    return as_hand_off(hand_off), aux
+    held = HeldGradients(spec, grads, scale, zero3_groups, aux, x, params)
+    return as_hand_off(EagerHandOff.apply(held, y.detach())), held
+
+
+def hand_over(held: HeldGradients) -> torch.Tensor:
+    """The block's aux loss in the caller's graph (see EagerBoundary: call it when the backbone's forward ends)."""
+    return EagerBoundary.apply(held, held.aux, held.x, *held.params)
