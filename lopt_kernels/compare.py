@@ -13,6 +13,10 @@ Variants (each one optimiser-free training step, forward + backward):
   lopt-af        this library, mode="activation_free": the bottom blocks are rebuilt in the backward
                  (least memory, one more forward of the bottom half)
   lopt-af+ckpt   the same with gradient checkpointing
+
+Without flags it runs the embedded ``tiny`` preset on its own shape: llama3-8b at 1/16 width (same
+depth), batch 1 x seq 256, bf16, LoRA r=1 on a frozen base: the memory and FLOP proportions of
+``--config llama3-8b --seq 4096 --batch 1 --dtype bf16 --lora 16`` in about a minute on two CPU cores.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import json
 
 import statistics
 import sys
+import textwrap
+import time
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -63,23 +69,59 @@ VARIANTS = {
     )
 }
 
-# (numerator, denominator, metric, bound): the library's stated targets, checked when both ran.
+
+@dataclass(frozen=True)
+class Setup:
+    """What a target's condition looks at: the configuration that ran."""
+
+    lora: int  # LoRA rank on a frozen base; 0: full fine-tune
+    trainable_bytes: int | None = None  # the trainable parameters' bytes (their gradients'), end-to-end
+    boundary_bytes: int | None = None  # layer-boundary activations: layers x batch x seq x hidden x dtype size
+
+    @property
+    def activations_dominate(self) -> bool:
+        return (self.lora > 0 and self.trainable_bytes is not None and self.boundary_bytes is not None
+                and 4 * self.trainable_bytes <= self.boundary_bytes)
+
+
+# name: (what it means, in words; whether a Setup meets it)
+CONDITIONS = {
+    "any": ("any configuration", lambda s: True),
+    "lora": ("LoRA on a frozen base", lambda s: s.lora > 0),
+    "lora_activations": ("LoRA on a frozen base where activations dominate (trainable gradients <= 1/4 of the "
+                         "layer-boundary activations)", lambda s: s.activations_dominate),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    num: str
+    den: str
+    metric: str
+    bound: float
+    when: str  # a CONDITIONS key: the configurations the target is set for
+
+
+# The library's stated targets, checked when both variants ran and the configuration meets ``when``.
 TARGETS = (
     # eager: LoPT at end-to-end compute and time, with LoPT's memory
-    ("lopt", "e2e+fce", "flops", 1.01),
-    ("lopt", "e2e+fce", "step_s", 1.05),
-    ("lopt", "e2e+fce", "step_peak_bytes", 0.55),
-    ("lopt+ckpt", "e2e+ckpt+fce", "flops", 1.01),
-    ("lopt+ckpt", "e2e+ckpt+fce", "step_s", 1.05),
-    ("lopt+ckpt", "e2e+ckpt+fce", "step_peak_bytes", 0.85),
+    Target("lopt", "e2e+fce", "flops", 1.01, "any"),  # eager never recomputes
+    Target("lopt", "e2e+fce", "step_s", 1.05, "lora"),  # held gradients tiny: nothing extra to scale
+    Target("lopt", "e2e+fce", "step_peak_bytes", 0.55, "lora_activations"),
+    Target("lopt+ckpt", "e2e+ckpt+fce", "flops", 1.01, "any"),
+    Target("lopt+ckpt", "e2e+ckpt+fce", "step_s", 1.05, "lora"),
+    Target("lopt+ckpt", "e2e+ckpt+fce", "step_peak_bytes", 0.85, "lora_activations"),
     # activation-free: least memory, for one more forward of the bottom half
-    ("lopt-af+ckpt", "seed+ckpt", "step_peak_bytes", 0.35),
-    ("lopt-af+ckpt", "e2e+ckpt+fce", "step_peak_bytes", 0.85),
-    ("lopt-af+ckpt", "e2e+ckpt", "flops", 1.13),
-    ("lopt-af", "e2e+fce", "step_peak_bytes", 0.55),
-    ("lopt-af", "e2e", "flops", 1.2),
+    Target("lopt-af+ckpt", "seed+ckpt", "step_peak_bytes", 0.35, "lora_activations"),
+    Target("lopt-af+ckpt", "e2e+ckpt+fce", "step_peak_bytes", 0.85, "lora_activations"),
+    Target("lopt-af+ckpt", "e2e+ckpt", "flops", 1.13, "lora"),
+    Target("lopt-af", "e2e+fce", "step_peak_bytes", 0.55, "lora_activations"),
+    Target("lopt-af", "e2e", "flops", 1.2, "lora"),
 )
 METRIC_NAMES = {"step_peak_bytes": "step peak", "flops": "FLOPs", "step_s": "step time"}
+# The LoPT variants, each with the end-to-end variant at the same checkpointing (and fused task loss).
+LOPT_BASELINES = {"lopt": "e2e+fce", "lopt-af": "e2e+fce", "lopt+ckpt": "e2e+ckpt+fce", "lopt-af+ckpt": "e2e+ckpt+fce"}
+RUN_DEFAULTS = {"batch": 2, "seq": 256, "dtype": "fp32", "lora": 0}  # where the config names none
 
 
 class CompareError(Exception):
@@ -90,6 +132,16 @@ def load_config(name_or_path: str):
     """A transformers config from an embedded preset name or a ``config.json`` path."""
     from transformers import AutoConfig  # noqa: PLC0415
 
+    try:
+        data = _config_data(name_or_path)
+        data.pop("lopt_compare", None)
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CompareError(f"--config {name_or_path!r} is not a valid transformers config.json: {exc!r}") from None
+
+
+def _config_data(name_or_path: str) -> dict:
     if name_or_path in PRESETS:
         text = resources.files("lopt_kernels.presets").joinpath(f"{name_or_path}.json").read_text()
     else:
@@ -102,10 +154,18 @@ def load_config(name_or_path: str):
             raise CompareError(f"--config {name_or_path!r} cannot be read: {exc}") from None
     try:
         data = json.loads(text)
-        model_type = data.pop("model_type")
-        return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON object expected, got {type(data).__name__}")
+        return data
+    except (ValueError, TypeError) as exc:
         raise CompareError(f"--config {name_or_path!r} is not a valid transformers config.json: {exc!r}") from None
+
+
+def run_defaults(name_or_path: str) -> dict:
+    """batch, seq, dtype and LoRA rank to run ``name_or_path`` at when the command line names none: the
+    config's own ``lopt_compare`` entry (the ``tiny`` preset has one), else RUN_DEFAULTS."""
+    own = _config_data(name_or_path).get("lopt_compare") or {}
+    return {key: own.get(key, value) for key, value in RUN_DEFAULTS.items()}
 
 
 def synthetic_batch(config, batch: int, seq: int, seed: int, device) -> dict:
@@ -165,16 +225,30 @@ def build_model(config, variant: Variant, *, dtype, device, lora: int, seed: int
         if lora:
             from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
-            model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules="all-linear",
-                                                     lora_dropout=0.0))
+            with warnings.catch_warnings():
+                # PEFT reads the model's deprecated ``is_gradient_checkpointing`` itself (transformers >= 5.24)
+                warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                        category=FutureWarning)
+                model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules="all-linear",
+                                                         lora_dropout=0.0))
         if variant.lopt_mode is not None:
             patching.patch(model, mode=variant.lopt_mode, fused_ce="auto" if variant.fused_ce else "off")
     if fake_mode is not None:
         _fake_from_meta(model, fake_mode)
     if variant.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing under the name the installed transformers has:
+    ``activation_checkpointing_enable`` (>= 5.24), else ``gradient_checkpointing_enable``."""
+    lm = patching._unwrap(model)
+    if hasattr(type(lm), "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def make_step(model, variant: Variant, batch: dict):
@@ -239,6 +313,12 @@ def run_variant(variant: Variant, config, batch_fn, *, metrics, steps, device, d
         loss, task, aux = step()  # warm-up: gradients exist from here on, as in training
         model.zero_grad(set_to_none=False)
     row = {"variant": variant.name}
+    decoders = set()
+    if variant.lopt_mode is not None:
+        decoders = {id(p) for p in patching._require_state(model).decoders.parameters()}
+    # the model's own trainable parameters (without LoPT's aux decoders): the gradients training keeps
+    row["trainable_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()
+                                 if p.requires_grad and id(p) not in decoders)
     if variant.lopt_mode == "eager":
         # gradients eager mode holds from the bottom blocks' forward to the backward (in the step peak)
         row["held_bytes"] = block_hooks.held_gradient_bytes(patching._require_state(model))
@@ -293,15 +373,158 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def target_lines(rows: list[dict]) -> list[str]:
+def setup_of(config, *, batch: int, seq: int, dtype, lora: int, rows: list[dict]) -> Setup:
+    """The configuration that ran, as target conditions see it."""
+    text = config.get_text_config()
+    trainable = [r["trainable_bytes"] for r in rows if r.get("trainable_bytes") is not None]
+    boundary = text.num_hidden_layers * batch * seq * text.hidden_size * torch.empty((), dtype=dtype).element_size()
+    return Setup(lora=lora, trainable_bytes=min(trainable) if trainable else None, boundary_bytes=boundary)
+
+
+def applicable_targets(setup: Setup | None) -> list[Target]:
+    """The targets set for ``setup`` (all of them when ``setup`` is None)."""
+    return [t for t in TARGETS if setup is None or CONDITIONS[t.when][1](setup)]
+
+
+def _ratio(by: dict, num: str, den: str, metric: str) -> float | None:
+    if num in by and den in by and by[num].get(metric) is not None and by[den].get(metric):
+        return by[num][metric] / by[den][metric]
+    return None
+
+
+def target_checks(rows: list[dict], setup: Setup | None = None) -> list[tuple[Target, float]]:
+    """(target, ratio) for every target that applies to ``setup`` and whose two variants measured its metric."""
     by = {r["variant"]: r for r in rows}
+    checks = []
+    for t in applicable_targets(setup):
+        ratio = _ratio(by, t.num, t.den, t.metric)
+        if ratio is not None:
+            checks.append((t, ratio))
+    return checks
+
+
+def _target_text(t: Target, ratio: float) -> str:
+    return f"{METRIC_NAMES[t.metric]:9s} {t.num} / {t.den} = {ratio:.3f} (target <= {t.bound})"
+
+
+def target_lines(rows: list[dict], setup: Setup | None = None) -> list[str]:
     lines = []
-    for num, den, metric, bound in TARGETS:
-        if num in by and den in by and by[num].get(metric) is not None and by[den].get(metric):
-            ratio = by[num][metric] / by[den][metric]
-            ok = "ok " if ratio <= bound else "miss"
-            lines.append(f"  [{ok}] {METRIC_NAMES[metric]:9s} {num} / {den} = {ratio:.3f} (target <= {bound})")
+    for t, ratio in target_checks(rows, setup):
+        ok = "ok " if ratio <= t.bound else "miss"
+        lines.append(f"  [{ok}] {_target_text(t, ratio)}")
     return lines
+
+
+def targets_header(setup: Setup | None) -> str:
+    whens = sorted({t.when for t in applicable_targets(setup)}, key=list(CONDITIONS).index)
+    if not whens:
+        return ""
+    return f"targets that apply to this configuration ({CONDITIONS[whens[-1]][0]}):"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def summary_lines(rows: list[dict], setup: Setup | None = None) -> list[str]:
+    """Three lines in words: LoPT against end-to-end at the same checkpointing (memory, compute, time),
+    then which LoPT variant to pick when memory is the limit and when time is; a fourth when a target
+    that applies here is missed."""
+    by = {r["variant"]: r for r in rows}
+    timed_run = any(r.get("step_s") is not None for r in rows)
+    speed = "step_s" if timed_run else "flops"
+    lines = []
+    for ckpt, label in ((False, "without checkpointing"), (True, "with checkpointing")):
+        base = "e2e+ckpt+fce" if ckpt else "e2e+fce"
+        parts = []
+        for name in LOPT_BASELINES:
+            if ("+ckpt" in name) != ckpt or name not in by or base not in by:
+                continue
+            time_part = f", time {_x(_ratio(by, name, base, 'step_s'))}" if timed_run else ""
+            parts.append(f"{name} memory {_x(_ratio(by, name, base, 'step_peak_bytes'))}, "
+                         f"compute {_x(_ratio(by, name, base, 'flops'))}{time_part}")
+        if parts:
+            lines.append(f"  {label} (vs {base}): " + " | ".join(parts))
+    lopt = [r for r in rows if r["variant"] in LOPT_BASELINES]
+    base = by.get("e2e") or next((r for r in rows if r["variant"].startswith("e2e")), None)
+    picks = []
+    for limit, key in (("memory", "step_peak_bytes"), ("time" if timed_run else "compute (no time under --fake)", speed)):
+        measured = [r for r in lopt if r.get(key) is not None]
+        if not measured:
+            continue
+        best = min(measured, key=lambda r: r[key])
+        against = ""
+        if base is not None:
+            against = (f" (step peak {_x(_ratio(by, best['variant'], base['variant'], 'step_peak_bytes'))}, "
+                       f"{'time' if timed_run else 'FLOPs'} {_x(_ratio(by, best['variant'], base['variant'], speed))}"
+                       f" of {base['variant']})")
+        picks.append(f"{limit} the limit: {best['variant']}{against}")
+    if picks:
+        lines.append("  pick: " + "; ".join(picks))
+    if lines:
+        lines.insert(0, "LoPT against end-to-end at the same checkpointing (memory: step peak; compute: FLOPs; "
+                        "time: median step):")
+    missed = [(t, r) for t, r in target_checks(rows, setup) if r > t.bound]
+    if missed:
+        lines.append("  LoPT MISSES its target here: " + "; ".join(" ".join(_target_text(t, r).split()) for t, r in missed))
+    return lines
+
+
+def write_plot(rows: list[dict], path, title: str) -> None:
+    """A PNG of step peak memory against step time (FLOPs where no time was measured), one labelled
+    point per variant, the Pareto front (no other variant both lighter and faster) drawn."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.ticker  # noqa: F401, PLC0415
+
+    timed_run = all(r.get("step_s") is not None for r in rows)
+    xkey, xlabel, xscale = (("step_s", "step time (ms, median)", 1e3) if timed_run
+                            else ("flops", "TFLOPs per step (forward + backward)", 1e-12))
+    points = [(r["variant"], r[xkey] * xscale, r["step_peak_bytes"] / 2**20) for r in rows
+              if r.get(xkey) is not None and r.get("step_peak_bytes") is not None]
+    if not points:
+        raise CompareError("--plot needs step peak memory and step time or FLOPs: keep memory and time/flops in --metrics")
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    colours = {"e2e": "tab:gray", "seed": "tab:orange", "lopt": "tab:green"}
+    for name, x, y in points:
+        family = "lopt" if name.startswith("lopt") else name.split("+")[0]
+        ax.scatter([x], [y], s=60 if family == "lopt" else 40, color=colours.get(family, "tab:blue"), zorder=3,
+                   marker="o" if family == "lopt" else "s",
+                   label={"e2e": "end-to-end", "seed": "LoPT reference code", "lopt": "lopt-kernels"}.get(family)
+                   if name == family else None)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.{0 if v >= 1 else 1}f}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.margins(x=0.12, y=0.12)
+    fig.canvas.draw()
+    placed = []  # display boxes of the labels so far: move a label down until it overlaps none
+    for name, x, y in sorted(points, key=lambda p: -p[2]):
+        px, py = ax.transData.transform((x, y))
+        dy = 4
+        width = 6.5 * len(name)
+        while any(abs(px + 6 - qx) < max(width, qw) and abs(py + dy - qy) < 11 for qx, qy, qw in placed):
+            dy -= 11
+        placed.append((px + 6, py + dy, width))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, dy * 72 / fig.dpi), fontsize=9)
+    front, lowest = [], float("inf")
+    for name, x, y in sorted(points, key=lambda p: (p[1], p[2])):
+        if y < lowest:
+            front.append((x, y))
+            lowest = y
+    if len(front) > 1:
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="tab:green", alpha=0.5, zorder=2,
+                label="Pareto front (nothing both lighter and faster)")
+    ax.legend(loc="upper right", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("step peak memory, MiB (activations, temporaries; log scale)")
+    ax.set_title(textwrap.fill(title, 100), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def verdict(rows: list[dict]) -> str:
@@ -323,6 +546,42 @@ def verdict(rows: list[dict]) -> str:
     return "verdict: " + "; ".join(parts)
 
 
+class _Progress:
+    """Progress on stderr while the variants run: a tqdm bar on a terminal, else one line per variant
+    as it finishes (logs, CI, pipes)."""
+
+    def __init__(self, variants: list[str]):
+        self.total = len(variants)
+        self.count = 0
+        self.bar = None
+        self.started = 0.0
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=self.total, desc="compare", unit="variant", file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def start(self, name: str) -> None:
+        self.started = time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+
+    def done(self, name: str, row: dict) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        seconds = time.perf_counter() - self.started
+        peak = "" if row.get("step_peak_bytes") is None else f", step peak {_mib(row['step_peak_bytes'])} MiB"
+        print(f"compare [{self.count}/{self.total}] {name} done in {seconds:.1f} s{peak}", file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lopt-kernels", description="LoPT kernels: tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -330,11 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cmp.add_argument("--config", default="tiny", help=f"embedded preset ({', '.join(PRESETS)}) or a config.json path")
     cmp.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    cmp.add_argument("--batch", type=int, default=2)
-    cmp.add_argument("--seq", type=int, default=256)
-    cmp.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    cmp.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA adapters of rank R on every linear layer, "
-                     "frozen base (PEFT)")
+    cmp.add_argument("--batch", type=int, default=None, help="default: the config's own (tiny: 1), else 2")
+    cmp.add_argument("--seq", type=int, default=None, help="default: the config's own (tiny: 256), else 256")
+    cmp.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: the config's own (tiny: bf16), "
+                     "else fp32")
+    cmp.add_argument("--lora", type=int, default=None, metavar="R", help="LoRA adapters of rank R on every linear "
+                     "layer, frozen base (PEFT); 0: full fine-tune (default: the config's own (tiny: 1), else 0)")
     cmp.add_argument("--fake", action="store_true", help="estimate memory and FLOPs under FakeTensorMode, allocating "
                      "nothing (any model size on a laptop); time is not available")
     cmp.add_argument("--metrics", default=None, help="comma-separated from memory, flops, time "
@@ -343,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    cmp.add_argument("--plot", dest="plot_path", metavar="PATH", help="also write a PNG of step peak memory against "
+                     "step time (FLOPs under --fake), Pareto front drawn; needs matplotlib: pip install "
+                     "'lopt-kernels[plot]'")
     return parser
 
 
@@ -361,6 +624,16 @@ def _parse(args):
         raise CompareError("--fake allocates and computes nothing, so it cannot measure time: drop 'time' from --metrics")
     if args.fake and args.steps is not None:
         raise CompareError("--steps times real steps; it has no meaning with --fake")
+    if args.plot_path:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            raise CompareError("--plot needs matplotlib: pip install 'lopt-kernels[plot]'") from None
+    for key, value in run_defaults(args.config).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dtype not in DTYPES:
+        raise CompareError(f"--dtype {args.dtype!r} (from --config {args.config!r}) is not one of {', '.join(DTYPES)}")
     for flag in ("batch", "seq"):
         if getattr(args, flag) < 1:
             raise CompareError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -387,31 +660,40 @@ def compare_main(args) -> int:
         return synthetic_batch(config, args.batch, args.seq, args.seed, device)
 
     mode = "fake tensors (estimate)" if args.fake else device.type
-    lora = f", LoRA r={args.lora}" if args.lora else ""
+    lora = f", LoRA r={args.lora} (frozen base)" if args.lora else ", full fine-tune"
+    run_title = (f"{Path(args.config).name} ({text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+                 f"vocab {text.vocab_size}), batch {args.batch} x seq {args.seq}, {args.dtype}{lora}, {mode}")
     print(f"lopt-kernels compare: {args.config} ({text.num_hidden_layers} layers, hidden {text.hidden_size}, "
           f"vocab {text.vocab_size}), batch {args.batch} x seq {args.seq}, {args.dtype}{lora}, {mode}", flush=True)
     rows = []
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    progress = tqdm(variants, desc="compare", unit="variant", file=sys.stderr, disable=None)
     patch_ctx = _no_packed_sequence_detection() if args.fake else contextlib.nullcontext()
-    with patch_ctx:
-        for name in progress:
-            progress.set_postfix_str(name)
+    with patch_ctx, _Progress(variants) as progress:
+        for name in variants:
+            progress.start(name)
             rows.append(run_variant(VARIANTS[name], config, batch_fn, metrics=metrics, steps=steps, device=device,
                                     dtype=dtype, lora=args.lora, seed=args.seed, fake=args.fake))
-    progress.close()
+            progress.done(name, rows[-1])
+    setup = setup_of(config, batch=args.batch, seq=args.seq, dtype=dtype, lora=args.lora, rows=rows)
+    summary = summary_lines(rows, setup)
+    if summary:
+        print("\n".join(summary))
     print(format_table(rows))
-    checks = target_lines(rows)
+    checks = target_lines(rows, setup)
     if checks:
-        print("targets (set for LoRA on a frozen base at scale, where activations dominate, e.g. "
-              "--config cpu-1b --seq 1024 --lora 16; a tiny full fine-tune is dominated by embeddings):")
+        print(targets_header(setup))
         print("\n".join(checks))
+    elif any(target_checks(rows)):
+        print("targets: none applies to this configuration (they are set for "
+              + "; ".join(desc for key, (desc, _) in CONDITIONS.items() if key != "any") + ")")
     print(verdict(rows))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=2))
+    if args.plot_path:
+        write_plot(rows, args.plot_path, title=f"lopt-kernels compare: {run_title}")
+        print(f"plot: {args.plot_path}")
     broken = any(r.get("bottom_task_grad_max", 0.0) != 0.0 for r in rows)
     return 1 if broken else 0
 
 
-__all__ = ["CompareError", "VARIANTS", "build_parser", "compare_main", "load_config"]
+__all__ = ["CompareError", "TARGETS", "VARIANTS", "build_parser", "compare_main", "load_config", "run_defaults",
+           "summary_lines", "target_lines", "write_plot"]

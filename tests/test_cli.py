@@ -5,7 +5,16 @@ import sys
 import pytest
 
 from lopt_kernels.cli import main
-from lopt_kernels.compare import VARIANTS
+from lopt_kernels.compare import (
+    CONDITIONS,
+    TARGETS,
+    VARIANTS,
+    Setup,
+    load_config,
+    run_defaults,
+    summary_lines,
+    target_lines,
+)
 
 
 pytestmark = pytest.mark.explicit_modes  # compare names every variant's mode itself
@@ -16,18 +25,33 @@ SMALL_CONFIG = {
 }
 
 
-def test_compare_prints_table_targets_and_verdict(tmp_path, capsys):
+def test_compare_prints_summary_table_targets_verdict_and_plot(tmp_path, capsys, recwarn):
+    pytest.importorskip("matplotlib")
     out_json = tmp_path / "rows.json"
+    out_png = tmp_path / "compare.png"
     config = tmp_path / "config.json"
     config.write_text(json.dumps(SMALL_CONFIG))
-    code = main(["compare", "--config", str(config), "--batch", "2", "--seq", "128", "--steps", "1",
-                 "--json", str(out_json)])
-    printed = capsys.readouterr().out
+    code = main(["compare", "--config", str(config), "--batch", "2", "--seq", "128", "--lora", "2", "--steps", "1",
+                 "--json", str(out_json), "--plot", str(out_png)])
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0
+    # the summary, above the table: LoPT vs end-to-end at the same checkpointing, then which to pick
+    summary = printed[: printed.index("variant ")]
+    assert "LoPT against end-to-end at the same checkpointing" in summary
+    assert "without checkpointing (vs e2e+fce): lopt memory" in summary and "compute" in summary and "time" in summary
+    assert "with checkpointing (vs e2e+ckpt+fce): lopt+ckpt memory" in summary
+    assert "memory the limit: lopt" in summary and "time the limit: lopt" in summary and "of e2e)" in summary
     for column in ("variant", "step peak MiB", "TFLOPs", "step ms", "tokens/s"):
         assert column in printed
-    assert "targets (" in printed and "lopt-af+ckpt / seed+ckpt" in printed and "lopt+ckpt / e2e+ckpt+fce" in printed
+    assert "targets that apply to this configuration (LoRA on a frozen base where activations dominate" in printed
+    assert "lopt-af+ckpt / seed+ckpt" in printed and "lopt+ckpt / e2e+ckpt+fce" in printed
+    assert ("[miss]" in printed) == ("MISSES its target here" in summary)
     assert "verdict: gradient boundary holds" in printed and "task loss equals e2e" in printed
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
+    # progress: one line per variant as it finishes (stderr is not a terminal here), and no warnings
+    assert captured.err.count("compare [") == len(VARIANTS) and "Warning" not in captured.err
+    assert [f"{w.category.__name__}: {w.message}" for w in recwarn] == []
     rows = {r["variant"]: r for r in json.loads(out_json.read_text())}
     assert list(rows) == list(VARIANTS)
     for name in ("lopt", "lopt+ckpt", "lopt-af", "lopt-af+ckpt"):
@@ -43,13 +67,45 @@ def test_compare_prints_table_targets_and_verdict(tmp_path, capsys):
         assert abs(rows[name]["task_loss"] - rows["e2e"]["task_loss"]) < 1e-4
 
 
-def test_compare_fake_estimates_without_allocating(capsys):
-    code = main(["compare", "--fake", "--config", "tiny", "--batch", "1", "--seq", "64", "--lora", "4",
-                 "--variants", "e2e+ckpt,lopt-af+ckpt"])
+def test_compare_shows_only_the_targets_set_for_the_configuration():
+    rows = [{"variant": name, "step_peak_bytes": 100, "flops": 100, "step_s": 1.0} for name in VARIANTS]
+    full = Setup(lora=0, trainable_bytes=10**9, boundary_bytes=10**6)
+    lines = "\n".join(target_lines(rows, full))
+    assert "FLOPs     lopt / e2e+fce" in lines and "step peak" not in lines and "step time" not in lines
+    assert "MISSES" not in "\n".join(summary_lines(rows, full))  # the FLOP targets hold at ratio 1.0
+    lora_small_acts = Setup(lora=16, trainable_bytes=10**6, boundary_bytes=2 * 10**6)
+    lines = "\n".join(target_lines(rows, lora_small_acts))
+    assert "step time lopt / e2e+fce" in lines and "step peak" not in lines
+    lora = Setup(lora=16, trainable_bytes=10**6, boundary_bytes=10**8)
+    assert len(target_lines(rows, lora)) == len(TARGETS)
+    assert all(t.when in CONDITIONS for t in TARGETS)
+    # every applicable target missed (ratio 1.0 > each bound): the summary says so in words
+    assert "LoPT MISSES its target here: step peak lopt / e2e+fce = 1.000" in "\n".join(summary_lines(rows, lora))
+
+
+def test_compare_default_is_the_scaled_8b_lora_run():
+    defaults = run_defaults("tiny")
+    assert defaults == {"batch": 1, "seq": 256, "dtype": "bf16", "lora": 1}
+    tiny, big = load_config("tiny"), load_config("llama3-8b")
+    assert tiny.num_hidden_layers == big.num_hidden_layers and big.hidden_size == 16 * tiny.hidden_size
+    assert big.intermediate_size == 16 * tiny.intermediate_size and big.vocab_size == 16 * tiny.vocab_size
+    assert run_defaults("llama3-8b") == {"batch": 2, "seq": 256, "dtype": "fp32", "lora": 0}
+
+
+def test_compare_fake_estimates_without_allocating(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(SMALL_CONFIG))
+    out_png = tmp_path / "fake.png"
+    code = main(["compare", "--fake", "--config", str(config), "--batch", "1", "--seq", "64", "--lora", "4",
+                 "--variants", "e2e,e2e+ckpt,lopt-af+ckpt", "--plot", str(out_png)])
     printed = capsys.readouterr().out
     assert code == 0
     assert "fake tensors (estimate)" in printed and "LoRA r=4" in printed
     assert "FLOPs     lopt-af+ckpt / e2e+ckpt" in printed
+    assert "with checkpointing (vs e2e+ckpt+fce)" not in printed  # its baseline did not run
+    assert "compute (no time under --fake) the limit: lopt-af+ckpt" in printed and "FLOPs" in printed
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(
