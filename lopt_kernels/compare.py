@@ -419,7 +419,7 @@ def targets_header(setup: Setup | None) -> str:
     whens = sorted({t.when for t in applicable_targets(setup)}, key=list(CONDITIONS).index)
     if not whens:
         return ""
-    return f"targets that apply to this configuration ({CONDITIONS[whens[-1]][0]}):"
+    return f"targets that apply to this configuration, {CONDITIONS[whens[-1]][0]}:"
 
 
 def _x(value: float | None) -> str:

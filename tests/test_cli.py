@@ -44,7 +44,7 @@ def test_compare_prints_summary_table_targets_verdict_and_plot(tmp_path, capsys,
     assert "memory the limit: lopt" in summary and "time the limit: lopt" in summary and "of e2e)" in summary
     for column in ("variant", "step peak MiB", "TFLOPs", "step ms", "tokens/s"):
         assert column in printed
-    assert "targets that apply to this configuration (LoRA on a frozen base where activations dominate" in printed
+    assert "targets that apply to this configuration, LoRA on a frozen base where activations dominate" in printed
     assert "lopt-af+ckpt / seed+ckpt" in printed and "lopt+ckpt / e2e+ckpt+fce" in printed
     assert ("[miss]" in printed) == ("MISSES its target here" in summary)
     assert "verdict: gradient boundary holds" in printed and "task loss equals e2e" in printed
