@@ -70,3 +70,16 @@ def test_fused_ce_off_keeps_logits():
     model = tiny_model("llama")
     lopt_kernels.patch(model, fused_ce="off")
     assert model(**batch()).logits is not None
+
+
+def test_torch_fused_loss_in_bf16_sums_in_fp32():
+    """torch's op returns a bf16 "sum" for bf16 inputs (~1% off the model's fp32-upcast loss); the per-row
+    losses are summed in fp32 instead."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(512, 64, generator=g).bfloat16()
+    weight = (torch.randn(2000, 64, generator=g) * 0.2).bfloat16()
+    target = torch.randint(0, 2000, (512,), generator=g)
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), target)
+    loss = linear_cross_entropy(hidden, weight, target, impl="torch")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=5e-4, atol=0)

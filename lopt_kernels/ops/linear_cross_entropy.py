@@ -73,10 +73,12 @@ def linear_cross_entropy(
         )
         loss = loss[0] if isinstance(loss, tuple) else loss
     else:
+        # Per-row losses summed in fp32: torch's op returns a "sum" reduction in the input dtype, which in bf16
+        # is ~1% off the model's loss (it upcasts logits to fp32); the per-row values round independently.
         loss = F.linear_cross_entropy(
-            hidden2, weight, target, linear_bias=bias, reduction="sum", ignore_index=IGNORE_INDEX,
+            hidden2, weight, target, linear_bias=bias, reduction="none", ignore_index=IGNORE_INDEX,
             options=torch.nn.LinearCrossEntropyOptions(),
-        )
+        ).float().sum()
     loss = loss.float()
     if num_items_in_batch is None:
         denominator = (target != IGNORE_INDEX).sum()
