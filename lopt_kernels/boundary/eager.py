@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .common import (BoundarySpec, accumulate_gathered, as_hand_off, block_params, is_zero3, local_loss_and_grads,
+from .common import (BoundarySpec, accumulate_gathered, block_params, is_zero3, local_loss_and_grads,
                      zero3_anchor)
 
 SECOND_BACKWARD_MESSAGE = (
@@ -153,7 +153,7 @@ class EagerHandOff(torch.autograd.Function):
     that reached the hand-off without the aux term (the block then stays untrained)."""
 
     @staticmethod
-    def forward(ctx, held: HeldGradients, y):
+    def forward(ctx, held: HeldGradients, y, anchor):
         ctx.held = held
         return y.detach()
 
@@ -162,7 +162,7 @@ class EagerHandOff(torch.autograd.Function):
         held = ctx.held
         if grad is not None and not held.handed_over and held.spec.on_missing_aux is not None:
             held.spec.on_missing_aux()
-        return None, None
+        return None, None, None
 
 
 class EagerBoundary(torch.autograd.Function):
@@ -224,7 +224,10 @@ def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         groups = [[index.pop(id(p)) for p in owner.parameters() if id(p) in index] for owner in owners]
         zero3_groups, params = (params, groups), [zero3_anchor()]
     held = HeldGradients(spec, grads, scale, zero3_groups, aux, x, params)
-    return as_hand_off(EagerHandOff.apply(held, y.detach())), held
+    # an empty leaf that requires grad puts the hand-off's Function in the caller's graph (y's own graph is
+    # already freed by the local backward)
+    anchor = torch.empty(0, device=y.device, requires_grad=True)
+    return EagerHandOff.apply(held, y.detach(), anchor), held
 
 
 def hand_over(held: HeldGradients) -> torch.Tensor:
