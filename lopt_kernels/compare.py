@@ -81,14 +81,15 @@ class Setup:
     @property
     def activations_dominate(self) -> bool:
         return (self.lora > 0 and self.trainable_bytes is not None and self.boundary_bytes is not None
-                and 4 * self.trainable_bytes <= self.boundary_bytes)
+                and self.trainable_bytes <= self.boundary_bytes)
 
 
 # name: (what it means, in words; whether a Setup meets it)
 CONDITIONS = {
     "any": ("any configuration", lambda s: True),
     "lora": ("LoRA on a frozen base", lambda s: s.lora > 0),
-    "lora_activations": ("LoRA on a frozen base where activations dominate (trainable gradients <= 1/4 of the "
+    # the same rule as mode="auto" choosing eager: the held gradients are no larger than the activations
+    "lora_activations": ("LoRA on a frozen base where activations dominate (trainable gradients <= the "
                          "layer-boundary activations)", lambda s: s.activations_dominate),
 }
 
