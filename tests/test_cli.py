@@ -73,7 +73,7 @@ def test_compare_shows_only_the_targets_set_for_the_configuration():
     lines = "\n".join(target_lines(rows, full))
     assert "FLOPs     lopt / e2e+fce" in lines and "step peak" not in lines and "step time" not in lines
     assert "MISSES" not in "\n".join(summary_lines(rows, full))  # the FLOP targets hold at ratio 1.0
-    lora_small_acts = Setup(lora=16, trainable_bytes=10**6, boundary_bytes=2 * 10**6)
+    lora_small_acts = Setup(lora=16, trainable_bytes=2 * 10**6, boundary_bytes=10**6)
     lines = "\n".join(target_lines(rows, lora_small_acts))
     assert "step time lopt / e2e+fce" in lines and "step peak" not in lines
     lora = Setup(lora=16, trainable_bytes=10**6, boundary_bytes=10**8)
