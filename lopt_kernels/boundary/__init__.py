@@ -7,6 +7,6 @@
 """
 
 from . import activation_free, eager, stored
-from .common import BoundarySpec, StopGradient, hidden_of, local_loss_and_grads
+from .common import BoundarySpec, hidden_of, local_loss_and_grads
 
-__all__ = ["BoundarySpec", "StopGradient", "activation_free", "eager", "hidden_of", "local_loss_and_grads", "stored"]
+__all__ = ["BoundarySpec", "activation_free", "eager", "hidden_of", "local_loss_and_grads", "stored"]

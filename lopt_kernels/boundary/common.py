@@ -151,19 +151,7 @@ def block_params(layers, decoder) -> list[torch.Tensor]:
     return params
 
 
-class StopGradient(torch.autograd.Function):
-    """Identity forward; no gradient goes back. Keeps ``requires_grad`` on the output so that a
-    reentrant-checkpointed top half still sees an input that requires grad."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
 def as_hand_off(t: torch.Tensor) -> torch.Tensor:
-    """The next block's input: no gradient flows back through it, but it requires grad (see StopGradient)."""
+    """The next block's input: no gradient flows back through it, but it requires grad, so that a
+    reentrant-checkpointed top half still sees an input that requires grad."""
     return t if t.requires_grad else t.detach().requires_grad_(True)
