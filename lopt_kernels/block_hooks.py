@@ -21,7 +21,7 @@ from .state import PatchState, PassState
 MISSING_AUX_MESSAGE = (
     "lopt_kernels: a backward reached the LoPT boundary through the task path, but the loss being "
     "backpropagated does not contain the aux term, so the blocks below the boundary get no gradient. "
-    "Backpropagate the patched model's out.loss, add lambda_aux * out.aux_loss to your own loss, or call "
+    "Backpropagate the patched model's out.loss, add lambda_aux * out.lopt_aux_loss to your own loss, or call "
     "lopt_kernels.attach(trainer) for Trainer/TRL trainers that build their own loss."
 )
 
