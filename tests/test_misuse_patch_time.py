@@ -27,19 +27,19 @@ def _still_works_unpatched(model):
 # 5 layers, default num_blocks=2: block 0 = layers 0-2, block 1 (the final block) = layers 3-4.
 
 
-def test_case7_same_layer_module_in_two_blocks_refused():
+@pytest.mark.parametrize(
+    "repeat, original, message",
+    [
+        (3, 1, r"(?s)layers 1 and 3 are the same module.*boundaries"),  # in two blocks
+        # twice in a bottom block: hooks are per module object, so layer 0's block-start hook would fire as layer 1
+        (1, 0, r"layers 0 and 1 are the same module"),
+    ],
+    ids=["in_two_blocks", "twice_in_a_bottom_block"],
+)
+def test_case7_same_layer_module_refused(repeat, original, message):
     model = tiny_model("llama")
-    model.model.layers[3] = model.model.layers[1]
-    with pytest.raises(LoptPatchError, match=r"(?s)layers 1 and 3 are the same module.*boundaries"):
-        lopt_kernels.patch(model)
-    _still_works_unpatched(model)
-
-
-def test_case7_same_layer_module_twice_in_a_bottom_block_refused():
-    # Hooks are per module object: the block-start hook of layer 0 would also fire as layer 1.
-    model = tiny_model("llama")
-    model.model.layers[1] = model.model.layers[0]
-    with pytest.raises(LoptPatchError, match=r"layers 0 and 1 are the same module"):
+    model.model.layers[repeat] = model.model.layers[original]
+    with pytest.raises(LoptPatchError, match=message):
         lopt_kernels.patch(model)
     _still_works_unpatched(model)
 
