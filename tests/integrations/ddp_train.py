@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import lopt_kernels  # noqa: E402
-from helpers import RecordingCollator, VariableLengthSequences  # noqa: E402
+from helpers import RecordingCollator, VariableLengthSequences, exit_distributed_worker  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 GLOBAL_BATCH = 4  # per micro-batch, over all processes
@@ -58,11 +58,8 @@ def main(out_dir: str) -> None:
         params = run(out_dir, variant, world)
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(params, os.path.join(out_dir, f"{variant}-world{world}.pt"))
-    # Tear the gloo group down before the interpreter exits: a live group's threads can abort the
-    # process at exit ("terminate called without an active exception"), failing a finished run.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if world > 1:
+        exit_distributed_worker()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import lopt_kernels  # noqa: E402
-from helpers import RecordingCollator, VariableLengthSequences  # noqa: E402
+from helpers import RecordingCollator, VariableLengthSequences, exit_distributed_worker  # noqa: E402
 from lopt_kernels.integrations import save_aux_decoders  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -136,9 +136,7 @@ def main(out_dir: str, names) -> None:
             continue
         if rank == 0:
             torch.save(params, os.path.join(out_dir, f"{name}.pt"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    exit_distributed_worker()
 
 
 if __name__ == "__main__":

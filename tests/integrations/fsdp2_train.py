@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 import lopt_kernels  # noqa: E402
+from helpers import exit_distributed_worker  # noqa: E402
 from tiny_models import batch, tiny_model  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main(out):
                 assert err <= 1e-5 * p.grad.abs().max().item() + 1e-10, f"{mode}: {name}: {err:.3e}"
             assert grads["model.layers.0.mlp.down_proj.weight"].abs().max() > 0
             open(os.path.join(out, f"fsdp2_{mode}{'_ckpt' if ckpt else ''}_ok"), "w").close()
-    dist.destroy_process_group()
+    exit_distributed_worker()
 
 
 if __name__ == "__main__":

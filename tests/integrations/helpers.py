@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import os
+import sys
 
 import torch
 from transformers import TrainerCallback
@@ -148,3 +151,17 @@ def sft_rows(n=16, seed=0):
         length = int(torch.randint(2, 5, (1,), generator=g))
         rows.append({"prompt": "count " + nums[a], "completion": " ".join(nums[a + 1: a + 1 + length])})
     return rows
+
+
+def exit_distributed_worker() -> None:
+    """End a torchrun child once its results are on disk: tear the process group down, then leave
+    without interpreter finalisation. Gloo's worker threads can still hold work objects whose
+    destruction at finalisation aborts a finished run ("terminate called without an active exception",
+    pytorch/pytorch#179291); that crash is torch's teardown, not the run under test."""
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
