@@ -255,6 +255,13 @@ def check_weight_sharing(lm: nn.Module, backbone: nn.Module, layers: nn.ModuleLi
 
 def validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask, fused_ce):
     lm = unwrap_causal_lm(model)
+    if any(c.__name__ == "PipelineModule" and c.__module__.startswith("deepspeed") for c in type(lm).__mro__):
+        raise LoptPatchError(
+            "DeepSpeed pipeline parallelism (deepspeed.pipe.PipelineModule) is not supported: its engine runs the "
+            "layers stage by stage with its own schedule and loss, outside the model forward that the LoPT hooks "
+            "follow. Patch the Hugging Face model itself and shard it with ZeRO stage 1, 2 or 3 "
+            "(TrainingArguments(deepspeed=...) or accelerate launch with a DeepSpeed config)."
+        )
     try:
         from transformers import PreTrainedModel  # noqa: PLC0415
     except ImportError:  # pragma: no cover - transformers is a dependency

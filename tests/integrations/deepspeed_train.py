@@ -76,8 +76,9 @@ def _full_params(model, deepspeed: bool) -> dict:
     return out
 
 
-def run(out_dir: str, name: str, *, deepspeed: bool, initial: dict | None = None) -> dict:
-    """The parameters after 2 optimiser steps of case ``name``; ``initial`` (a dict) gets them before training."""
+def run(out_dir: str, name: str, *, deepspeed: bool, initial: dict | None = None, start: dict | None = None) -> dict:
+    """The parameters after 2 optimiser steps of case ``name``; ``initial`` (a dict) gets them before training;
+    ``start`` (name -> tensor) replaces the initialisation."""
     stage, flags = int(name.split("-")[0][len("zero"):]), name.split("-")[1:]
     mode, lora, ckpt = MODES[flags[0]], "lora" in flags, "ckpt" in flags
     world = int(os.environ.get("WORLD_SIZE", "1")) if deepspeed else 1
@@ -90,6 +91,10 @@ def run(out_dir: str, name: str, *, deepspeed: bool, initial: dict | None = None
         model = _lora(model)
     if mode != "e2e":
         model = lopt_kernels.patch(model, mode=mode)
+    if start is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
     if initial is not None:
         initial.update((n, p.detach().clone()) for n, p in model.named_parameters())
     data = VariableLengthSequences(n=32, min_len=9, max_len=9)  # equal lengths: per-rank padding as in one process
@@ -120,13 +125,136 @@ def run(out_dir: str, name: str, *, deepspeed: bool, initial: dict | None = None
     return params
 
 
+# cases beyond "equals one process": TRL's SFTTrainer under ZeRO-3, checkpoint + resume under ZeRO-3, a model
+# built partitioned by deepspeed.zero.Init, and a pipeline-parallel PipelineModule (refused)
+EXTRA_CASES = ("sft-zero3", "resume-zero3", "zero3init-auto", "pipeline")
+
+
+def _cleanup(trainer) -> None:
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
+
+    trainer.accelerator.free_memory()
+    unset_hf_deepspeed_config()
+    gc.collect()
+
+
+def sft_zero3(out_dir: str) -> dict:
+    """TRL's SFTTrainer + ZeRO-3 + attach, 2 steps: {"before", "after"} parameters (whole)."""
+    import datasets  # noqa: PLC0415
+    import trl  # noqa: PLC0415
+
+    from helpers import sft_rows, tiny_llm_for, tiny_tokenizer, write_jsonl  # noqa: PLC0415
+
+    rank = int(os.environ.get("RANK", "0"))
+    tok = tiny_tokenizer()
+    model = lopt_kernels.patch(tiny_llm_for(tok, use_cache=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = write_jsonl(os.path.join(out_dir, f"sft-rank{rank}.jsonl"), sft_rows(16))
+    data = datasets.load_dataset("json", data_files=str(rows), split="train")
+    args = trl.SFTConfig(output_dir=os.path.join(out_dir, "run-sft"), max_steps=2, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, learning_rate=1e-2, max_grad_norm=0.0, report_to=[],
+                         save_strategy="no", use_cpu=True, seed=0, logging_steps=1, lr_scheduler_type="constant",
+                         dataloader_num_workers=0, max_length=32, bf16=False, disable_tqdm=True,
+                         deepspeed=ds_config(3))
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    lopt_kernels.attach(trainer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    after = _full_params(model, True)
+    _cleanup(trainer)
+    return {"before": before, "after": after, "aux_loss": [h.get("aux_loss") for h in logs]}
+
+
+def _resume_args(out_dir: str, run_name: str):
+    config = ds_config(3)
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # save_model: whole weights
+    return TrainingArguments(
+        output_dir=os.path.join(out_dir, run_name), max_steps=4, save_strategy="steps", save_steps=2,
+        per_device_train_batch_size=GLOBAL_BATCH // 2, gradient_accumulation_steps=2, optim="adamw_torch",
+        learning_rate=1e-2, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], use_cpu=True, seed=0,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, disable_tqdm=True,
+        deepspeed=config,
+    )
+
+
+def resume_zero3(out_dir: str) -> dict:
+    """ZeRO-3, AdamW: 4 steps straight (checkpoints at 2 and 4), then a fresh run resumed from checkpoint-2 to 4;
+    rank 0 also saves the straight run's final model with save_model()."""
+    results = {}
+    for run_name, resume in (("resume-straight", None), ("resume-resumed", "resume-straight/checkpoint-2")):
+        torch.manual_seed(0)
+        model = tiny_model("llama")
+        model.config.use_cache = False
+        model = lopt_kernels.patch(model)
+        if resume is not None:  # a different start: the resume must bring back every tensor, decoders included
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+        data = VariableLengthSequences(n=32, min_len=9, max_len=9)
+        trainer = Trainer(model=model, args=_resume_args(out_dir, run_name), train_dataset=data,
+                          data_collator=RecordingCollator(prompt=3))
+        lopt_kernels.attach(trainer)
+        trainer.train(resume_from_checkpoint=None if resume is None else os.path.join(out_dir, resume))
+        results[run_name] = _full_params(model, True)
+        if resume is None:
+            trainer.save_model(os.path.join(out_dir, "resume-final"))
+        _cleanup(trainer)
+    return results
+
+
+def zero3_init(out_dir: str) -> dict:
+    """A model built partitioned (deepspeed.zero.Init, as from_pretrained does under a live ZeRO-3 config), then
+    patched and trained 2 steps: {"initial", "final"} parameters (whole)."""
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "run-zero3init"), max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // 2,
+        gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, disable_tqdm=True,
+        deepspeed=ds_config(3),
+    )
+    torch.manual_seed(0)
+    model = tiny_model("llama")  # under the live ZeRO-3 config: built partitioned
+    assert all(hasattr(p, "ds_id") for p in model.parameters()), "the model was not built by deepspeed.zero.Init"
+    model.config.use_cache = False
+    model = lopt_kernels.patch(model)
+    initial = _full_params(model, True)  # zero.Init's initialisation is not from_config's: the test starts from it
+    trainer = Trainer(model=model, args=args, train_dataset=VariableLengthSequences(n=32, min_len=9, max_len=9),
+                      data_collator=RecordingCollator(prompt=3))
+    lopt_kernels.attach(trainer)
+    trainer.train()
+    params = _full_params(model, True)
+    _cleanup(trainer)
+    return {"initial": initial, "final": params}
+
+
+def pipeline(out_dir: str) -> dict:
+    """patch() on a DeepSpeed PipelineModule: refused (LoptPatchError, recorded in pipeline.err)."""
+    from deepspeed.pipe import PipelineModule  # noqa: PLC0415
+
+    module = PipelineModule(layers=[torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)], num_stages=2)
+    lopt_kernels.patch(module)
+    return {}
+
+
+def _run_case(out_dir: str, name: str) -> dict:
+    if name == "sft-zero3":
+        return sft_zero3(out_dir)
+    if name == "resume-zero3":
+        return resume_zero3(out_dir)
+    if name == "zero3init-auto":
+        return zero3_init(out_dir)
+    if name == "pipeline":
+        return pipeline(out_dir)
+    return run(out_dir, name, deepspeed=True)
+
+
 def main(out_dir: str, names) -> None:
     import deepspeed  # noqa: F401, PLC0415 - fail early (and clearly) when it is missing
 
     rank = int(os.environ.get("RANK", "0"))
     for name in names:
         try:
-            params = run(out_dir, name, deepspeed=True)
+            params = _run_case(out_dir, name)
         except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
             if rank == 0:
                 with open(os.path.join(out_dir, f"{name}.err"), "w") as f:
@@ -140,4 +268,4 @@ def main(out_dir: str, names) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:] or CASES)
+    main(sys.argv[1], sys.argv[2:] or CASES + EXTRA_CASES)

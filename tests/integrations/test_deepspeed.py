@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO-1/2/3 (HF Trainer + lopt_kernels.attach, torchrun, 2 processes, gloo, CPU accelerator) equals one
 process without DeepSpeed on the same global batch after 2 optimiser steps (accumulation 2), in every mode, for a
-full fine-tune and for LoRA, with and without gradient checkpointing. One launch runs every case."""
+full fine-tune and for LoRA, with and without gradient checkpointing; a model built by deepspeed.zero.Init too.
+Under ZeRO-3: TRL's SFTTrainer trains both halves and the decoders, and 2 steps + resume + 2 equal 4 steps.
+A pipeline-parallel PipelineModule is refused. One launch runs every case."""
 
 import os
 import socket
@@ -21,20 +23,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.explicit_modes
-def test_zero_stages_equal_one_process(tmp_path):
-    import deepspeed_train
+pytestmark = [pytest.mark.slow, pytest.mark.explicit_modes]
 
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """One torchrun launch of every case (2 processes); the directory of their results."""
+    out = tmp_path_factory.mktemp("deepspeed")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--master_port={_free_port()}", "--master_addr=127.0.0.1", os.path.join(HERE, "deepspeed_train.py"),
-           str(tmp_path)]
+           str(out)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "LOPT_TEST_DEFAULT_MODE": "auto",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
 
+
+def _result(out, name):
+    err = out / f"{name}.err"
+    assert not err.exists(), err.read_text()[:3000]
+    return torch.load(out / f"{name}.pt")
+
+
+def test_zero_stages_equal_one_process(launch):
+    import deepspeed_train
+
+    tmp_path = launch
     references, initial = {}, {}
     for name in deepspeed_train.CASES:
         err = tmp_path / f"{name}.err"
@@ -63,3 +79,53 @@ def test_zero_stages_equal_one_process(tmp_path):
         for part in ("layers.0.", "layers.4.", "lopt_aux_decoders.0."):
             moved = [n for n in got if part in n and not torch.equal(got[n], init[n])]
             assert moved, f"{name}: nothing in {part} trained"
+
+
+def test_sft_trainer_under_zero3_trains_both_halves_and_the_decoders(launch):
+    got = _result(launch, "sft-zero3")
+    unchanged = [n for n, p in got["before"].items() if torch.equal(p, got["after"][n])]
+    assert not unchanged, f"SFTTrainer + ZeRO-3: not trained: {unchanged}"
+    assert any(n.startswith("lopt_aux_decoders.") for n in got["before"])
+    assert len(got["aux_loss"]) == 2 and all(a is not None and a > 0 for a in got["aux_loss"])
+
+
+def test_resume_under_zero3_equals_the_straight_run(launch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lopt_kernels.integrations import AUX_DECODERS_FILE
+
+    got = _result(launch, "resume-zero3")
+    straight, resumed = got["resume-straight"], got["resume-resumed"]
+    worst = max((resumed[n] - p).abs().max().item() for n, p in straight.items())
+    print(f"resume-zero3: max |2 + resume + 2 - 4 steps| = {worst:.3e}")
+    for n, p in straight.items():
+        torch.testing.assert_close(resumed[n], p, rtol=1e-6, atol=1e-7, msg=f"resumed: {n}")
+    # each checkpoint holds the decoders whole (gathered from the partitions, one file)
+    saved = load_file(str(launch / "resume-straight" / "checkpoint-4" / AUX_DECODERS_FILE))
+    assert saved
+    for k, v in saved.items():
+        torch.testing.assert_close(v, straight[f"lopt_aux_decoders.{k}"], rtol=0, atol=0, msg=f"saved {k}")
+    assert (launch / "resume-straight" / "checkpoint-2" / AUX_DECODERS_FILE).is_file()
+    # save_model() wrote a standard checkpoint: loads without LoPT, no decoder tensors, the trained weights
+    final = AutoModelForCausalLM.from_pretrained(str(launch / "resume-final")).state_dict()
+    assert not [k for k in final if "lopt" in k]
+    for k, v in final.items():
+        if k in straight:
+            torch.testing.assert_close(v, straight[k], rtol=0, atol=0, msg=f"save_model: {k}")
+
+
+def test_model_built_by_zero_init_equals_one_process(launch):
+    import deepspeed_train
+
+    got = _result(launch, "zero3init-auto")
+    single = deepspeed_train.run(str(launch), "zero0-auto", deepspeed=False, start=got["initial"])
+    worst = max((got["final"][n] - p).abs().max().item() for n, p in single.items())
+    print(f"zero3init-auto: max |param - single process| = {worst:.3e}")
+    for n, p in single.items():
+        torch.testing.assert_close(got["final"][n], p, rtol=1e-5, atol=1e-6, msg=f"zero.Init: {n}")
+
+
+def test_pipeline_module_is_refused(launch):
+    err = (launch / "pipeline.err").read_text()
+    assert err.startswith("LoptPatchError") and "PipelineModule" in err and "ZeRO" in err, err[:500]
