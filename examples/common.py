@@ -79,13 +79,17 @@ def train_and_summarise(trainer, args) -> dict:
     logs = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
         "method": args.method, "steps": trainer.state.global_step, "tokens": tokens,
+        "processes": trainer.args.world_size,
+        "distributed": getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type)),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None, "seconds": round(elapsed, 2),
         f"peak_memory_mib_{peak_kind}": round(peak, 1),
         "first_loss": logs[0]["loss"] if logs else None, "last_loss": logs[-1]["loss"] if logs else None,
     }
     if logs and "aux_loss" in logs[-1]:
         summary.update(last_task_loss=logs[-1]["task_loss"], last_aux_loss=logs[-1]["aux_loss"])
-    trainer.save_model(os.path.join(args.output_dir, "final"))
+    trainer.save_model(os.path.join(args.output_dir, "final"))  # every process (ZeRO-3 gathers the weights)
+    if not trainer.is_world_process_zero():
+        return summary
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -21,12 +21,12 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _run(script, model_dir, data, out, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "examples", script), "--model", str(model_dir), "--data", str(data),
+def _run(script, model_dir, data, out, *extra, launcher=(), env_extra=None):
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, "examples", script), "--model", str(model_dir), "--data", str(data),
            "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4", "--grad_accum", "2", "--lr", "1e-3",
            "--local_lr", "2e-3", "--method", "lopt", "--num_blocks", "2", "--lambda_aux", "10", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **(env_extra or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "summary: method=lopt, steps=2" in proc.stdout
@@ -48,3 +48,28 @@ def test_grpo_example(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sft_rows(8)])
     _run("grpo.py", model_dir, data, tmp_path / "out", "--num_generations", "4", "--max_completion_length", "4",
          "--keywords", "one,two,three")
+
+
+@pytest.mark.slow
+def test_sft_example_under_accelerate_deepspeed_zero3(tmp_path, model_dir):
+    """The README's ZeRO-3 command (examples/accelerate_zero3.yaml, 2 processes), on DeepSpeed's CPU accelerator
+    in fp32 (the config's bf16 is overridden: CPU)."""
+    pytest.importorskip("deepspeed")
+    data = write_jsonl(tmp_path / "train.jsonl", sft_rows(16))
+    launcher = ("-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "examples", "accelerate_zero3.yaml"),
+                "--mixed_precision", "no", "--main_process_port", str(_free_port()))
+    summary = _run("sft.py", model_dir, data, tmp_path / "out", "--max_length", "32", launcher=launcher,
+                   env_extra={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert summary["processes"] == 2 and summary["distributed"] == "DEEPSPEED"
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "final")).state_dict()
+    assert final and not [k for k in final if "lopt" in k]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
