@@ -1,0 +1,435 @@
+"""LoPT as a pipeline: one block per rank, activations flow one way.
+
+Block ``b`` never needs anything back from block ``b + 1``: under LoPT it learns from its own
+reconstruction loss. So each rank runs its block's forward on a micro-batch, sends the block's output
+downstream, runs the block's local backward at once (the eager order, sharing its code) and moves on to
+the next micro-batch. No gradient travels upstream, nothing waits for a backward, and each rank keeps one
+micro-batch's activations at a time. The last rank runs the final block, the norm, the head and the task
+loss.
+
+    torchrun --nproc_per_node 2 train.py       # in train.py:
+    stage = PipelineStage.from_pretrained("./my-model")      # this rank's block only
+    optimizer = torch.optim.AdamW(stage.parameters_to_train(), lr=1e-5)
+    train_pipeline(stage, batches, optimizer, grad_accum=4, max_steps=100)
+    stage.save_shard("out/shards"); join_shards("out/shards", "out/final")  # a standard HF checkpoint
+
+Each rank builds its own part only (the model is built on the meta device, the rank's modules are
+materialised and read from the checkpoint). Every rank reads the same batches (the data is small next
+to the model); rank 0 embeds them, the others only need their shapes and masks.
+
+The step boundary is synchronous: every rank finishes the window's micro-batches, then steps, so the
+parameters after N steps equal single-process LoPT (eager) on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .aux_decoder import AuxDecoder
+from .boundary import eager
+from .boundary.common import BoundarySpec, hidden_of
+from .discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
+
+SHARD_PREFIX = "lopt_pipeline_shard"
+DECODER_FILE = "lopt_aux_decoders.safetensors"
+
+
+class _StageDone(Exception):
+    """Raised by the last layer of a non-final stage: nothing after it runs on this rank."""
+
+
+@dataclass
+class MessageCount:
+    """Point-to-point operations this rank issued, by direction (a test asserts none goes upstream)."""
+
+    downstream_sends: int = 0
+    upstream_receives: int = 0  # receives from the previous rank (the downstream flow, seen from here)
+    upstream_sends: int = 0
+    downstream_receives: int = 0
+
+
+@dataclass
+class StageTimeline:
+    """Wall-clock spans of the last step on this rank: (kind, start, end), kind in forward / local_backward /
+    backward / send / receive / step."""
+
+    spans: list = field(default_factory=list)
+
+
+def stage_layer_ranges(num_layers: int, world: int, boundaries=None) -> list[tuple[int, int]]:
+    """``[(first, end), ...]``, one contiguous layer range per rank."""
+    if world < 2:
+        raise LoptPatchError(f"a LoPT pipeline needs at least 2 ranks (one block each), got world size {world}")
+    if num_layers < world:
+        raise LoptPatchError(
+            f"the model has {num_layers} layers, fewer than the {world} pipeline stages; launch at most "
+            f"{num_layers} processes."
+        )
+    if boundaries is not None and len(boundaries) != world - 1:
+        raise LoptPatchError(
+            f"boundaries={list(boundaries)} places {len(boundaries) + 1} stages but the world size is {world}: give "
+            f"{world - 1} boundaries (the first layer of each stage after the first), or launch {len(boundaries) + 1} "
+            "processes."
+        )
+    bounds = resolve_boundaries(num_layers, None if boundaries is not None else world, boundaries)
+    starts = (0, *bounds, num_layers)
+    return [(starts[i], starts[i + 1]) for i in range(world)]
+
+
+def _check_ranks_agree(group, world: int, dtype: torch.dtype, num_layers: int, ranges) -> None:
+    """One clear error on every rank, before any compute, when the ranks were started inconsistently."""
+    mine = {"dtype": str(dtype), "num_layers": num_layers, "ranges": [list(r) for r in ranges]}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    for key in mine:
+        values = {json.dumps(o[key]) for o in everyone}
+        if len(values) > 1:
+            raise LoptPatchError(
+                f"pipeline ranks disagree on {key}: {[o[key] for o in everyone]}; start every rank with the same "
+                "model, dtype and placement."
+            )
+
+
+def _safetensors_index(model_dir: str) -> dict[str, str]:
+    """Tensor name -> file, for a save_pretrained directory (one file or sharded)."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(model_dir, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.isfile(single):
+        raise LoptPatchError(f"{model_dir} has no model.safetensors (save the model with save_pretrained)")
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+class PipelineStage:
+    """This rank's part of a LoPT pipeline: its block's layers, its aux decoder (every stage but the last),
+    the input embeddings (rank 0) and the final norm and head (last rank)."""
+
+    def __init__(self, lm: nn.Module, *, rank: int, world: int, ranges, lambda_aux: float, decoder: AuxDecoder | None,
+                 group=None, backend: str = "auto"):
+        self.lm, self.rank, self.world, self.group = lm, rank, world, group
+        self.ranges, self.lambda_aux, self.decoder, self.backend = ranges, float(lambda_aux), decoder, backend
+        self.backbone, self.layers_attr, self.all_layers = find_layer_stack(lm)
+        first, end = ranges[rank]
+        self.own_layers = nn.ModuleList(self.all_layers[first:end])
+        self.is_first, self.is_last = rank == 0, rank == world - 1
+        self.messages = MessageCount()
+        self.timeline = StageTimeline()
+        self.replaying = False  # set while a checkpointed layer recomputes inside the local backward
+        self._pending_sends: list = []
+        hidden = text_config(lm).hidden_size
+        self.hidden_size = hidden
+        self.dtype = next(p.dtype for p in self.own_layers.parameters())
+        self.device = next(p.device for p in self.own_layers.parameters())
+
+    # construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: str, *, boundaries=None, lambda_aux: float = 10.0,
+                        dtype: torch.dtype = torch.float32, device="cpu", group=None, backend: str = "auto",
+                        aux_decoders: str | None = None, attn_implementation: str = "sdpa",
+                        gradient_checkpointing: bool = False):
+        """Build this rank's part of the model saved in ``model_dir`` (``save_pretrained`` output), reading only
+        its own tensors. ``aux_decoders``: a directory holding ``lopt_aux_decoders.safetensors`` to start the
+        decoders from (default: ``model_dir``'s, if present; otherwise a fresh, seeded initialisation)."""
+        from safetensors import safe_open  # noqa: PLC0415
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+        if not dist.is_initialized():
+            raise LoptPatchError("PipelineStage needs torch.distributed initialised (launch with torchrun)")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        config = AutoConfig.from_pretrained(model_dir)
+        num_layers = config.get_text_config().num_hidden_layers
+        ranges = stage_layer_ranges(num_layers, world, boundaries)
+        _check_ranks_agree(group, world, dtype, num_layers, ranges)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        backbone, attr, layers = find_layer_stack(lm)
+        first, end = ranges[rank]
+        inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+        if out.weight is inp.weight:  # LoPT unties them (as patch does): the head trains on the last rank only
+            out.weight = nn.Parameter(torch.empty_like(inp.weight, device="meta"))
+        skip = {id(m) for i, layer in enumerate(layers) if not first <= i < end for m in layer.modules()}
+        if rank != 0:
+            skip.add(id(inp))
+        if rank != world - 1:
+            skip.add(id(out))
+        keep = [(name, m) for name, m in lm.named_modules() if id(m) not in skip]
+        for _, module in keep:
+            for key, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    module._parameters[key] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+            for key, b in list(module._buffers.items()):
+                if b is not None and b.is_meta:
+                    module._buffers[key] = torch.empty_like(b, device=device)
+        with torch.no_grad():
+            for _, module in keep:
+                lm._init_weights(module)  # non-persistent buffers (rotary frequencies), then overwritten below
+            index = _safetensors_index(model_dir)
+            tied_source = "model.embed_tokens.weight"
+            own = dict((name, p) for name, p in lm.named_parameters() if not p.is_meta)
+            own.update((name, b) for name, b in lm.named_buffers() if not b.is_meta)
+            for name, tensor in own.items():
+                source = name
+                if source not in index and out is not None and tensor is out.weight:
+                    source = next((k for k in index if k.endswith("embed_tokens.weight")), tied_source)
+                if source not in index:
+                    continue  # a non-persistent buffer
+                with safe_open(index[source], "pt", device=str(device)) as f:
+                    tensor.copy_(f.get_tensor(source).to(tensor.dtype))
+        decoder = None
+        if rank != world - 1:
+            decoder = AuxDecoder(config.get_text_config().hidden_size, device=device, dtype=dtype)
+            path = os.path.join(aux_decoders or model_dir, DECODER_FILE)
+            if os.path.isfile(path):
+                from safetensors.torch import load_file  # noqa: PLC0415
+
+                saved = load_file(path)
+                decoder.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".")[0] == str(rank)})
+            elif aux_decoders is not None:
+                raise LoptPatchError(f"{path} does not exist")
+            else:
+                g = torch.Generator().manual_seed(1234 + rank)
+                for linear in (decoder.down, decoder.up):
+                    bound = 0.1 * (6.0 / (linear.in_features + linear.out_features)) ** 0.5
+                    with torch.no_grad():
+                        linear.weight.copy_(torch.rand(linear.weight.shape, generator=g) * 2 * bound - bound)
+        lm.train()
+        if gradient_checkpointing:
+            lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
+        return cls(lm, rank=rank, world=world, ranges=ranges, lambda_aux=lambda_aux, decoder=decoder, group=group,
+                   backend=backend)
+
+    def parameters_to_train(self) -> list[torch.Tensor]:
+        """This rank's trainable parameters (its layers; embeddings on rank 0; norm and head on the last rank;
+        its aux decoder): build this rank's optimiser from them."""
+        params = [p for p in self.lm.parameters() if p.requires_grad and not p.is_meta]
+        if self.decoder is not None:
+            params += list(self.decoder.parameters())
+        return params
+
+    # one micro-batch ------------------------------------------------------------------------------
+    def _run_backbone(self, batch: dict, received: torch.Tensor | None):
+        """This stage's layers on ``received`` (or on the embeddings, rank 0), through the model's own forward so
+        that masks and position embeddings are the model's; returns (stage input, stage output or the model
+        output on the last rank)."""
+        captured = {}
+        first_layer, last_layer = self.own_layers[0], self.own_layers[-1]
+
+        def pre(module, args, kwargs):
+            if self.replaying:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            x = hidden if received is None else received
+            # the block runs from a detached copy (stop-grad); on rank 0 the embeddings' gradient goes through it
+            leaf = x.detach().requires_grad_(self.is_first and x.requires_grad)
+            captured["x"], captured["leaf"] = x, leaf
+            if args:
+                return (leaf, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": leaf}
+
+        def post(module, args, kwargs, output):
+            if self.replaying:
+                return None
+            captured["y"] = hidden_of(output)
+            if not self.is_last:
+                raise _StageDone
+
+        handles = [first_layer.register_forward_pre_hook(pre, with_kwargs=True),
+                   last_layer.register_forward_hook(post, with_kwargs=True)]
+        setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
+        inputs = {"attention_mask": batch.get("attention_mask")}
+        if self.is_first:
+            inputs["input_ids"] = batch["input_ids"]
+        else:
+            ids = batch["input_ids"]  # only the shape matters: the first layer's input is replaced
+            inputs["inputs_embeds"] = torch.zeros(*ids.shape, self.hidden_size, dtype=self.dtype, device=self.device)
+        if self.is_last:
+            inputs["labels"] = batch["labels"]
+        try:
+            output = self.lm(**inputs, use_cache=False)
+        except _StageDone:
+            output = None
+        finally:
+            setattr(self.backbone, self.layers_attr, self.all_layers)
+            for h in handles:
+                h.remove()
+        return captured["x"], captured["leaf"], captured["y"], output
+
+    def _receive(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        buffer = torch.empty(*ids.shape, self.hidden_size, dtype=self.dtype, device=self.device)
+        dist.recv(buffer, src=self._global(self.rank - 1), group=self.group)
+        self.messages.upstream_receives += 1
+        return buffer
+
+    def _send(self, y: torch.Tensor) -> None:
+        payload = y.detach().contiguous()
+        self._pending_sends.append((dist.isend(payload, dst=self._global(self.rank + 1), group=self.group), payload))
+        self.messages.downstream_sends += 1
+
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def wait_sends(self) -> None:
+        for work, _ in self._pending_sends:
+            work.wait()
+        self._pending_sends.clear()
+
+    def run_micro_batch(self, batch: dict, loss_weight: float) -> dict:
+        """Forward this stage on one micro-batch and accumulate its gradients, weighted by ``loss_weight``
+        (1 / accumulation steps for a mean over the window). Returns this stage's losses (float tensors)."""
+        span = self._span
+        received = None
+        if not self.is_first:
+            with span("receive"):
+                received = self._receive(batch)
+        if self.is_last:
+            with span("forward"):
+                _, _, _, output = self._run_backbone(batch, received)
+            with span("backward"):
+                (output.loss * loss_weight).backward()
+            return {"task_loss": output.loss.detach().float()}
+        with span("forward"):
+            x, leaf, y, _ = self._run_backbone(batch, received)
+        with span("send"):
+            self._send(y)  # downstream first: the next stage starts while this one runs its local backward
+        with span("local_backward"):
+            spec = BoundarySpec(decoder=self.decoder, backend=self.backend, layerwise_rebuild=False,
+                                replay_guard=self)
+            tape = eager.EagerTape(x=x, leaf=leaf, layers=list(self.own_layers))
+            aux, params, held, scale = eager.run_local_backward(spec, tape, y)
+            # the aux term's weight in the model's loss: lambda * mean over the world - 1 boundaries
+            weight = loss_weight * self.lambda_aux / (self.world - 1) / scale
+            *param_grads, grad_x = held
+            if grad_x is not None:  # rank 0: into the input embeddings
+                x.backward(grad_x * weight)
+            with torch.no_grad():
+                for p, g in zip(params, param_grads):
+                    if g is None:
+                        continue
+                    if p.grad is None:
+                        p.grad = (g * weight).to(p.dtype)
+                    else:
+                        p.grad.add_(g, alpha=weight)
+        return {"aux_loss": aux.detach().float()}
+
+    def _span(self, kind: str):
+        import contextlib  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        @contextlib.contextmanager
+        def timed():
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.timeline.spans.append((kind, start, time.perf_counter()))
+
+        return timed()
+
+    # checkpoints ---------------------------------------------------------------------------------
+    def save_shard(self, directory: str) -> str:
+        """Write this rank's trained tensors (global names; the decoder as ``lopt_aux_decoders.<rank>.*``)."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.lm.named_parameters() if not p.is_meta}
+        tensors.update((n, b.detach().to("cpu").contiguous()) for n, b in self.lm.named_buffers()
+                       if not b.is_meta and n in self.lm.state_dict())
+        if self.decoder is not None:
+            tensors.update((f"lopt_aux_decoders.{self.rank}.{n}", v.detach().to("cpu").contiguous())
+                           for n, v in self.decoder.state_dict().items())
+        path = os.path.join(directory, f"{SHARD_PREFIX}-{self.rank}-of-{self.world}.safetensors")
+        save_file(tensors, path, metadata={"format": "pt"})
+        if self.is_first:
+            self.lm.config.save_pretrained(directory)
+        return path
+
+
+def join_shards(shard_dir: str, out_dir: str) -> str:
+    """Join the ranks' shards in ``shard_dir`` into one standard Hugging Face checkpoint in ``out_dir``
+    (``config.json`` + ``model.safetensors``, untied head, no aux decoders); returns ``out_dir``."""
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    files = sorted(f for f in os.listdir(shard_dir) if f.startswith(SHARD_PREFIX))
+    if not files:
+        raise LoptPatchError(f"{shard_dir} holds no {SHARD_PREFIX}-*.safetensors files")
+    worlds = {int(f.rsplit("-of-", 1)[1].split(".")[0]) for f in files}
+    if len(worlds) != 1 or len(files) != next(iter(worlds)):
+        raise LoptPatchError(f"{shard_dir}: incomplete or mixed shard set {files}")
+    state = {}
+    for f in files:
+        state.update((k, v) for k, v in load_file(os.path.join(shard_dir, f)).items()
+                     if not k.startswith("lopt_aux_decoders."))
+    config = AutoConfig.from_pretrained(shard_dir)
+    config.tie_word_embeddings = False  # the head trained on its own (LoPT unties it)
+    if hasattr(config, "get_text_config"):
+        config.get_text_config().tie_word_embeddings = False
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int, max_steps: int, scheduler=None,
+                   log_every: int = 1, progress: bool = True, on_log=None) -> list[dict]:
+    """The synchronous LoPT pipeline loop: per optimiser step, ``grad_accum`` micro-batches flow through the
+    stages (each rank runs forward, sends downstream, runs its local backward, takes the next); then every rank
+    steps its own optimiser. ``batches`` yields the same micro-batches on every rank. Returns the last rank's
+    log (task loss, and each boundary's aux loss, sent downstream once per step)."""
+    history = []
+    iterator = iter(batches)
+    bar = None
+    if progress and stage.is_last:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=max_steps, desc="LoPT pipeline")
+    for step in range(max_steps):
+        stage.timeline.spans.clear()
+        task = torch.zeros((), dtype=torch.float32)
+        aux = torch.zeros((), dtype=torch.float32)
+        for _ in range(grad_accum):
+            batch = next(iterator)
+            losses = stage.run_micro_batch(batch, 1.0 / grad_accum)
+            task = task + losses.get("task_loss", 0.0) / grad_accum
+            aux = aux + losses.get("aux_loss", 0.0) / grad_accum
+        with stage._span("send"):
+            stage.wait_sends()
+        # the boundaries' aux losses travel downstream with the flow: one small message per step and stage
+        auxes = torch.zeros(stage.world - 1, dtype=torch.float32)
+        if not stage.is_first:
+            dist.recv(auxes, src=stage._global(stage.rank - 1), group=stage.group)
+            stage.messages.upstream_receives += 1
+        if not stage.is_last:
+            auxes[stage.rank] = aux
+            dist.send(auxes, dst=stage._global(stage.rank + 1), group=stage.group)
+            stage.messages.downstream_sends += 1
+        with stage._span("step"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        if stage.is_last:
+            entry = {"step": step + 1, "task_loss": float(task), "aux_loss": [float(a) for a in auxes],
+                     "loss": float(task) + stage.lambda_aux * float(auxes.mean())}
+            history.append(entry)
+            if bar is not None:
+                bar.update(1)
+                if (step + 1) % log_every == 0:
+                    bar.set_postfix(task=f"{entry['task_loss']:.4f}", aux=f"{float(auxes.mean()):.3g}")
+            if on_log is not None and (step + 1) % log_every == 0:
+                on_log(entry)
+    if bar is not None:
+        bar.close()
+    return history
