@@ -31,8 +31,23 @@ def micro_batches():
         i += 1
 
 
+def mixed_dtypes(model_dir, out):
+    """Rank 1 started in bf16, the others in fp32: every rank must raise the same clear error before compute."""
+    import lopt_kernels  # noqa: PLC0415
+
+    rank = dist.get_rank()
+    try:
+        PipelineStage.from_pretrained(model_dir, dtype=torch.bfloat16 if rank == 1 else torch.float32)
+    except lopt_kernels.LoptPatchError as exc:
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(str(exc))
+    exit_distributed_worker()
+
+
 def main(model_dir, out, steps, ga, ckpt):
     dist.init_process_group("gloo")
+    if ckpt == "mixed-dtypes":
+        return mixed_dtypes(model_dir, out)
     stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1")
     optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
     history = train_pipeline(stage, micro_batches(), optimizer, grad_accum=int(ga), max_steps=int(steps),

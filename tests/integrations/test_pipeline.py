@@ -49,9 +49,10 @@ def _single_process(model, steps, ga):
 
 
 def _launch(k, model_dir, out, ckpt):
+    ckpt = ckpt if isinstance(ckpt, str) else ("1" if ckpt else "0")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "--nnodes=1",
            f"--master_port={_free_port()}", "--master_addr=127.0.0.1", os.path.join(HERE, "pipeline_train.py"),
-           str(model_dir), str(out), str(STEPS), str(GA), "1" if ckpt else "0"]
+           str(model_dir), str(out), str(STEPS), str(GA), ckpt]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -97,3 +98,35 @@ def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
         assert rec["materialised"] < rec["total"], "a rank built the whole model"
     last = records[-1]["history"]
     assert len(last) == STEPS and all(len(h["aux_loss"]) == k - 1 and min(h["aux_loss"]) > 0 for h in last)
+
+
+def test_ranks_on_mixed_dtypes_are_refused_on_every_rank(tmp_path):
+    from tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    _launch(2, tmp_path / "model", tmp_path, "mixed-dtypes")
+    for r in range(2):
+        err = (tmp_path / f"rank{r}.err").read_text()
+        assert "disagree on dtype" in err and "torch.bfloat16" in err, err
+
+
+@pytest.mark.parametrize("num_layers, world, boundaries, match", [
+    (5, 1, None, "at least 2 ranks"),
+    (3, 4, None, "fewer than the 4 pipeline stages"),
+    (5, 3, (2,), "places 2 stages but the world size is 3"),
+    (5, 2, (0,), "boundaries"),  # an empty first stage
+    (5, 3, (3, 3), "boundaries"),  # an empty middle stage
+])
+def test_bad_placements_are_refused(num_layers, world, boundaries, match):
+    from lopt_kernels.pipeline import stage_layer_ranges
+
+    with pytest.raises(lopt_kernels.LoptPatchError, match=match):
+        stage_layer_ranges(num_layers, world, boundaries)
+
+
+def test_placement_is_even_or_given():
+    from lopt_kernels.pipeline import stage_layer_ranges
+
+    assert stage_layer_ranges(5, 2) == [(0, 2), (2, 5)]  # as patch(num_blocks=2) splits
+    assert stage_layer_ranges(6, 3) == [(0, 2), (2, 4), (4, 6)]
+    assert stage_layer_ranges(6, 3, (1, 4)) == [(0, 1), (1, 4), (4, 6)]
