@@ -127,6 +127,6 @@ def test_bad_placements_are_refused(num_layers, world, boundaries, match):
 def test_placement_is_even_or_given():
     from lopt_kernels.pipeline import stage_layer_ranges
 
-    assert stage_layer_ranges(5, 2) == [(0, 2), (2, 5)]  # as patch(num_blocks=2) splits
+    assert stage_layer_ranges(5, 2) == [(0, 3), (3, 5)]  # as patch(num_blocks=2) splits
     assert stage_layer_ranges(6, 3) == [(0, 2), (2, 4), (4, 6)]
     assert stage_layer_ranges(6, 3, (1, 4)) == [(0, 1), (1, 4), (4, 6)]
