@@ -35,6 +35,8 @@ from .aux_decoder import AuxDecoder
 from .boundary import eager
 from .boundary.common import BoundarySpec, hidden_of
 from .discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
+from .ops import linear_cross_entropy as lce
+from .task_loss_hooks import _LOGIT_TRANSFORMS
 
 SHARD_PREFIX = "lopt_pipeline_shard"
 DECODER_FILE = "lopt_aux_decoders.safetensors"
@@ -96,6 +98,20 @@ def _check_ranks_agree(group, world: int, dtype: torch.dtype, num_layers: int, r
             )
 
 
+def _fused_ce_applies(lm) -> bool:
+    """Whether the last stage's task loss can be the fused linear cross-entropy (the model's own loss otherwise):
+    a plain linear head, the standard causal-LM loss, no logit transforms or router loss (as ``patch`` decides)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: PLC0415
+
+    config = lm.config.get_text_config()
+    head = lm.get_output_embeddings()
+    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+    return (type(head) is nn.Linear and getattr(lm, "loss_function", None) is ForCausalLMLoss and not transforms
+            and not hasattr(config, "output_router_logits")
+            and lce.resolve_implementation("auto", head.weight.device,
+                                           getattr(config, "final_logit_softcapping", None)) is not None)
+
+
 def _safetensors_index(model_dir: str) -> dict[str, str]:
     """Tensor name -> file, for a save_pretrained directory (one file or sharded)."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -129,6 +145,7 @@ class PipelineStage:
         self._pending_sends: list = []
         hidden = text_config(lm).hidden_size
         self.hidden_size = hidden
+        self.fused_ce = self.is_last and _fused_ce_applies(lm)
         self.dtype = next(p.dtype for p in self.own_layers.parameters())
         self.device = next(p.device for p in self.own_layers.parameters())
 
@@ -246,6 +263,12 @@ class PipelineStage:
 
         handles = [first_layer.register_forward_pre_hook(pre, with_kwargs=True),
                    last_layer.register_forward_hook(post, with_kwargs=True)]
+        if self.is_last and self.fused_ce:
+            def head_input(module, args):  # the fused loss takes the head's input: the logits are never built
+                captured["head_input"] = args[0]
+                raise _StageDone
+
+            handles.append(self.lm.get_output_embeddings().register_forward_pre_hook(head_input))
         setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
         inputs = {"attention_mask": batch.get("attention_mask")}
         if self.is_first:
@@ -253,17 +276,22 @@ class PipelineStage:
         else:
             ids = batch["input_ids"]  # only the shape matters: the first layer's input is replaced
             inputs["inputs_embeds"] = torch.zeros(*ids.shape, self.hidden_size, dtype=self.dtype, device=self.device)
-        if self.is_last:
+        if self.is_last and not self.fused_ce:
             inputs["labels"] = batch["labels"]
         try:
             output = self.lm(**inputs, use_cache=False)
+            task = output.loss if self.is_last else None
         except _StageDone:
-            output = None
+            task = None
+            if self.is_last:
+                head = self.lm.get_output_embeddings()
+                task = lce.linear_cross_entropy(captured["head_input"], head.weight,
+                                                lce.shift_labels_of(batch["labels"]), bias=head.bias)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
             for h in handles:
                 h.remove()
-        return captured["x"], captured["leaf"], captured["y"], output
+        return captured["x"], captured["leaf"], captured["y"], task
 
     def _receive(self, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
@@ -274,6 +302,7 @@ class PipelineStage:
 
     def _send(self, y: torch.Tensor) -> None:
         payload = y.detach().contiguous()
+        self.wait_sends()  # at most one activation in flight: an earlier one must not outlive its micro-batch
         self._pending_sends.append((dist.isend(payload, dst=self._global(self.rank + 1), group=self.group), payload))
         self.messages.downstream_sends += 1
 
@@ -295,10 +324,10 @@ class PipelineStage:
                 received = self._receive(batch)
         if self.is_last:
             with span("forward"):
-                _, _, _, output = self._run_backbone(batch, received)
+                _, _, _, task = self._run_backbone(batch, received)
             with span("backward"):
-                (output.loss * loss_weight).backward()
-            return {"task_loss": output.loss.detach().float()}
+                (task * loss_weight).backward()
+            return {"task_loss": task.detach().float()}
         with span("forward"):
             x, leaf, y, _ = self._run_backbone(batch, received)
         with span("send"):
