@@ -411,20 +411,41 @@ def join_shards(shard_dir: str, out_dir: str) -> str:
     return out_dir
 
 
+def average_gradients(params, group) -> None:
+    """Mean of the gradients over ``group`` (the same stage's data-parallel replicas): one all-reduce per dtype."""
+    world = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int, max_steps: int, scheduler=None,
-                   log_every: int = 1, progress: bool = True, on_log=None) -> list[dict]:
+                   log_every: int = 1, progress: bool = True, on_log=None, data_parallel_group=None,
+                   start_step: int = 0) -> list[dict]:
     """The synchronous LoPT pipeline loop: per optimiser step, ``grad_accum`` micro-batches flow through the
     stages (each rank runs forward, sends downstream, runs its local backward, takes the next); then every rank
-    steps its own optimiser. ``batches`` yields the same micro-batches on every rank. Returns the last rank's
-    log (task loss, and each boundary's aux loss, sent downstream once per step)."""
+    steps its own optimiser. ``batches`` yields the same micro-batches on every rank of one pipeline.
+    ``data_parallel_group``: the ranks holding the same stage in other pipeline replicas (each fed its own
+    share of the global batch); their gradients are averaged before the step. ``start_step``: the steps
+    already taken (resume; ``batches`` should start after them). Returns the last rank's log (task loss, and
+    each boundary's aux loss, sent downstream once per step)."""
     history = []
     iterator = iter(batches)
     bar = None
     if progress and stage.is_last:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=max_steps, desc="LoPT pipeline")
-    for step in range(max_steps):
+        bar = tqdm(total=max_steps, initial=start_step, desc="LoPT pipeline")
+    for step in range(start_step, max_steps):
         stage.timeline.spans.clear()
         task = torch.zeros((), dtype=torch.float32)
         aux = torch.zeros((), dtype=torch.float32)
@@ -445,6 +466,8 @@ def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int,
             dist.send(auxes, dst=stage._global(stage.rank + 1), group=stage.group)
             stage.messages.downstream_sends += 1
         with stage._span("step"):
+            if data_parallel_group is not None:
+                average_gradients(stage.parameters_to_train(), data_parallel_group)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:

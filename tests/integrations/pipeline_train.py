@@ -44,14 +44,31 @@ def mixed_dtypes(model_dir, out):
     exit_distributed_worker()
 
 
+def replica_share(replica, replicas, ga):
+    """Replica ``replica``'s micro-batches: step s of the global stream holds ``replicas * ga`` micro-batches,
+    the replica takes its consecutive ``ga`` of them."""
+    for i, b in enumerate(micro_batches()):
+        if (i // ga) % replicas == replica:
+            yield b
+
+
 def main(model_dir, out, steps, ga, ckpt):
     dist.init_process_group("gloo")
     if ckpt == "mixed-dtypes":
         return mixed_dtypes(model_dir, out)
-    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1")
+    data, group, dp_group = micro_batches(), None, None
+    if ckpt == "dp":  # 2 pipeline replicas x 2 stages: pipelines {0, 1}, {2, 3}; data parallel {0, 2}, {1, 3}
+        rank = dist.get_rank()
+        pipelines = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        replicas = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        group, dp_group = pipelines[rank // 2], replicas[rank % 2]
+        data = replica_share(rank // 2, 2, int(ga))
+    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1", group=group)
     optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
-    history = train_pipeline(stage, micro_batches(), optimizer, grad_accum=int(ga), max_steps=int(steps),
-                             progress=False)
+    history = train_pipeline(stage, data, optimizer, grad_accum=int(ga), max_steps=int(steps),
+                             progress=False, data_parallel_group=dp_group)
+    if dp_group is not None and dist.get_rank() >= 2:  # replica 1 equals replica 0: only replica 0 writes
+        exit_distributed_worker()
     stage.save_shard(os.path.join(out, "shards"))
     record = {"rank": stage.rank, "messages": vars(stage.messages), "history": history,
               "own_layers": list(stage.ranges[stage.rank]),

@@ -36,6 +36,7 @@ def _model_dir(path, k):
 
 
 def _single_process(model, steps, ga):
+    """Single-process LoPT over the same micro-batches (``ga`` per optimiser step, a mean over them)."""
     import pipeline_train
 
     optimizer = torch.optim.SGD(model.parameters(), lr=pipeline_train.LR)
@@ -59,17 +60,19 @@ def _launch(k, model_dir, out, ckpt):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (2, "dp")],
+                         ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "2x2_data_parallel"])
 def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
+    """k stages (k processes); "dp": 2 pipeline replicas x 2 stages on 4 processes against one process on
+    the global batch (both replicas' micro-batches in each step)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from lopt_kernels.pipeline import join_shards
 
     model = _model_dir(tmp_path / "model", k)
-    _launch(k, tmp_path / "model", tmp_path, ckpt)
-    expected = _single_process(model, STEPS, GA)
+    _launch(4 if ckpt == "dp" else k, tmp_path / "model", tmp_path, ckpt)
+    expected = _single_process(model, STEPS, GA * 2 if ckpt == "dp" else GA)
 
     joined = AutoModelForCausalLM.from_pretrained(join_shards(str(tmp_path / "shards"), str(tmp_path / "final")))
     got = joined.state_dict()
