@@ -113,7 +113,18 @@ def _fused_ce_applies(lm) -> bool:
 
 
 def _safetensors_index(model_dir: str) -> dict[str, str]:
-    """Tensor name -> file, for a save_pretrained directory (one file or sharded)."""
+    """Tensor name -> file, for a save_pretrained directory (one file or sharded) or a pipeline checkpoint
+    (the ranks' shards)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    shards = sorted(f for f in os.listdir(model_dir) if f.startswith(SHARD_PREFIX) and f.endswith(".safetensors"))
+    if shards:
+        out = {}
+        for name in shards:
+            path = os.path.join(model_dir, name)
+            with safe_open(path, "pt") as f:
+                out.update((k, path) for k in f.keys())
+        return out
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -121,8 +132,6 @@ def _safetensors_index(model_dir: str) -> dict[str, str]:
     single = os.path.join(model_dir, "model.safetensors")
     if not os.path.isfile(single):
         raise LoptPatchError(f"{model_dir} has no model.safetensors (save the model with save_pretrained)")
-    from safetensors import safe_open  # noqa: PLC0415
-
     with safe_open(single, "pt") as f:
         return {k: single for k in f.keys()}
 
@@ -136,6 +145,7 @@ class PipelineStage:
         self.lm, self.rank, self.world, self.group = lm, rank, world, group
         self.ranges, self.lambda_aux, self.decoder, self.backend = ranges, float(lambda_aux), decoder, backend
         self.backbone, self.layers_attr, self.all_layers = find_layer_stack(lm)
+        self._layers_prefix = next(n for n, m in lm.named_modules() if m is self.all_layers)
         first, end = ranges[rank]
         self.own_layers = nn.ModuleList(self.all_layers[first:end])
         self.is_first, self.is_last = rank == 0, rank == world - 1
@@ -207,7 +217,12 @@ class PipelineStage:
         if rank != world - 1:
             decoder = AuxDecoder(config.get_text_config().hidden_size, device=device, dtype=dtype)
             path = os.path.join(aux_decoders or model_dir, DECODER_FILE)
-            if os.path.isfile(path):
+            prefix = f"lopt_aux_decoders.{rank}."
+            from_shard = aux_decoders is None and any(k.startswith(prefix) for k in index)
+            if from_shard:  # a pipeline checkpoint: this rank's decoder is in its shard
+                with safe_open(index[next(k for k in index if k.startswith(prefix))], "pt") as f:
+                    decoder.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+            elif os.path.isfile(path):
                 from safetensors.torch import load_file  # noqa: PLC0415
 
                 saved = load_file(path)
@@ -226,10 +241,24 @@ class PipelineStage:
         return cls(lm, rank=rank, world=world, ranges=ranges, lambda_aux=lambda_aux, decoder=decoder, group=group,
                    backend=backend)
 
+    def owns(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether this rank trains and saves the model tensor ``name``: its layers'; the input embeddings on
+        rank 0; everything else outside the layer stack (final norm, head) on the last rank. Other ranks may
+        hold a copy they only run (rotary tables), never one they train."""
+        if tensor.is_meta:
+            return False
+        prefix = self._layers_prefix + "."
+        if name.startswith(prefix):
+            first, end = self.ranges[self.rank]
+            return first <= int(name[len(prefix):].split(".")[0]) < end
+        if tensor is self.lm.get_input_embeddings().weight:
+            return self.is_first
+        return self.is_last
+
     def parameters_to_train(self) -> list[torch.Tensor]:
         """This rank's trainable parameters (its layers; embeddings on rank 0; norm and head on the last rank;
         its aux decoder): build this rank's optimiser from them."""
-        params = [p for p in self.lm.parameters() if p.requires_grad and not p.is_meta]
+        params = [p for n, p in self.lm.named_parameters() if p.requires_grad and self.owns(n, p)]
         if self.decoder is not None:
             params += list(self.decoder.parameters())
         return params
@@ -372,9 +401,8 @@ class PipelineStage:
         from safetensors.torch import save_file  # noqa: PLC0415
 
         os.makedirs(directory, exist_ok=True)
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.lm.named_parameters() if not p.is_meta}
-        tensors.update((n, b.detach().to("cpu").contiguous()) for n, b in self.lm.named_buffers()
-                       if not b.is_meta and n in self.lm.state_dict())
+        persistent = self.lm.state_dict(keep_vars=True)
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in persistent.items() if self.owns(n, t)}
         if self.decoder is not None:
             tensors.update((f"lopt_aux_decoders.{self.rank}.{n}", v.detach().to("cpu").contiguous())
                            for n, v in self.decoder.state_dict().items())
@@ -383,6 +411,31 @@ class PipelineStage:
         if self.is_first:
             self.lm.config.save_pretrained(directory)
         return path
+
+
+def _state_file(directory: str, rank: int, world: int) -> str:
+    return os.path.join(directory, f"lopt_pipeline_state-{rank}-of-{world}.pt")
+
+
+def save_checkpoint(stage: PipelineStage, directory: str, optimizer, *, step: int, scheduler=None) -> None:
+    """This rank's part of a resumable checkpoint: its shard, its optimiser (and scheduler) state and the step.
+    ``PipelineStage.from_pretrained(directory)`` and :func:`load_training_state` resume from it."""
+    stage.save_shard(directory)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "step": step}, _state_file(directory, stage.rank, stage.world))
+
+
+def load_training_state(stage: PipelineStage, directory: str, optimizer, scheduler=None) -> int:
+    """Restore this rank's optimiser (and scheduler) state from :func:`save_checkpoint`; returns the step to
+    pass to ``train_pipeline(start_step=...)``."""
+    path = _state_file(directory, stage.rank, stage.world)
+    if not os.path.isfile(path):
+        raise LoptPatchError(f"{path} does not exist: not a pipeline checkpoint of {stage.world} stages")
+    state = torch.load(path, map_location=stage.device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
 
 
 def join_shards(shard_dir: str, out_dir: str) -> str:
@@ -436,10 +489,13 @@ def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int,
     steps its own optimiser. ``batches`` yields the same micro-batches on every rank of one pipeline.
     ``data_parallel_group``: the ranks holding the same stage in other pipeline replicas (each fed its own
     share of the global batch); their gradients are averaged before the step. ``start_step``: the steps
-    already taken (resume; ``batches`` should start after them). Returns the last rank's log (task loss, and
+    already taken (resume): ``batches`` is the whole stream, the micro-batches those steps consumed are
+    skipped. Returns the last rank's log (task loss, and
     each boundary's aux loss, sent downstream once per step)."""
     history = []
     iterator = iter(batches)
+    for _ in range(start_step * grad_accum):
+        next(iterator)
     bar = None
     if progress and stage.is_last:
         from tqdm.auto import tqdm  # noqa: PLC0415

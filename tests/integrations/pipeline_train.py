@@ -52,10 +52,40 @@ def replica_share(replica, replicas, ga):
             yield b
 
 
+def resume(model_dir, out, steps, ga):
+    """AdamW: ``steps`` straight, then a fresh stage from a checkpoint taken half-way, resumed to ``steps``."""
+    from lopt_kernels.pipeline import load_training_state, save_checkpoint  # noqa: PLC0415
+
+    def build(source):
+        stage = PipelineStage.from_pretrained(source)
+        optimizer = torch.optim.AdamW(stage.parameters_to_train(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+        return stage, optimizer, scheduler
+
+    steps, ga, half = int(steps), int(ga), int(steps) // 2
+    stage, optimizer, scheduler = build(model_dir)
+    train_pipeline(stage, micro_batches(), optimizer, grad_accum=ga, max_steps=steps, scheduler=scheduler,
+                   progress=False)
+    stage.save_shard(os.path.join(out, "straight"))
+    stage, optimizer, scheduler = build(model_dir)
+    train_pipeline(stage, micro_batches(), optimizer, grad_accum=ga, max_steps=half, scheduler=scheduler,
+                   progress=False)
+    save_checkpoint(stage, os.path.join(out, "checkpoint"), optimizer, step=half, scheduler=scheduler)
+    dist.barrier()
+    stage, optimizer, scheduler = build(os.path.join(out, "checkpoint"))
+    start = load_training_state(stage, os.path.join(out, "checkpoint"), optimizer, scheduler)
+    train_pipeline(stage, micro_batches(), optimizer, grad_accum=ga, max_steps=steps, scheduler=scheduler,
+                   progress=False, start_step=start)
+    stage.save_shard(os.path.join(out, "resumed"))
+    exit_distributed_worker()
+
+
 def main(model_dir, out, steps, ga, ckpt):
     dist.init_process_group("gloo")
     if ckpt == "mixed-dtypes":
         return mixed_dtypes(model_dir, out)
+    if ckpt == "resume":
+        return resume(model_dir, out, steps, ga)
     data, group, dp_group = micro_batches(), None, None
     if ckpt == "dp":  # 2 pipeline replicas x 2 stages: pipelines {0, 1}, {2, 3}; data parallel {0, 2}, {1, 3}
         rank = dist.get_rank()

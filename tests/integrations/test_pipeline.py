@@ -16,7 +16,7 @@ from lopt_kernels.integrations import save_aux_decoders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = [pytest.mark.slow, pytest.mark.explicit_modes]
-STEPS, GA = 3, 2
+STEPS, GA = 4, 2
 
 
 def _free_port():
@@ -133,3 +133,21 @@ def test_placement_is_even_or_given():
     assert stage_layer_ranges(5, 2) == [(0, 3), (3, 5)]  # as patch(num_blocks=2) splits
     assert stage_layer_ranges(6, 3) == [(0, 2), (2, 4), (4, 6)]
     assert stage_layer_ranges(6, 3, (1, 4)) == [(0, 1), (1, 4), (4, 6)]
+
+
+def test_resume_from_a_pipeline_checkpoint_equals_the_straight_run(tmp_path):
+    """AdamW + an LR schedule: 2 steps, checkpoint (shards + optimiser/scheduler state), a fresh stage from it,
+    2 more steps == 4 steps straight; the joined checkpoint of either is a standard HF model."""
+    from safetensors.torch import load_file
+
+    from lopt_kernels.pipeline import join_shards
+
+    _model_dir(tmp_path / "model", 2)
+    _launch(2, tmp_path / "model", tmp_path, "resume")
+    for shard in sorted((tmp_path / "straight").glob("*.safetensors")):
+        straight, resumed = load_file(str(shard)), load_file(str(tmp_path / "resumed" / shard.name))
+        assert straight.keys() == resumed.keys()
+        for n, v in straight.items():
+            torch.testing.assert_close(resumed[n], v, rtol=0, atol=0, msg=f"{shard.name}: {n}")
+    assert any(k.startswith("lopt_aux_decoders.0.") for k in load_file(str(next((tmp_path / "resumed").glob("*-0-of-2*")))))
+    join_shards(str(tmp_path / "resumed"), str(tmp_path / "final"))
