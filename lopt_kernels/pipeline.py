@@ -98,6 +98,45 @@ def _check_ranks_agree(group, world: int, dtype: torch.dtype, num_layers: int, r
             )
 
 
+ADAPTER_PREFIX = "base_model.model."
+
+
+def _adapter_key(name: str) -> str:
+    """``model.layers.0.q_proj.lora_A.default.weight`` -> PEFT's saved ``base_model.model.model.layers.0.q_proj.lora_A.weight``."""
+    return ADAPTER_PREFIX + name.replace(".default.", ".")
+
+
+def _inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
+    """LoRA layers from ``adapter_dir`` in ``lm`` (frozen base): this rank's from the adapter's (or a pipeline
+    checkpoint's) tensors; the rest stay on the meta device with the layers they adapt."""
+    from peft import PeftConfig, inject_adapter_in_model  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if getattr(config, "peft_type", None) is None or str(config.peft_type) not in ("LORA", "PeftType.LORA"):
+        raise LoptPatchError(f"{adapter_dir}: only LoRA adapters are supported by the pipeline, got {config.peft_type}")
+    inject_adapter_in_model(config, lm)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    saved = safe_open(path, "pt", device=str(device)) if os.path.isfile(path) else None
+    keys = set(saved.keys()) if saved is not None else set()
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if ".lora_" not in name:
+                continue
+            p.requires_grad_(True)
+            if p.is_meta:
+                continue
+            if name in index:  # resuming from a pipeline checkpoint
+                with safe_open(index[name], "pt", device=str(device)) as f:
+                    p.copy_(f.get_tensor(name))
+            elif _adapter_key(name) in keys:
+                p.copy_(saved.get_tensor(_adapter_key(name)))
+            else:
+                raise LoptPatchError(f"{adapter_dir} has no LoRA tensor for {name} ({_adapter_key(name)})")
+
+
 def _fused_ce_applies(lm) -> bool:
     """Whether the last stage's task loss can be the fused linear cross-entropy (the model's own loss otherwise):
     a plain linear head, the standard causal-LM loss, no logit transforms or router loss (as ``patch`` decides)."""
@@ -164,10 +203,12 @@ class PipelineStage:
     def from_pretrained(cls, model_dir: str, *, boundaries=None, lambda_aux: float = 10.0,
                         dtype: torch.dtype = torch.float32, device="cpu", group=None, backend: str = "auto",
                         aux_decoders: str | None = None, attn_implementation: str = "sdpa",
-                        gradient_checkpointing: bool = False):
+                        gradient_checkpointing: bool = False, adapter: str | None = None):
         """Build this rank's part of the model saved in ``model_dir`` (``save_pretrained`` output), reading only
         its own tensors. ``aux_decoders``: a directory holding ``lopt_aux_decoders.safetensors`` to start the
-        decoders from (default: ``model_dir``'s, if present; otherwise a fresh, seeded initialisation)."""
+        decoders from (default: ``model_dir``'s, if present; otherwise a fresh, seeded initialisation).
+        ``adapter``: a PEFT LoRA adapter directory (``save_pretrained`` of a PeftModel) to train instead of the
+        full model: the base weights are frozen, each rank trains its layers' LoRA weights and its decoder."""
         from safetensors import safe_open  # noqa: PLC0415
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
@@ -202,17 +243,20 @@ class PipelineStage:
             for _, module in keep:
                 lm._init_weights(module)  # non-persistent buffers (rotary frequencies), then overwritten below
             index = _safetensors_index(model_dir)
-            tied_source = "model.embed_tokens.weight"
-            own = dict((name, p) for name, p in lm.named_parameters() if not p.is_meta)
-            own.update((name, b) for name, b in lm.named_buffers() if not b.is_meta)
-            for name, tensor in own.items():
+            params = {name: p for name, p in lm.named_parameters() if not p.is_meta}
+            buffers = {name: b for name, b in lm.named_buffers() if not b.is_meta}
+            for name, tensor in {**params, **buffers}.items():
                 source = name
-                if source not in index and out is not None and tensor is out.weight:
-                    source = next((k for k in index if k.endswith("embed_tokens.weight")), tied_source)
+                if source not in index and tensor is out.weight:  # a tied checkpoint: the head starts as the embeddings
+                    source = next((k for k in index if k.endswith("embed_tokens.weight")), name)
                 if source not in index:
-                    continue  # a non-persistent buffer
+                    if name in params:
+                        raise LoptPatchError(f"{model_dir} has no tensor {name} (not a checkpoint of this model)")
+                    continue  # a non-persistent buffer, computed above
                 with safe_open(index[source], "pt", device=str(device)) as f:
                     tensor.copy_(f.get_tensor(source).to(tensor.dtype))
+        if adapter is not None:
+            _inject_adapter(lm, adapter, index, device)
         decoder = None
         if rank != world - 1:
             decoder = AuxDecoder(config.get_text_config().hidden_size, device=device, dtype=dtype)
@@ -238,8 +282,10 @@ class PipelineStage:
         lm.train()
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
-        return cls(lm, rank=rank, world=world, ranges=ranges, lambda_aux=lambda_aux, decoder=decoder, group=group,
-                   backend=backend)
+        stage = cls(lm, rank=rank, world=world, ranges=ranges, lambda_aux=lambda_aux, decoder=decoder, group=group,
+                    backend=backend)
+        stage.adapter = adapter
+        return stage
 
     def owns(self, name: str, tensor: torch.Tensor) -> bool:
         """Whether this rank trains and saves the model tensor ``name``: its layers'; the input embeddings on
@@ -402,7 +448,9 @@ class PipelineStage:
 
         os.makedirs(directory, exist_ok=True)
         persistent = self.lm.state_dict(keep_vars=True)
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in persistent.items() if self.owns(n, t)}
+        # LoRA-wrapped layers keep their weight as ``<layer>.base_layer.weight``: saved under the model's own name
+        tensors = {n.replace(".base_layer.", "."): t.detach().to("cpu").contiguous() for n, t in persistent.items()
+                   if self.owns(n, t)}
         if self.decoder is not None:
             tensors.update((f"lopt_aux_decoders.{self.rank}.{n}", v.detach().to("cpu").contiguous())
                            for n, v in self.decoder.state_dict().items())
@@ -410,6 +458,10 @@ class PipelineStage:
         save_file(tensors, path, metadata={"format": "pt"})
         if self.is_first:
             self.lm.config.save_pretrained(directory)
+            if getattr(self, "adapter", None) is not None:
+                import shutil  # noqa: PLC0415
+
+                shutil.copy(os.path.join(self.adapter, "adapter_config.json"), directory)
         return path
 
 
@@ -440,7 +492,8 @@ def load_training_state(stage: PipelineStage, directory: str, optimizer, schedul
 
 def join_shards(shard_dir: str, out_dir: str) -> str:
     """Join the ranks' shards in ``shard_dir`` into one standard Hugging Face checkpoint in ``out_dir``
-    (``config.json`` + ``model.safetensors``, untied head, no aux decoders); returns ``out_dir``."""
+    (``config.json`` + ``model.safetensors``, untied head, no aux decoders), or, for a LoRA run, into the
+    trained PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``); returns ``out_dir``."""
     from safetensors.torch import load_file, save_file  # noqa: PLC0415
     from transformers import AutoConfig  # noqa: PLC0415
 
@@ -454,6 +507,14 @@ def join_shards(shard_dir: str, out_dir: str) -> str:
     for f in files:
         state.update((k, v) for k, v in load_file(os.path.join(shard_dir, f)).items()
                      if not k.startswith("lopt_aux_decoders."))
+    if os.path.isfile(os.path.join(shard_dir, "adapter_config.json")):  # LoRA: the trained adapter, PEFT's format
+        import shutil  # noqa: PLC0415
+
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copy(os.path.join(shard_dir, "adapter_config.json"), out_dir)
+        adapter = {_adapter_key(k): v for k, v in state.items() if ".lora_" in k}
+        save_file(adapter, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+        return out_dir
     config = AutoConfig.from_pretrained(shard_dir)
     config.tie_word_embeddings = False  # the head trained on its own (LoPT unties it)
     if hasattr(config, "get_text_config"):

@@ -93,7 +93,8 @@ def main(model_dir, out, steps, ga, ckpt):
         replicas = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         group, dp_group = pipelines[rank // 2], replicas[rank % 2]
         data = replica_share(rank // 2, 2, int(ga))
-    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1", group=group)
+    adapter = os.path.join(model_dir, "adapter") if ckpt == "lora" else None
+    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1", group=group, adapter=adapter)
     optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
     history = train_pipeline(stage, data, optimizer, grad_accum=int(ga), max_steps=int(steps),
                              progress=False, data_parallel_group=dp_group)

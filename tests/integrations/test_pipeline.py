@@ -25,11 +25,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _model_dir(path, k):
+def _model_dir(path, k, lora=False):
     from tiny_models import tiny_model
 
     model = tiny_model("llama")
     model.save_pretrained(path)
+    if lora:  # the pipeline trains this adapter (saved as PEFT saves it)
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False))
+        model.save_pretrained(path / "adapter")
     lopt_kernels.patch(model, num_blocks=k, mode="eager")
     save_aux_decoders(model, str(path))  # the pipeline starts its decoders from these
     return model
@@ -60,8 +66,8 @@ def _launch(k, model_dir, out, ckpt):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (2, "dp")],
-                         ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "2x2_data_parallel"])
+@pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (2, "dp"), (3, "lora")],
+                         ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "2x2_data_parallel", "3-lora"])
 def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
     """k stages (k processes); "dp": 2 pipeline replicas x 2 stages on 4 processes against one process on
     the global batch (both replicas' micro-batches in each step)."""
@@ -70,9 +76,11 @@ def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
 
     from lopt_kernels.pipeline import join_shards
 
-    model = _model_dir(tmp_path / "model", k)
+    model = _model_dir(tmp_path / "model", k, lora=ckpt == "lora")
     _launch(4 if ckpt == "dp" else k, tmp_path / "model", tmp_path, ckpt)
     expected = _single_process(model, STEPS, GA * 2 if ckpt == "dp" else GA)
+    if ckpt == "lora":
+        return _check_lora(tmp_path, expected, k)
 
     joined = AutoModelForCausalLM.from_pretrained(join_shards(str(tmp_path / "shards"), str(tmp_path / "final")))
     got = joined.state_dict()
@@ -151,3 +159,34 @@ def test_resume_from_a_pipeline_checkpoint_equals_the_straight_run(tmp_path):
             torch.testing.assert_close(resumed[n], v, rtol=0, atol=0, msg=f"{shard.name}: {n}")
     assert any(k.startswith("lopt_aux_decoders.0.") for k in load_file(str(next((tmp_path / "resumed").glob("*-0-of-2*")))))
     join_shards(str(tmp_path / "resumed"), str(tmp_path / "final"))
+
+
+def _check_lora(tmp_path, expected, k):
+    """The joined output is the trained PEFT adapter; it and the decoders equal the single-process run's."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from lopt_kernels.pipeline import join_shards
+    from tiny_models import tiny_model
+
+    out = join_shards(str(tmp_path / "shards"), str(tmp_path / "adapter-out"))
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), out)  # a standard adapter directory
+    got = {n: p for n, p in loaded.named_parameters() if ".lora_" in n}
+    want = {n: p for n, p in expected.named_parameters() if ".lora_" in n}
+    assert got.keys() == want.keys() and got
+    worst = max((got[n] - p).abs().max().item() for n, p in want.items())
+    print(f"pipeline k={k} LoRA: max |adapter - single process| = {worst:.3e}")
+    for n, p in want.items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+    decoders = {}
+    for f in (tmp_path / "shards").glob("*.safetensors"):
+        decoders.update((n, v) for n, v in load_file(str(f)).items() if n.startswith("lopt_aux_decoders."))
+    for n, p in expected.named_parameters():
+        if "lopt_aux_decoders." in n:
+            key = n[n.index("lopt_aux_decoders."):]
+            torch.testing.assert_close(decoders[key], p.detach(), rtol=1e-5, atol=1e-6, msg=key)
+    initial = load_file(str(tmp_path / "model" / "adapter" / "adapter_model.safetensors"))
+    trained = load_file(str(tmp_path / "adapter-out" / "adapter_model.safetensors"))
+    assert initial.keys() == trained.keys()
+    for layer in range(5):  # every stage trained its layers' adapters
+        assert any(not torch.equal(v, initial[n]) for n, v in trained.items() if f"layers.{layer}." in n), layer
