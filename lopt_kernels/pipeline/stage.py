@@ -1,25 +1,5 @@
-"""LoPT as a pipeline: one block per rank, activations flow one way.
-
-Block ``b`` never needs anything back from block ``b + 1``: under LoPT it learns from its own
-reconstruction loss. So each rank runs its block's forward on a micro-batch, sends the block's output
-downstream, runs the block's local backward at once (the eager order, sharing its code) and moves on to
-the next micro-batch. No gradient travels upstream, nothing waits for a backward, and each rank keeps one
-micro-batch's activations at a time. The last rank runs the final block, the norm, the head and the task
-loss.
-
-    torchrun --nproc_per_node 2 train.py       # in train.py:
-    stage = PipelineStage.from_pretrained("./my-model")      # this rank's block only
-    optimizer = torch.optim.AdamW(stage.parameters_to_train(), lr=1e-5)
-    train_pipeline(stage, batches, optimizer, grad_accum=4, max_steps=100)
-    stage.save_shard("out/shards"); join_shards("out/shards", "out/final")  # a standard HF checkpoint
-
-Each rank builds its own part only (the model is built on the meta device, the rank's modules are
-materialised and read from the checkpoint). Every rank reads the same batches (the data is small next
-to the model); rank 0 embeds them, the others only need their shapes and masks.
-
-The step boundary is synchronous: every rank finishes the window's micro-batches, then steps, so the
-parameters after N steps equal single-process LoPT (eager) on the same data.
-"""
+"""A LoPT pipeline stage: this rank's block, built and read alone; one micro-batch's forward, send and local
+backward."""
 
 from __future__ import annotations
 
@@ -31,15 +11,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .aux_decoder import AuxDecoder
-from .boundary import eager
-from .boundary.common import BoundarySpec, hidden_of
-from .discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
-from .ops import linear_cross_entropy as lce
-from .task_loss_hooks import _LOGIT_TRANSFORMS
-
-SHARD_PREFIX = "lopt_pipeline_shard"
-DECODER_FILE = "lopt_aux_decoders.safetensors"
+from ..aux_decoder import AuxDecoder
+from ..boundary import eager
+from ..boundary.common import BoundarySpec, hidden_of
+from ..discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
+from ..ops import linear_cross_entropy as lce
+from ..task_loss_hooks import _LOGIT_TRANSFORMS
+from .checkpoint import DECODER_FILE, SHARD_PREFIX, _inject_adapter, _safetensors_index
 
 
 class _StageDone(Exception):
@@ -98,45 +76,6 @@ def _check_ranks_agree(group, world: int, dtype: torch.dtype, num_layers: int, r
             )
 
 
-ADAPTER_PREFIX = "base_model.model."
-
-
-def _adapter_key(name: str) -> str:
-    """``model.layers.0.q_proj.lora_A.default.weight`` -> PEFT's saved ``base_model.model.model.layers.0.q_proj.lora_A.weight``."""
-    return ADAPTER_PREFIX + name.replace(".default.", ".")
-
-
-def _inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
-    """LoRA layers from ``adapter_dir`` in ``lm`` (frozen base): this rank's from the adapter's (or a pipeline
-    checkpoint's) tensors; the rest stay on the meta device with the layers they adapt."""
-    from peft import PeftConfig, inject_adapter_in_model  # noqa: PLC0415
-    from safetensors import safe_open  # noqa: PLC0415
-
-    config = PeftConfig.from_pretrained(adapter_dir)
-    if getattr(config, "peft_type", None) is None or str(config.peft_type) not in ("LORA", "PeftType.LORA"):
-        raise LoptPatchError(f"{adapter_dir}: only LoRA adapters are supported by the pipeline, got {config.peft_type}")
-    inject_adapter_in_model(config, lm)
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    saved = safe_open(path, "pt", device=str(device)) if os.path.isfile(path) else None
-    keys = set(saved.keys()) if saved is not None else set()
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            if ".lora_" not in name:
-                continue
-            p.requires_grad_(True)
-            if p.is_meta:
-                continue
-            if name in index:  # resuming from a pipeline checkpoint
-                with safe_open(index[name], "pt", device=str(device)) as f:
-                    p.copy_(f.get_tensor(name))
-            elif _adapter_key(name) in keys:
-                p.copy_(saved.get_tensor(_adapter_key(name)))
-            else:
-                raise LoptPatchError(f"{adapter_dir} has no LoRA tensor for {name} ({_adapter_key(name)})")
-
-
 def _fused_ce_applies(lm) -> bool:
     """Whether the last stage's task loss can be the fused linear cross-entropy (the model's own loss otherwise):
     a plain linear head, the standard causal-LM loss, no logit transforms or router loss (as ``patch`` decides)."""
@@ -149,30 +88,6 @@ def _fused_ce_applies(lm) -> bool:
             and not hasattr(config, "output_router_logits")
             and lce.resolve_implementation("auto", head.weight.device,
                                            getattr(config, "final_logit_softcapping", None)) is not None)
-
-
-def _safetensors_index(model_dir: str) -> dict[str, str]:
-    """Tensor name -> file, for a save_pretrained directory (one file or sharded) or a pipeline checkpoint
-    (the ranks' shards)."""
-    from safetensors import safe_open  # noqa: PLC0415
-
-    shards = sorted(f for f in os.listdir(model_dir) if f.startswith(SHARD_PREFIX) and f.endswith(".safetensors"))
-    if shards:
-        out = {}
-        for name in shards:
-            path = os.path.join(model_dir, name)
-            with safe_open(path, "pt") as f:
-                out.update((k, path) for k in f.keys())
-        return out
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(model_dir, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(model_dir, "model.safetensors")
-    if not os.path.isfile(single):
-        raise LoptPatchError(f"{model_dir} has no model.safetensors (save the model with save_pretrained)")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
 
 
 class PipelineStage:
@@ -463,142 +378,3 @@ class PipelineStage:
 
                 shutil.copy(os.path.join(self.adapter, "adapter_config.json"), directory)
         return path
-
-
-def _state_file(directory: str, rank: int, world: int) -> str:
-    return os.path.join(directory, f"lopt_pipeline_state-{rank}-of-{world}.pt")
-
-
-def save_checkpoint(stage: PipelineStage, directory: str, optimizer, *, step: int, scheduler=None) -> None:
-    """This rank's part of a resumable checkpoint: its shard, its optimiser (and scheduler) state and the step.
-    ``PipelineStage.from_pretrained(directory)`` and :func:`load_training_state` resume from it."""
-    stage.save_shard(directory)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "step": step}, _state_file(directory, stage.rank, stage.world))
-
-
-def load_training_state(stage: PipelineStage, directory: str, optimizer, scheduler=None) -> int:
-    """Restore this rank's optimiser (and scheduler) state from :func:`save_checkpoint`; returns the step to
-    pass to ``train_pipeline(start_step=...)``."""
-    path = _state_file(directory, stage.rank, stage.world)
-    if not os.path.isfile(path):
-        raise LoptPatchError(f"{path} does not exist: not a pipeline checkpoint of {stage.world} stages")
-    state = torch.load(path, map_location=stage.device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
-
-
-def join_shards(shard_dir: str, out_dir: str) -> str:
-    """Join the ranks' shards in ``shard_dir`` into one standard Hugging Face checkpoint in ``out_dir``
-    (``config.json`` + ``model.safetensors``, untied head, no aux decoders), or, for a LoRA run, into the
-    trained PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``); returns ``out_dir``."""
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
-    from transformers import AutoConfig  # noqa: PLC0415
-
-    files = sorted(f for f in os.listdir(shard_dir) if f.startswith(SHARD_PREFIX))
-    if not files:
-        raise LoptPatchError(f"{shard_dir} holds no {SHARD_PREFIX}-*.safetensors files")
-    worlds = {int(f.rsplit("-of-", 1)[1].split(".")[0]) for f in files}
-    if len(worlds) != 1 or len(files) != next(iter(worlds)):
-        raise LoptPatchError(f"{shard_dir}: incomplete or mixed shard set {files}")
-    state = {}
-    for f in files:
-        state.update((k, v) for k, v in load_file(os.path.join(shard_dir, f)).items()
-                     if not k.startswith("lopt_aux_decoders."))
-    if os.path.isfile(os.path.join(shard_dir, "adapter_config.json")):  # LoRA: the trained adapter, PEFT's format
-        import shutil  # noqa: PLC0415
-
-        os.makedirs(out_dir, exist_ok=True)
-        shutil.copy(os.path.join(shard_dir, "adapter_config.json"), out_dir)
-        adapter = {_adapter_key(k): v for k, v in state.items() if ".lora_" in k}
-        save_file(adapter, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-        return out_dir
-    config = AutoConfig.from_pretrained(shard_dir)
-    config.tie_word_embeddings = False  # the head trained on its own (LoPT unties it)
-    if hasattr(config, "get_text_config"):
-        config.get_text_config().tie_word_embeddings = False
-    os.makedirs(out_dir, exist_ok=True)
-    config.save_pretrained(out_dir)
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    return out_dir
-
-
-def average_gradients(params, group) -> None:
-    """Mean of the gradients over ``group`` (the same stage's data-parallel replicas): one all-reduce per dtype."""
-    world = dist.get_world_size(group)
-    by_dtype: dict[torch.dtype, list] = {}
-    for p in params:
-        if p.grad is not None:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int, max_steps: int, scheduler=None,
-                   log_every: int = 1, progress: bool = True, on_log=None, data_parallel_group=None,
-                   start_step: int = 0) -> list[dict]:
-    """The synchronous LoPT pipeline loop: per optimiser step, ``grad_accum`` micro-batches flow through the
-    stages (each rank runs forward, sends downstream, runs its local backward, takes the next); then every rank
-    steps its own optimiser. ``batches`` yields the same micro-batches on every rank of one pipeline.
-    ``data_parallel_group``: the ranks holding the same stage in other pipeline replicas (each fed its own
-    share of the global batch); their gradients are averaged before the step. ``start_step``: the steps
-    already taken (resume): ``batches`` is the whole stream, the micro-batches those steps consumed are
-    skipped. Returns the last rank's log (task loss, and
-    each boundary's aux loss, sent downstream once per step)."""
-    history = []
-    iterator = iter(batches)
-    for _ in range(start_step * grad_accum):
-        next(iterator)
-    bar = None
-    if progress and stage.is_last:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
-        bar = tqdm(total=max_steps, initial=start_step, desc="LoPT pipeline")
-    for step in range(start_step, max_steps):
-        stage.timeline.spans.clear()
-        task = torch.zeros((), dtype=torch.float32)
-        aux = torch.zeros((), dtype=torch.float32)
-        for _ in range(grad_accum):
-            batch = next(iterator)
-            losses = stage.run_micro_batch(batch, 1.0 / grad_accum)
-            task = task + losses.get("task_loss", 0.0) / grad_accum
-            aux = aux + losses.get("aux_loss", 0.0) / grad_accum
-        with stage._span("send"):
-            stage.wait_sends()
-        # the boundaries' aux losses travel downstream with the flow: one small message per step and stage
-        auxes = torch.zeros(stage.world - 1, dtype=torch.float32)
-        if not stage.is_first:
-            dist.recv(auxes, src=stage._global(stage.rank - 1), group=stage.group)
-            stage.messages.upstream_receives += 1
-        if not stage.is_last:
-            auxes[stage.rank] = aux
-            dist.send(auxes, dst=stage._global(stage.rank + 1), group=stage.group)
-            stage.messages.downstream_sends += 1
-        with stage._span("step"):
-            if data_parallel_group is not None:
-                average_gradients(stage.parameters_to_train(), data_parallel_group)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        if stage.is_last:
-            entry = {"step": step + 1, "task_loss": float(task), "aux_loss": [float(a) for a in auxes],
-                     "loss": float(task) + stage.lambda_aux * float(auxes.mean())}
-            history.append(entry)
-            if bar is not None:
-                bar.update(1)
-                if (step + 1) % log_every == 0:
-                    bar.set_postfix(task=f"{entry['task_loss']:.4f}", aux=f"{float(auxes.mean()):.3g}")
-            if on_log is not None and (step + 1) % log_every == 0:
-                on_log(entry)
-    if bar is not None:
-        bar.close()
-    return history
