@@ -277,18 +277,22 @@ def prepare(base, method: str, k: int | None, args, seed: int):
     return model, torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
 
 
-def _cpu_peak_bytes(step, model, optimizer) -> tuple[int, int]:
-    from lopt_kernels.measure import _tensor_bytes, measure_step
+def _cpu_peak_bytes(step, model, optimizer) -> int:
+    """Parameters, optimizer state and the step's own peak (gradients, activations, temporaries), counted by
+    the dispatcher-level tracker of ``lopt-kernels compare``."""
+    from lopt_kernels.measure import measure_step
 
     mem, _ = measure_step(step, model, torch.device("cpu"), memory=True, flops=False)
-    state = _tensor_bytes(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-    return mem.params + state + mem.step_peak, mem.step_peak
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    return mem.params + state + mem.step_peak
 
 
 def train_run(base, method, k, seed, data, args, device, progress) -> dict:
     model, optimizer = prepare(base, method, k, args, seed)
     model.train()
     losses, aux, step_times, peak, tokens = [], [], [], None, 0
+    measured = min(1, args.steps - 1) if device.type == "cpu" else None  # step 2: optimizer state exists
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step, batch in enumerate(batches(data["train"], args.batch_size, args.steps, seed, data["pad_id"], device)):
@@ -302,15 +306,15 @@ def train_run(base, method, k, seed, data, args, device, progress) -> dict:
             record["aux"] = out.lopt_aux_loss.item() if method != "e2e" else None
 
         started = time.perf_counter()
-        if step == 1 and device.type == "cpu":
-            peak, _ = _cpu_peak_bytes(fwd_bwd, model, optimizer)
+        if step == measured:
+            peak = _cpu_peak_bytes(fwd_bwd, model, optimizer)
         else:
             fwd_bwd()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if not (step == 1 and device.type == "cpu"):
+        if step != measured:
             step_times.append(time.perf_counter() - started)
         losses.append(record["task"])
         aux.append(record["aux"])
