@@ -17,18 +17,21 @@ Triton path, per chunk of ``m`` rows (modelled on Liger-Kernel's fused linear cr
 matmuls run through torch in the decoder's dtype, the row-wise work runs in Triton in fp32):
 
 1. ``_ln_forward_kernel`` reads the chunk of ``y`` once and writes the normalised rows in the matmul
-   dtype, plus (only when gradients are wanted) ``xhat`` in fp32 and the row ``rstd``, so that the
-   LayerNorm backward never reads ``y`` again;
+   dtype, plus (only when gradients are wanted) the row ``mean`` and ``rstd`` in fp32 (8 bytes a row);
+   no fp32 ``xhat`` is kept: the LayerNorm backward re-reads ``y`` and recomputes it;
 2. ``proj = normed @ W_down^T`` (torch), then ``_bias_gelu_forward_kernel`` adds the bias in fp32,
-   applies the exact erf GELU, writes ``act`` in the matmul dtype and keeps ``z`` in fp32 (r columns only);
+   applies the exact erf GELU and writes ``act`` in the matmul dtype; ``proj`` is kept, so no fp32 ``z``
+   is stored: the GELU backward recomputes ``z = proj + b_down`` in fp32 (bitwise the forward's ``z``);
 3. ``recon = act @ W_up^T`` (torch), then ``_squared_error_kernel`` adds the up bias, subtracts ``x``
    (read strided, no copy), accumulates the chunk's loss into per-program fp32 partials and overwrites
    ``recon`` in place with ``d_recon = 2 * grad_scale / (N * h) * (recon - x)``, accumulating the up-bias
    gradient in per-program fp32 partials (the Liger layer_norm scheme);
-4. backward: ``dW_up += d_recon^T @ act``; ``d_act = d_recon @ W_up`` (into the ``proj`` buffer);
-   ``_gelu_backward_kernel`` turns it in place into ``d_z = d_act * gelu'(z)`` with the down-bias partials;
-   ``dW_down += d_z^T @ normed``; ``d_normed = d_z @ W_down`` (into the ``recon`` buffer);
-   ``_ln_backward_kernel`` writes the rows of ``grad_y`` and the LayerNorm weight/bias partials.
+4. backward: ``dW_up += d_recon^T @ act``; ``d_act = d_recon @ W_up`` (into the ``act`` buffer, which is
+   spent); ``_gelu_backward_kernel`` reads ``proj`` and turns ``d_act`` in place into
+   ``d_z = d_act * gelu'(z)`` with the down-bias partials; ``dW_down += d_z^T @ normed``;
+   ``d_normed = d_z @ W_down`` (into the ``recon`` buffer); ``_ln_backward_kernel`` re-reads the chunk of
+   ``y`` (strided), recomputes ``xhat = (y - mean) * rstd`` and writes the rows of ``grad_y`` and the
+   LayerNorm weight/bias partials.
 
 The host code runs under ``torch.cuda.device(y.device)`` (``_device_guard``): Triton launches on the
 current CUDA device, so a block on another GPU (``device_map="auto"``) gets its kernels on its own device
@@ -37,9 +40,9 @@ and stream, where its matmuls run.
 Weight gradients accumulate across chunks in fp32 buffers (``torch.mm(..., out_dtype=float32)`` where
 the device supports it, otherwise each chunk's product is rounded once to the matmul dtype before the
 fp32 accumulation); per-program partial rows are summed once at the end and everything is cast to the
-parameters' dtype. Chunk buffers (two ``m x h`` in the matmul dtype, one ``m x h`` fp32 ``xhat`` when
-gradients are wanted, a few ``m x r``) are the only working memory besides ``grad_y`` itself.
-``compute_grads=False`` launches the forward kernels only, without the ``xhat``/``rstd``/``z`` stores.
+parameters' dtype. Chunk buffers (two ``m x h`` and two ``m x r`` in the matmul dtype, two fp32 row
+statistics when gradients are wanted) are the only working memory besides ``grad_y`` itself.
+``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores.
 
 Midpoint capture: the tensor handed to the top half of the model at the split point is a zero-copy
 view of the block output (no clone, no ``.contiguous()``), and this op receives ``y`` as that same
@@ -222,8 +225,7 @@ def _ln_forward_kernel(
     Y, stride_ym, stride_yh,  # chunk of y (strided)
     W, B,  # LayerNorm weight / bias (contiguous)
     NORMED,  # out: (m, h) in the matmul dtype
-    XHAT,  # out: (m, h) fp32, only if STORE_BWD
-    RSTD,  # out: (m,) fp32, only if STORE_BWD
+    MEAN, RSTD,  # out: (m,) fp32 row statistics, only if STORE_BWD
     n_rows, n_cols, eps, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_BWD: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
@@ -249,8 +251,8 @@ def _ln_forward_kernel(
         normed = xhat * w[None, :] + b[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
         tl.store(NORMED + offs, _round_bf16(normed, ROUND_BF16), mask=mask)
-        if STORE_BWD:
-            tl.store(XHAT + offs, xhat, mask=mask)
+        if STORE_BWD:  # 8 bytes a row: the backward recomputes xhat from y (no m x h fp32 buffer)
+            tl.store(MEAN + rows64, mean, mask=rmask)
             tl.store(RSTD + rows64, rstd, mask=rmask)
 
 
@@ -258,10 +260,9 @@ def _ln_forward_kernel(
 def _bias_gelu_forward_kernel(
     PROJ,  # (m, r) matmul output without bias, matmul dtype
     BD,  # (r,) down bias
-    Z32,  # out: (m, r) fp32 pre-activation, only if STORE_Z
     ACT,  # out: (m, r) gelu(z) in the matmul dtype
     n_rows, n_cols, num_progs,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, STORE_Z: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_R)
@@ -277,8 +278,6 @@ def _bias_gelu_forward_kernel(
         z = tl.load(PROJ + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         act = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
         tl.store(ACT + offs, _round_bf16(act, ROUND_BF16), mask=mask)
-        if STORE_Z:
-            tl.store(Z32 + offs, z, mask=mask)
 
 
 @triton.jit
@@ -324,7 +323,8 @@ def _squared_error_kernel(
 @triton.jit
 def _gelu_backward_kernel(
     GRAD,  # (m, r) in/out: d_act -> d_z (matmul dtype)
-    Z32,  # (m, r) fp32 pre-activation
+    PROJ,  # (m, r) the forward's matmul output without bias (matmul dtype), kept for this kernel
+    BD,  # (r,) down bias
     DBD_PART,  # (G, r) fp32 per-program partial down-bias gradients
     n_rows, n_cols, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -333,6 +333,7 @@ def _gelu_backward_kernel(
     cols = tl.arange(0, BLOCK_R)
     cmask = cols < n_cols
     cols64 = cols.to(tl.int64)
+    bias = tl.load(BD + cols, mask=cmask, other=0.0).to(tl.float32)
     dbias = tl.zeros((BLOCK_R,), dtype=tl.float32)
     num_tiles = tl.cdiv(n_rows, BLOCK_M)
     for tile in range(pid, num_tiles, num_progs):
@@ -341,7 +342,8 @@ def _gelu_backward_kernel(
         mask = (rows < n_rows)[:, None] & cmask[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
         d_act = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(Z32 + offs, mask=mask, other=0.0)
+        # the forward's fp32 pre-activation, recomputed exactly as ``_bias_gelu_forward_kernel`` formed it
+        z = tl.load(PROJ + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         d_z = tl.where(mask, d_act * (cdf + z * pdf), 0.0)
@@ -354,7 +356,8 @@ def _gelu_backward_kernel(
 @triton.jit
 def _ln_backward_kernel(
     DNORMED,  # (m, h) gradient w.r.t. the LayerNorm output (matmul dtype)
-    XHAT, RSTD,  # fp32 saved by the forward kernel
+    Y, stride_ym, stride_yh,  # chunk of y (strided), re-read to recompute xhat
+    MEAN, RSTD,  # (m,) fp32 row statistics saved by the forward kernel
     W,  # (h,) LayerNorm weight
     DY, stride_dym, stride_dyh,  # out: rows of grad_y
     DW_PART, DB_PART,  # (G, h) fp32 per-program partial LayerNorm weight / bias gradients
@@ -376,8 +379,11 @@ def _ln_backward_kernel(
         mask = rmask[:, None] & cmask[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
         dn = tl.load(DNORMED + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.load(XHAT + offs, mask=mask, other=0.0)
+        yv = tl.load(Y + rows64[:, None] * stride_ym + cols64[None, :] * stride_yh, mask=mask, other=0.0)
+        mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
+        # the forward kernel's xhat, recomputed from y with the same fp32 operations
+        xhat = tl.where(mask, yv.to(tl.float32) - mean[:, None], 0.0) * rstd[:, None]
         dw += tl.sum(dn * xhat, axis=0)
         db += tl.sum(dn, axis=0)
         dxhat = dn * w[None, :]
@@ -481,14 +487,13 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
     norm_w_c, norm_b_c, down_b_c, up_b_c = (t.contiguous() for t in (norm_w, norm_b, down_b, up_b))
 
     normed = torch.empty((chunk, h), dtype=mm_dtype, device=device)
-    proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # z without bias, later d_act -> d_z
-    act = torch.empty((chunk, r), dtype=mm_dtype, device=device)
+    proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # z without bias, kept for the GELU backward
+    act = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # gelu(z), later d_act -> d_z
     recon = torch.empty((chunk, h), dtype=mm_dtype, device=device)  # recon -> d_recon -> d_normed
     loss_part = torch.zeros((progs,), dtype=f32, device=device)
     if compute_grads:
-        xhat = torch.empty((chunk, h), dtype=f32, device=device)
+        mean = torch.empty((chunk,), dtype=f32, device=device)
         rstd = torch.empty((chunk,), dtype=f32, device=device)
-        z32 = torch.empty((chunk, r), dtype=f32, device=device)
         grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
         part_h = torch.zeros((3, progs, h), dtype=f32, device=device)  # LN weight, LN bias, up bias
         part_r = torch.zeros((progs, r), dtype=f32, device=device)  # down bias
@@ -499,7 +504,7 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
         else:
             coef = torch.full((1,), 2.0 * float(grad_scale) / (n * h), dtype=f32, device=device)
     else:  # placeholders for pointers the disabled (constexpr) branches never touch
-        xhat = rstd = z32 = part_r = coef = loss_part
+        mean = rstd = part_r = coef = loss_part
         part_h = (loss_part,) * 3
 
     for start in range(0, n, chunk):
@@ -514,13 +519,13 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
         grid_r_fwd = min(_FWD_OVERSUBSCRIBE * progs, triton.cdiv(m, bm_r))
 
         _ln_forward_kernel[(grid_h_fwd,)](
-            yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, xhat, rstd, m, h, eps, grid_h_fwd,
+            yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, m, h, eps, grid_h_fwd,
             BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, ROUND_BF16=round_mm, num_warps=warps_h,
         )
         torch.mm(normed_c, down_w.t(), out=proj_c)
         _bias_gelu_forward_kernel[(grid_r_fwd,)](
-            proj_c, down_b_c, z32, act_c, m, r, grid_r_fwd,
-            BLOCK_M=bm_r, BLOCK_R=block_r, STORE_Z=compute_grads, ROUND_BF16=round_mm, num_warps=warps_r,
+            proj_c, down_b_c, act_c, m, r, grid_r_fwd,
+            BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
         )
         torch.mm(act_c, up_w.t(), out=recon_c)
         _squared_error_kernel[(grid_h,)](
@@ -531,16 +536,17 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
             continue
         d_recon = recon_c
         _accumulate_mm(acc_up, d_recon.t(), act_c)
-        d_z = torch.mm(d_recon, up_w, out=proj_c)  # d_act, turned into d_z in place below
+        d_z = torch.mm(d_recon, up_w, out=act_c)  # d_act (act is spent), turned into d_z in place below
         _gelu_backward_kernel[(grid_r,)](
-            d_z, z32, part_r, m, r, grid_r,
+            d_z, proj_c, down_b_c, part_r, m, r, grid_r,
             BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
         )
         _accumulate_mm(acc_down, d_z.t(), normed_c)
         d_normed = torch.mm(d_z, down_w, out=recon_c)
         gy = grad_y[start : start + m]
         _ln_backward_kernel[(grid_h,)](
-            d_normed, xhat, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1), part_h[0], part_h[1], m, h, grid_h,
+            d_normed, yc, yc.stride(0), yc.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
+            part_h[0], part_h[1], m, h, grid_h,
             BLOCK_M=bm_h, BLOCK_H=block_h, ROUND_BF16=round_y, num_warps=warps_h,
         )
 

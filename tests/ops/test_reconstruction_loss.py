@@ -448,18 +448,18 @@ _COMPILE_SCRIPT = textwrap.dedent(
         f32 = "*fp32"
         for flag in (True, False):
             compile_kernel(rl._ln_forward_kernel,
-                dict(Y=mm, W=mm, B=mm, NORMED=mm, XHAT=f32, RSTD=f32, eps="fp32"),
+                dict(Y=mm, W=mm, B=mm, NORMED=mm, MEAN=f32, RSTD=f32, eps="fp32"),
                 dict(BLOCK_M=bm_h, BLOCK_H=bh, STORE_BWD=flag, ROUND_BF16=False), w_h)
             compile_kernel(rl._bias_gelu_forward_kernel,
-                dict(PROJ=mm, BD=mm, Z32=f32, ACT=mm),
-                dict(BLOCK_M=bm_r, BLOCK_R=br, STORE_Z=flag, ROUND_BF16=False), w_r)
+                dict(PROJ=mm, BD=mm, ACT=mm),
+                dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
             compile_kernel(rl._squared_error_kernel,
                 dict(RECON=mm, BU=mm, X=mm, COEF=f32, LOSS_PART=f32, DBU_PART=f32),
                 dict(BLOCK_M=bm_h, BLOCK_H=bh, COMPUTE_GRADS=flag, ROUND_BF16=False), w_h)
-        compile_kernel(rl._gelu_backward_kernel, dict(GRAD=mm, Z32=f32, DBD_PART=f32),
+        compile_kernel(rl._gelu_backward_kernel, dict(GRAD=mm, PROJ=mm, BD=mm, DBD_PART=f32),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
         compile_kernel(rl._ln_backward_kernel,
-            dict(DNORMED=mm, XHAT=f32, RSTD=f32, W=mm, DY=mm, DW_PART=f32, DB_PART=f32),
+            dict(DNORMED=mm, Y=mm, MEAN=f32, RSTD=f32, W=mm, DY=mm, DW_PART=f32, DB_PART=f32),
             dict(BLOCK_M=bm_h, BLOCK_H=bh, ROUND_BF16=False), w_h)
     print("compiled")
     """
