@@ -379,7 +379,9 @@ def _ln_backward_kernel(
         mask = rmask[:, None] & cmask[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
         dn = tl.load(DNORMED + offs, mask=mask, other=0.0).to(tl.float32)
-        yv = tl.load(Y + rows64[:, None] * stride_ym + cols64[None, :] * stride_yh, mask=mask, other=0.0)
+        # column offsets of y in int32 (the host guarantees (h - 1) * stride_yh < 2**31): int64 ones here
+        # make the strided variant spill registers at h = 8192 on sm_90
+        yv = tl.load(Y + rows64[:, None] * stride_ym + (cols * stride_yh)[None, :], mask=mask, other=0.0)
         mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         # the forward kernel's xhat, recomputed from y with the same fp32 operations
@@ -544,8 +546,11 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
         _accumulate_mm(acc_down, d_z.t(), normed_c)
         d_normed = torch.mm(d_z, down_w, out=recon_c)
         gy = grad_y[start : start + m]
+        # the LN backward indexes y's columns in int32; a (pathological) column stride that overflows it
+        # gets a contiguous copy of the chunk instead
+        yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
         _ln_backward_kernel[(grid_h,)](
-            d_normed, yc, yc.stride(0), yc.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
+            d_normed, yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
             part_h[0], part_h[1], m, h, grid_h,
             BLOCK_M=bm_h, BLOCK_H=block_h, ROUND_BF16=round_y, num_warps=warps_h,
         )
