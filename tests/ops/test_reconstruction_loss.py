@@ -523,3 +523,44 @@ def test_kernels_compile_for_sm90(tmp_path):
         [sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "no spills" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------- workspace (issue 11)
+
+
+def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
+    """Peak extra allocator bytes of one forward + backward under the interpreter, rows 4096, h 1024,
+    r 256, fp32, excluding the inputs and the returned loss and gradients.
+
+    Counted with ``lopt_kernels.measure``'s dispatcher-based tracker (live bytes of every storage the
+    op's body allocates). With one chunk of m rows (m = min(rows, default_chunk_rows(rows, h)), s the
+    matmul dtype's size, G the programs of the persistent kernels) the op holds
+
+        normed, recon (m x h) + proj, act (m x r) in the matmul dtype   m * (2h + 2r) * s
+        row mean and rstd (fp32)                                          8 * m
+        per-program partials: LN weight, LN bias, up bias, down bias,
+        loss (fp32)                                                       4 * G * (3h + r + 1)
+        scalars (the gradient coefficient, the loss sum)                  <= 64 bytes
+
+    (fp32 weight-gradient accumulators are returned as the gradients themselves). Before issue 11 it
+    also held an fp32 ``xhat`` (4 * m * h) and an fp32 ``z`` (4 * m * r): 60.07 MiB here vs 40.08 MiB.
+    """
+    from lopt_kernels.measure import _StepAllocations
+
+    rows, h, r = 4096, 1024, 256
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.randn(rows, h, generator=g), torch.randn(rows, h, generator=g)
+    params = [torch.randn(*s, generator=g) * 0.05 for s in ((h,), (h,), (r, h), (r,), (h, r), (h,))]
+    params[0] += 1.0
+    tracker = _StepAllocations()
+    with tracker:
+        loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton")
+    returned = loss.untyped_storage().nbytes() + sum(t.untyped_storage().nbytes() for t in grads)
+    workspace = tracker.peak - returned
+
+    m, s, progs = min(rows, rl.default_chunk_rows(rows, h)), 4, rl._num_programs("cpu", None)
+    bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * h + r + 1) + 64
+    old_xhat_and_z = 4 * m * h + 4 * m * r
+    assert workspace <= bound, (workspace, bound)
+    assert workspace + old_xhat_and_z > bound  # the bound is tight: the old buffers would not fit
+    torch.testing.assert_close(loss, reference(y, x, params)[0], rtol=1e-4, atol=1e-5)
