@@ -15,17 +15,27 @@ Peak memory of one forward+backward step, excluding the inputs (which exist befo
   a ``[memory]`` event with a signed byte count; the peak of their running sum in time order is the
   step's peak extra memory (deterministic for a given sequence of allocations).
 In both cases the parameter and ``y`` gradients the step leaves behind are part of the figure.
+
+Next to the times, the summary prints a modelled HBM traffic per row (``modelled_hbm_bytes_per_row``) for
+the fused Triton path, the eager autograd graph and the limit (read y and x once, write grad_y once),
+counted from the buffers each one reads and writes at the benchmarked shape, dtype and chunk size. It is
+a model (every operand read once per op, weights and accumulators per chunk amortised over its rows),
+not a measurement; on CPU the fused *timing* is the chunked torch backend while the model is the
+Triton path's.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lopt_kernels.ops.reconstruction_loss import reconstruction_loss
+from lopt_kernels.ops.reconstruction_loss import default_chunk_rows, reconstruction_loss
+
+_rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss")  # the module (the model reads its probes)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -108,6 +118,73 @@ def _peak_extra_bytes(step) -> int:
     return peak
 
 
+def modelled_hbm_bytes_per_row(rows, h, r, dtype, device_type) -> dict[str, float]:
+    """Modelled HBM bytes per row of one forward + backward: ``fused`` (the Triton path), ``eager`` (the
+    autograd graph of ``eager_loss``), ``limit`` (y and x read once, grad_y written once).
+
+    ``s`` is the rows' and parameters' element size (the benchmark uses one dtype for both, which is also
+    the fused path's matmul dtype). Row-wise traffic is counted per op, each operand read once; weights,
+    fp32 weight-gradient accumulators and the final casts are per chunk / per step, divided by the rows.
+    """
+    s = torch.empty((), dtype=dtype).element_size()
+    m = min(rows, default_chunk_rows(rows, h))
+    chunks = -(-rows // m)
+
+    # Fused (reconstruction_loss._triton_chunks), per row of a chunk:
+    #   ln_forward     read y (h s), write normed (h s), mean + rstd (8)
+    #   mm down        read normed (h s), write proj (r s)
+    #   bias_gelu      read proj (r s), write act (r s)
+    #   mm up          read act (r s), write recon (h s)
+    #   squared_error  read recon (h s) and x (h s), write d_recon (h s)
+    #   dW_up += ...   read d_recon (h s), act (r s)
+    #   d_act = ...    read d_recon (h s), write d_act into act (r s)
+    #   gelu_backward  read d_act (r s), proj (r s), write d_z (r s)
+    #   dW_down += ... read d_z (r s), normed (h s)
+    #   d_normed = ... read d_z (r s), write d_normed into recon (h s)
+    #   ln_backward    read d_normed (h s), y (h s), mean + rstd (8), write grad_y (h s)
+    fused_rows = (4 * h * s) + (10 * h * s) + (11 * r * s) + 16  # y/x/grad_y + normed/recon chain + r-wide + stats
+    # per chunk: W_down and W_up read twice each (fwd, bwd); each fp32 accumulator update
+    if dtype == torch.float32:
+        acc_update = 2 * 4 * h * r  # addmm_ in place: read + write acc
+    elif _rl._mm_has_out_dtype(device_type):
+        acc_update = 4 * 4 * h * r  # fp32 product written + read, acc read + written
+    else:
+        acc_update = (2 + 2 + 8) * h * r  # product in the matmul dtype written + read, acc read + written
+    fused_chunk = 4 * h * r * s + 2 * acc_update
+    fused_step = 2 * h * r * (4 + s)  # the accumulators read once and cast to the parameters' dtype
+    fused = fused_rows + (chunks * fused_chunk + fused_step) / rows
+
+    # Eager autograd graph (F.layer_norm, F.linear x2, F.gelu, .float(), F.mse_loss and their backwards):
+    #   forward   LN: read y, write normed (2 h s) + stats (8); down: read normed (h s), write z (r s);
+    #             gelu: read z, write a (2 r s); up: read a (r s), write recon (h s);
+    #             bf16 only: recon.float() and x.float() (read 2 h s, write 8 h); mse: read both (8 h or 2 h s)
+    #   backward  mse: read recon_f, x_f, write grad (12 h or 3 h s); bf16: grad to bf16 (read 4 h, write h s);
+    #             up: grad_a (read g h s, write r s), grad W_up (read g h s, a r s), grad b_up (read g h s);
+    #             gelu: read grad_a, z, write (3 r s); down: grad_normed (read r s, write h s),
+    #             grad W_down (read r s, normed h s), grad b_down (read r s); LN: read grad_normed, y,
+    #             stats, write grad_y (3 h s + 8)
+    if s == 4:
+        eager_h = (4 + 2) + (3 + 3 + 2 + 3)  # 17 h s
+        eager_rows = eager_h * h * s
+    else:
+        eager_rows = (4 * h * s + 2 * h * s + 8 * h + 8 * h) + (12 * h + 4 * h + h * s + 3 * h * s + 2 * h * s + 3 * h * s)
+    eager_rows += 12 * r * s + 16
+    eager_step = 6 * h * r * s  # weights read fwd + bwd, weight gradients written
+    eager = eager_rows + eager_step / rows
+
+    limit = 3 * h * s + 4 * h * r * s / rows  # y, x, grad_y; weights read and their gradients written once
+    return {"fused": fused, "eager": eager, "limit": limit, "chunk_rows": m}
+
+
+def hbm_model_line() -> str:
+    model = modelled_hbm_bytes_per_row(ROWS, HIDDEN, RANK, DTYPE, DEVICE.type)
+    return (
+        f"modelled HBM bytes/row (Triton path, chunk {model['chunk_rows']} rows): fused {model['fused']:.0f}, "
+        f"eager {model['eager']:.0f}, limit {model['limit']:.0f} "
+        f"(fused/limit {model['fused'] / model['limit']:.2f}x, eager/limit {model['eager'] / model['limit']:.2f}x)"
+    )
+
+
 class _SummaryPlugin:
     """Prints the fused-vs-eager ratios at the end of the session (no ``-s`` needed)."""
 
@@ -116,6 +193,7 @@ class _SummaryPlugin:
             return
         terminalreporter.write_sep("-", "reconstruction loss: fused vs eager vs torch.compile")
         terminalreporter.write_line(summary_line())
+        terminalreporter.write_line(hbm_model_line())
 
 
 def summary_line() -> str:
@@ -178,6 +256,8 @@ def test_reconstruction_loss_fwd_bwd(benchmark, impl):
     benchmark.extra_info.update(
         impl=impl, device=DEVICE.type, dtype=str(DTYPE), rows=ROWS, hidden=HIDDEN, rank=RANK,
         peak_bytes=peak, peak_mib=round(peak / 2**20, 2), memory_method=MEMORY_METHOD,
+        modelled_hbm_bytes_per_row=modelled_hbm_bytes_per_row(ROWS, HIDDEN, RANK, DTYPE, DEVICE.type)[impl]
+        if impl in ("fused", "eager") else None,
     )
     benchmark.pedantic(step, setup=reset, rounds=ROUNDS, warmup_rounds=1)
     stats = getattr(benchmark, "stats", None)
