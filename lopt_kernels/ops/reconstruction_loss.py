@@ -37,9 +37,10 @@ The host code runs under ``torch.cuda.device(y.device)`` (``_device_guard``): Tr
 current CUDA device, so a block on another GPU (``device_map="auto"``) gets its kernels on its own device
 and stream, where its matmuls run.
 
-Weight gradients accumulate across chunks in fp32 buffers (``torch.mm(..., out_dtype=float32)`` where
-the device supports it, otherwise each chunk's product is rounded once to the matmul dtype before the
-fp32 accumulation); per-program partial rows are summed once at the end and everything is cast to the
+Weight gradients accumulate across chunks in fp32 buffers: straight into them with
+``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` where the runtime supports it (a probe checks it on
+values once per device type), else through an fp32 ``torch.mm(..., out_dtype=float32)`` temporary, else
+(CPU) each chunk's product is rounded once to the matmul dtype before the fp32 accumulation; per-program partial rows are summed once at the end and everything is cast to the
 parameters' dtype. Chunk buffers (two ``m x h`` and two ``m x r`` in the matmul dtype, two fp32 row
 statistics when gradients are wanted) are the only working memory besides ``grad_y`` itself.
 ``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores.
@@ -437,11 +438,32 @@ def _mm_has_out_dtype(device_type: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _addmm_has_out_dtype_in_place(device_type: str) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a half/bf16 product
+    (``a`` a transposed view, as ``d_recon.t()``) into an fp32 ``acc`` in place, checked on values once."""
+    if device_type != "cuda":
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(5, 3, generator=g).to(device=device_type, dtype=torch.bfloat16)
+        b = torch.randn(5, 4, generator=g).to(device=device_type, dtype=torch.bfloat16)
+        acc = torch.randn(3, 4, generator=g).to(device=device_type)
+        want = acc + a.float().t() @ b.float()
+        out = torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
+        return out.data_ptr() == acc.data_ptr() and bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with an fp32 ``acc``: fp32 accumulation inside the matmul where possible."""
+    """``acc += a @ b`` with an fp32 ``acc``: fp32 accumulation inside the matmul where possible, and
+    straight into ``acc`` (no ``h x r`` temporary) where the runtime supports it."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif _mm_has_out_dtype(a.device.type):
+    elif _addmm_has_out_dtype_in_place(a.device.type):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif _mm_has_out_dtype(a.device.type):  # fp32 product in a temporary, then added
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     else:  # each chunk's product is rounded once to the matmul dtype, the running sum stays fp32
         acc.add_(torch.mm(a, b))

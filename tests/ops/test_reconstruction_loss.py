@@ -564,3 +564,26 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     assert workspace <= bound, (workspace, bound)
     assert workspace + old_xhat_and_z > bound  # the bound is tight: the old buffers would not fit
     torch.testing.assert_close(loss, reference(y, x, params)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_weight_gradients_accumulate_in_place_where_addmm_has_out_dtype(monkeypatch):
+    """Where the runtime's addmm takes ``out_dtype`` (CUDA), bf16 weight-gradient products go straight into
+    the fp32 accumulators (``out=acc``, no h x r temporary). CPU torch has no such kernel: the probe is
+    forced on and addmm stands in for it (fp32 product added into ``out``), checking the wiring and numerics."""
+    calls = []
+    real_addmm = torch.addmm
+
+    def addmm(input, mat1, mat2, *, out_dtype=None, out=None, **kwargs):
+        if out_dtype is None:
+            return real_addmm(input, mat1, mat2, out=out, **kwargs)
+        assert out is input and out.dtype == out_dtype == torch.float32 and mat1.dtype == torch.bfloat16
+        calls.append(tuple(out.shape))
+        return out.add_(mat1.float() @ mat2.float())
+
+    monkeypatch.setattr(rl, "_addmm_has_out_dtype_in_place", lambda device_type: True)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    y, x, params = make_inputs(37, torch.bfloat16)
+    ref_loss, ref_grads = reference(y, x, params, scale=SCALE)
+    loss, grads = reconstruction_loss_and_grads(y, x, *params, grad_scale=SCALE, backend="triton", chunk_rows=16)
+    assert calls == [(H, R), (R, H)] * 3  # two accumulators, three chunks
+    assert_matches(loss, grads, ref_loss, ref_grads, torch.bfloat16, params, y)
