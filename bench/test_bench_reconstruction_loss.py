@@ -144,7 +144,7 @@ def modelled_hbm_bytes_per_row(rows, h, r, dtype, device_type) -> dict[str, floa
     #   ln_backward    read d_normed (h s), y (h s), mean + rstd (8), write grad_y (h s)
     fused_rows = (4 * h * s) + (10 * h * s) + (11 * r * s) + 16  # y/x/grad_y + normed/recon chain + r-wide + stats
     # per chunk: W_down and W_up read twice each (fwd, bwd); each fp32 accumulator update
-    if dtype == torch.float32 or _rl._addmm_has_out_dtype_in_place(device_type):
+    if dtype == torch.float32 or _rl._addmm_has_out_dtype_in_place(device_type, dtype):
         acc_update = 2 * 4 * h * r  # addmm into acc in place: read + write acc
     elif _rl._mm_has_out_dtype(device_type):
         acc_update = 4 * 4 * h * r  # fp32 product written + read, acc read + written

@@ -40,8 +40,8 @@ and stream, where its matmuls run.
 Weight gradients accumulate across chunks in fp32 buffers: straight into them with
 ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` where the runtime supports it (a probe checks it on
 values once per device type), else through an fp32 ``torch.mm(..., out_dtype=float32)`` temporary, else
-(CPU) each chunk's product is rounded once to the matmul dtype before the fp32 accumulation; per-program partial rows are summed once at the end and everything is cast to the
-parameters' dtype. Chunk buffers (two ``m x h`` and two ``m x r`` in the matmul dtype, two fp32 row
+(CPU) each chunk's product is rounded once to the matmul dtype before the fp32 accumulation; per-program
+partial rows are summed once at the end and everything is cast to the parameters' dtype. Chunk buffers (two ``m x h`` and two ``m x r`` in the matmul dtype, two fp32 row
 statistics when gradients are wanted) are the only working memory besides ``grad_y`` itself.
 ``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores.
 
@@ -439,15 +439,15 @@ def _mm_has_out_dtype(device_type: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _addmm_has_out_dtype_in_place(device_type: str) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a half/bf16 product
-    (``a`` a transposed view, as ``d_recon.t()``) into an fp32 ``acc`` in place, checked on values once."""
+def _addmm_has_out_dtype_in_place(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a ``dtype`` (half/bf16)
+    product (``a`` a transposed view, as ``d_recon.t()``) into an fp32 ``acc`` in place, checked on values once."""
     if device_type != "cuda":
         return False
     try:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(5, 3, generator=g).to(device=device_type, dtype=torch.bfloat16)
-        b = torch.randn(5, 4, generator=g).to(device=device_type, dtype=torch.bfloat16)
+        a = torch.randn(5, 3, generator=g).to(device=device_type, dtype=dtype)
+        b = torch.randn(5, 4, generator=g).to(device=device_type, dtype=dtype)
         acc = torch.randn(3, 4, generator=g).to(device=device_type)
         want = acc + a.float().t() @ b.float()
         out = torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
@@ -461,7 +461,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     straight into ``acc`` (no ``h x r`` temporary) where the runtime supports it."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif _addmm_has_out_dtype_in_place(a.device.type):
+    elif _addmm_has_out_dtype_in_place(a.device.type, a.dtype):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     elif _mm_has_out_dtype(a.device.type):  # fp32 product in a temporary, then added
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))

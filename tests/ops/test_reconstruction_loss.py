@@ -580,7 +580,7 @@ def test_weight_gradients_accumulate_in_place_where_addmm_has_out_dtype(monkeypa
         calls.append(tuple(out.shape))
         return out.add_(mat1.float() @ mat2.float())
 
-    monkeypatch.setattr(rl, "_addmm_has_out_dtype_in_place", lambda device_type: True)
+    monkeypatch.setattr(rl, "_addmm_has_out_dtype_in_place", lambda device_type, dtype: True)
     monkeypatch.setattr(torch, "addmm", addmm)
     y, x, params = make_inputs(37, torch.bfloat16)
     ref_loss, ref_grads = reference(y, x, params, scale=SCALE)
