@@ -13,7 +13,7 @@ from torch import nn
 
 from ..aux_decoder import AuxDecoder
 from ..boundary import eager
-from ..boundary.common import BoundarySpec, hidden_of
+from ..boundary.common import BoundarySpec, hidden_of, local_loss_and_grads
 from ..discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
 from ..ops import linear_cross_entropy as lce
 from ..task_loss_hooks import _LOGIT_TRANSFORMS
@@ -325,21 +325,43 @@ class PipelineStage:
         with span("local_backward"):
             spec = BoundarySpec(decoder=self.decoder, backend=self.backend, layerwise_rebuild=False,
                                 replay_guard=self)
-            tape = eager.EagerTape(x=x, leaf=leaf, layers=list(self.own_layers))
-            aux, params, held, scale = eager.run_local_backward(spec, tape, y)
             # the aux term's weight in the model's loss: lambda * mean over the world - 1 boundaries
-            weight = loss_weight * self.lambda_aux / (self.world - 1) / scale
-            *param_grads, grad_x = held
-            if grad_x is not None:  # rank 0: into the input embeddings
-                x.backward(grad_x * weight)
-            with torch.no_grad():
-                for p, g in zip(params, param_grads):
-                    if g is None:
-                        continue
-                    if p.grad is None:
-                        p.grad = (g * weight).to(p.dtype)
-                    else:
-                        p.grad.add_(g, alpha=weight)
+            weight = loss_weight * self.lambda_aux / (self.world - 1)
+            if y.dtype == torch.float16:  # eager's path: gradients of a power-of-two-scaled sum, rescaled after
+                aux = self._local_backward_rescaled(spec, x, leaf, y, weight)
+            else:  # the weight is known: straight into .grad, no second set of block gradients
+                aux = self._local_backward_weighted(spec, x, leaf, y, weight)
+        return {"aux_loss": aux.detach().float()}
+
+    def _local_backward_weighted(self, spec, x, leaf, y, weight):
+        aux, grads = local_loss_and_grads(spec, y.detach(), leaf.detach(), grad_scale=weight)
+        grad_y, decoder_grads = grads[0], grads[1:]
+        with torch.no_grad():
+            for p, g in zip(self.decoder.decoder_parameters(), decoder_grads):
+                if p.requires_grad:
+                    p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g)
+        if y.requires_grad:
+            self.replaying = True  # a checkpointed layer's recompute must not re-enter the stage hooks
+            try:
+                torch.autograd.backward(y, grad_y)
+            finally:
+                self.replaying = False
+            if leaf.requires_grad and leaf.grad is not None:  # rank 0: on into the input embeddings
+                grad_x, leaf.grad = leaf.grad, None
+                x.backward(grad_x)
+        return aux
+
+    def _local_backward_rescaled(self, spec, x, leaf, y, weight):
+        tape = eager.EagerTape(x=x, leaf=leaf, layers=list(self.own_layers))
+        aux, params, held, scale = eager.run_local_backward(spec, tape, y)
+        *param_grads, grad_x = held
+        if grad_x is not None:
+            x.backward(grad_x * (weight / scale))
+        with torch.no_grad():
+            for p, g in zip(params, param_grads):
+                if g is not None:
+                    p.grad = (g * (weight / scale)).to(p.dtype) if p.grad is None else p.grad.add_(g, alpha=weight / scale)
+        return aux
         return {"aux_loss": aux.detach().float()}
 
     def _span(self, kind: str):
