@@ -94,7 +94,9 @@ def main(model_dir, out, steps, ga, ckpt):
         group, dp_group = pipelines[rank // 2], replicas[rank % 2]
         data = replica_share(rank // 2, 2, int(ga))
     adapter = os.path.join(model_dir, "adapter") if ckpt == "lora" else None
-    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1", group=group, adapter=adapter)
+    dtype = torch.float16 if ckpt == "fp16" else torch.float32
+    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1", group=group, adapter=adapter,
+                                          dtype=dtype)
     optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
     history = train_pipeline(stage, data, optimizer, grad_accum=int(ga), max_steps=int(steps),
                              progress=False, data_parallel_group=dp_group)
