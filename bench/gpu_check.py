@@ -1,0 +1,130 @@
+"""The whole GPU check in one command, within 10 minutes, one JSON out (so a GPU session never improvises).
+
+    python bench/gpu_check.py --out gpu_check.json        # on the GPU machine, from the repository root
+
+In order, each with its own time limit (the sum stays under 10 minutes):
+1. versions: python, torch, triton, transformers, liger-kernel, CUDA device;
+2. the kernel tests natively (``tests/ops``, Triton on CUDA tensors, no interpreter);
+3. ``bench/test_bench_reconstruction_loss.py`` at rows 16384, bf16, h 4096 and h 8192 (fused Triton vs eager vs
+   ``torch.compile``: times, peak memory, the modelled HBM bytes per row), with issue 11's GPU targets checked:
+   fused <= 0.6x eager time and <= 0.25x eager peak memory, <= 1.3x torch.compile's time, achieved bandwidth;
+4. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16);
+5. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON).
+A stage that fails or runs out of time is recorded as such and the next one still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(name, cmd, timeout, env=None, results=None):
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+        record = {"rc": proc.returncode, "tail": (proc.stdout + proc.stderr)[-6000:]}
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        record = {"rc": None, "timed_out": True, "tail": out[-6000:]}
+    record.update(cmd=" ".join(cmd), seconds=round(time.perf_counter() - started, 1))
+    results[name] = record
+    print(f"[{name}] rc={record['rc']} in {record['seconds']} s", flush=True)
+    return record
+
+
+def _versions():
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "triton", "transformers", "liger_kernel"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "?")
+        except Exception as exc:  # noqa: BLE001 - recorded
+            out[mod] = f"missing ({type(exc).__name__})"
+    import torch  # noqa: PLC0415
+
+    out["cuda"] = torch.cuda.is_available()
+    if out["cuda"]:
+        out["device"] = torch.cuda.get_device_name(0)
+        out["capability"] = list(torch.cuda.get_device_capability(0))
+    return out
+
+
+def _reconstruction_targets(bench_json: str) -> dict:
+    """Issue 11's GPU targets from a pytest-benchmark JSON of test_bench_reconstruction_loss.py."""
+    with open(bench_json) as f:
+        data = json.load(f)
+    by = {}
+    for b in data.get("benchmarks", []):
+        name = b["name"].split("[")[-1].rstrip("]") if "[" in b["name"] else b["name"]
+        by[name] = {"median_s": b["stats"]["median"], **b.get("extra_info", {})}
+    fused = next((v for k, v in by.items() if "fused" in k), None)
+    eager = next((v for k, v in by.items() if "eager" in k), None)
+    compiled = next((v for k, v in by.items() if "compile" in k), None)
+    out = {"variants": by}
+    if fused and eager:
+        out["fused/eager time"] = fused["median_s"] / eager["median_s"]
+        if fused.get("peak_bytes") and eager.get("peak_bytes"):
+            out["fused/eager peak"] = fused["peak_bytes"] / eager["peak_bytes"]
+    if fused and compiled:
+        out["fused/compile time"] = fused["median_s"] / compiled["median_s"]
+    if fused and fused.get("modelled_hbm_bytes_per_row") and fused.get("rows"):
+        # achieved bandwidth, as the modelled bytes over the measured time
+        out["fused achieved GB/s (modelled bytes)"] = (
+            fused["modelled_hbm_bytes_per_row"] * fused["rows"] / fused["median_s"] / 1e9)
+    checks = {"fused/eager time": 0.6, "fused/eager peak": 0.25, "fused/compile time": 1.3}
+    out["targets"] = {k: {"value": out.get(k), "target": t, "ok": out.get(k) is not None and out[k] <= t}
+                      for k, t in checks.items()}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip: tests,recon,step,compare")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    results = {"versions": _versions()}
+    print(json.dumps(results["versions"]), flush=True)
+    native = {"TRITON_INTERPRET": "0"}
+    py = sys.executable
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")
+    if "tests" not in skip:
+        _run("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops"], 150, native, results)
+    if "recon" not in skip:
+        results["reconstruction"] = {}
+        for hidden in (4096, 8192):
+            path = os.path.join(tmp, f"recon_{hidden}.json")
+            record = _run(f"reconstruction_h{hidden}", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                                                        "bench/test_bench_reconstruction_loss.py", "--benchmark-only",
+                                                        f"--benchmark-json={path}"],
+                          120, {**native, "LOPT_BENCH_ROWS": "16384", "LOPT_BENCH_HIDDEN": str(hidden)}, results)
+            if record["rc"] == 0 and os.path.isfile(path):
+                results["reconstruction"][hidden] = _reconstruction_targets(path)
+    if "step" not in skip:
+        _run("step_bench", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "bench/test_bench_step.py",
+                            "--benchmark-only", f"--benchmark-json={os.path.join(tmp, 'step.json')}"], 150, native,
+             results)
+    if "compare" not in skip:
+        path = os.path.join(tmp, "compare.json")
+        record = _run("compare_cpu_1b", [py, "-m", "lopt_kernels.cli", "compare", "--config", "cpu-1b", "--device",
+                                         "cuda", "--json", path], 120, native, results)
+        if record["rc"] == 0 and os.path.isfile(path):
+            with open(path) as f:
+                results["compare_cpu_1b"]["json"] = json.load(f)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
