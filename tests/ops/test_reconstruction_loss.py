@@ -435,7 +435,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     assert not rl._INTERPRETED, "kernels must be JIT functions here"
     target = GPUTarget("cuda", 90, 32)
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spill bytes of each kernel
-    seen, spills, checked = set(), [], 0
+    seen, spills, checked, table = set(), [], 0, []
 
     def compile_kernel(fn, args, constexprs, num_warps):
         # Specialised as the JIT specialises a real launch: pointers 16-byte aligned, integers equal to 1
@@ -467,6 +467,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
         assert kernel.asm["cubin"], fn.__name__
         found = re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log.getvalue())
         assert len(found) == 1, (fn.__name__, log.getvalue()[-2000:])
+        regs = re.findall(r"Used (\\d+) registers", log.getvalue())
+        strided = args.get("stride_yh", args.get("stride_xh", 1)) is None
+        table.append((fn.__name__, args.get("n_cols"), "strided" if strided else "",
+                      num_warps, regs[0] if regs else "?", found[0][0]))
         checked += 1
         if found[0] != ("0", "0"):
             spills.append(f"{fn.__name__} {constexprs} num_warps={num_warps} args={args}: "
@@ -500,6 +504,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
         compile_kernel(rl._gelu_backward_kernel, dict(GRAD=mm, PROJ=mm, BD=mm, DBD_PART=f32, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
+    for row in table:  # the register table (pytest -s shows it)
+        print("%-26s cols=%-5s %-7s warps=%-2s registers=%-4s spill bytes=%s" % row)
     assert not spills, "register spills on sm_90:\\n" + "\\n".join(spills)
     print(f"compiled {checked} kernel variants, no spills")
     """
@@ -523,6 +529,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         [sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "no spills" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(proc.stdout)
 
 
 # --------------------------------------------------------------------------------- workspace (issue 11)
