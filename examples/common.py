@@ -88,6 +88,9 @@ def train_and_summarise(trainer, args) -> dict:
     if logs and "aux_loss" in logs[-1]:
         summary.update(last_task_loss=logs[-1]["task_loss"], last_aux_loss=logs[-1]["aux_loss"])
     trainer.save_model(os.path.join(args.output_dir, "final"))  # every process (ZeRO-3 gathers the weights)
+    if torch.distributed.is_initialized():  # torchrun / accelerate launch: leave the group before exiting
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if not trainer.is_world_process_zero():
         return summary
     os.makedirs(args.output_dir, exist_ok=True)

@@ -179,7 +179,7 @@ def _check_lora(tmp_path, expected, k):
     assert got.keys() == want.keys() and got
     worst = max((got[n] - p).abs().max().item() for n, p in want.items())
     print(f"pipeline k={k} LoRA: max |adapter - single process| = {worst:.3e}")
-    tolerance = {"rtol": 2e-3, "atol": 1e-3} if ckpt == "fp16" else {"rtol": 1e-5, "atol": 1e-6}
+    tolerance = {"rtol": 1e-5, "atol": 1e-6}
     for n, p in want.items():
         torch.testing.assert_close(got[n].to(p.dtype), p.detach(), **tolerance, msg=n)
     decoders = {}
