@@ -8,18 +8,11 @@ import sys
 import pytest
 import torch
 
-from helpers import sft_rows, tiny_llm_for, tiny_tokenizer, write_jsonl
+from helpers import sft_rows, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_llm_for(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 # torch's gloo teardown can abort a process at interpreter exit after a run has finished and written everything

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import tiny_llm_for, tiny_tokenizer, write_jsonl
+from helpers import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "retention.py")
@@ -67,13 +67,6 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_llm_for(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
