@@ -59,12 +59,10 @@ def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int,
         # the boundaries' aux losses travel downstream with the flow: one small message per step and stage
         auxes = torch.zeros(stage.world - 1, dtype=torch.float32)
         if not stage.is_first:
-            dist.recv(auxes, src=stage._global(stage.rank - 1), group=stage.group)
-            stage.messages.upstream_receives += 1
+            stage.receive(auxes, stage.rank - 1)
         if not stage.is_last:
             auxes[stage.rank] = aux
-            dist.send(auxes, dst=stage._global(stage.rank + 1), group=stage.group)
-            stage.messages.downstream_sends += 1
+            stage.send(auxes, stage.rank + 1)
         with stage._span("step"):
             if data_parallel_group is not None:
                 average_gradients(stage.parameters_to_train(), data_parallel_group)

@@ -26,12 +26,22 @@ class _StageDone(Exception):
 
 @dataclass
 class MessageCount:
-    """Point-to-point operations this rank issued, by direction (a test asserts none goes upstream)."""
+    """Point-to-point operations this rank issued, by the peer's side: every send and receive of a stage goes
+    through :meth:`PipelineStage.send` / :meth:`PipelineStage.receive`, which count them here (a test asserts
+    that nothing is sent to an earlier rank or received from a later one)."""
 
-    downstream_sends: int = 0
-    upstream_receives: int = 0  # receives from the previous rank (the downstream flow, seen from here)
-    upstream_sends: int = 0
-    downstream_receives: int = 0
+    downstream_sends: int = 0  # to a later rank
+    upstream_receives: int = 0  # from an earlier rank (the downstream flow, seen from here)
+    upstream_sends: int = 0  # to an earlier rank: a gradient message, which LoPT never needs
+    downstream_receives: int = 0  # from a later rank
+
+    def note(self, rank: int, peer: int, *, sending: bool) -> None:
+        if sending:
+            self.downstream_sends += peer > rank
+            self.upstream_sends += peer < rank
+        else:
+            self.upstream_receives += peer < rank
+            self.downstream_receives += peer > rank
 
 
 @dataclass
@@ -286,15 +296,25 @@ class PipelineStage:
     def _receive(self, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
         buffer = torch.empty(*ids.shape, self.hidden_size, dtype=self.dtype, device=self.device)
-        dist.recv(buffer, src=self._global(self.rank - 1), group=self.group)
-        self.messages.upstream_receives += 1
+        self.receive(buffer, self.rank - 1)
         return buffer
 
     def _send(self, y: torch.Tensor) -> None:
         payload = y.detach().contiguous()
         self.wait_sends()  # at most one activation in flight: an earlier one must not outlive its micro-batch
-        self._pending_sends.append((dist.isend(payload, dst=self._global(self.rank + 1), group=self.group), payload))
-        self.messages.downstream_sends += 1
+        self._pending_sends.append((self.send(payload, self.rank + 1, blocking=False), payload))
+
+    def send(self, tensor: torch.Tensor, peer: int, *, blocking: bool = True):
+        """Send ``tensor`` to pipeline rank ``peer`` (counted); the work handle when not ``blocking``."""
+        self.messages.note(self.rank, peer, sending=True)
+        if blocking:
+            return dist.send(tensor, dst=self._global(peer), group=self.group)
+        return dist.isend(tensor, dst=self._global(peer), group=self.group)
+
+    def receive(self, buffer: torch.Tensor, peer: int) -> None:
+        """Receive into ``buffer`` from pipeline rank ``peer`` (counted)."""
+        self.messages.note(self.rank, peer, sending=False)
+        dist.recv(buffer, src=self._global(peer), group=self.group)
 
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
