@@ -105,8 +105,8 @@ class PipelineStage:
     the input embeddings (rank 0) and the final norm and head (last rank)."""
 
     def __init__(self, lm: nn.Module, *, rank: int, world: int, ranges, lambda_aux: float, decoder: AuxDecoder | None,
-                 group=None, backend: str = "auto"):
-        self.lm, self.rank, self.world, self.group = lm, rank, world, group
+                 group=None, backend: str = "auto", adapter: str | None = None):
+        self.lm, self.rank, self.world, self.group, self.adapter = lm, rank, world, group, adapter
         self.ranges, self.lambda_aux, self.decoder, self.backend = ranges, float(lambda_aux), decoder, backend
         self.backbone, self.layers_attr, self.all_layers = find_layer_stack(lm)
         self._layers_prefix = next(n for n, m in lm.named_modules() if m is self.all_layers)
@@ -198,19 +198,15 @@ class PipelineStage:
                 decoder.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".")[0] == str(rank)})
             elif aux_decoders is not None:
                 raise LoptPatchError(f"{path} does not exist")
-            else:
-                g = torch.Generator().manual_seed(1234 + rank)
-                for linear in (decoder.down, decoder.up):
-                    bound = 0.1 * (6.0 / (linear.in_features + linear.out_features)) ** 0.5
-                    with torch.no_grad():
-                        linear.weight.copy_(torch.rand(linear.weight.shape, generator=g) * 2 * bound - bound)
+            else:  # the decoder's own initialisation, seeded per rank (the same on every launch)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(1234 + rank)
+                    decoder.reset_parameters()
         lm.train()
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
-        stage = cls(lm, rank=rank, world=world, ranges=ranges, lambda_aux=lambda_aux, decoder=decoder, group=group,
-                    backend=backend)
-        stage.adapter = adapter
-        return stage
+        return cls(lm, rank=rank, world=world, ranges=ranges, lambda_aux=lambda_aux, decoder=decoder, group=group,
+                   backend=backend, adapter=adapter)
 
     def owns(self, name: str, tensor: torch.Tensor) -> bool:
         """Whether this rank trains and saves the model tensor ``name``: its layers'; the input embeddings on
@@ -415,7 +411,7 @@ class PipelineStage:
         save_file(tensors, path, metadata={"format": "pt"})
         if self.is_first:
             self.lm.config.save_pretrained(directory)
-            if getattr(self, "adapter", None) is not None:
+            if self.adapter is not None:
                 import shutil  # noqa: PLC0415
 
                 shutil.copy(os.path.join(self.adapter, "adapter_config.json"), directory)
