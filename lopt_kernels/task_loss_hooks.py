@@ -47,13 +47,9 @@ def item_share(count: torch.Tensor, num_items, device: torch.device) -> torch.Te
     return torch.where(nonzero, count / torch.where(nonzero, n, torch.ones_like(n)), torch.zeros_like(n))
 
 
-def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
-    """The fused task-loss implementation for this model, or None (with a one-time notice) where the
-    model's own loss must run because no fused path reproduces it exactly."""
-    if state.fused_ce_impl is not None:
-        return state.fused_ce_impl or None
-    lm, setting = state.causal_lm, state.settings.fused_ce
-    impl, reason = None, None
+def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None, str | None]:
+    """``(implementation, None)`` when a fused linear cross-entropy reproduces ``lm``'s own loss exactly
+    under ``setting`` on ``device``, else ``(None, reason)`` (``(None, None)`` for ``setting="off"``)."""
     from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: PLC0415
 
     config = text_config(lm)
@@ -61,19 +57,28 @@ def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
     head = lm.get_output_embeddings()
     transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
     if setting == "off":
-        pass
-    elif getattr(lm, "loss_function", None) is not ForCausalLMLoss:
-        reason = f"{type(lm).__name__} uses its own loss function, not ForCausalLMLoss"
-    elif type(head) is not nn.Linear:
-        reason = f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
-    elif transforms:
-        reason = f"its config transforms logits ({', '.join(transforms)})"
-    elif hasattr(config, "output_router_logits") and router_loss_coef(lm) is None:
-        reason = "it is a mixture-of-experts model whose router-loss coefficient is unknown"
-    else:
-        impl = lce.resolve_implementation(setting, device, softcap)
-        if impl is None:
-            reason = f"final logit soft-capping ({softcap}) is not supported by the {setting!r} implementation on {device.type}"
+        return None, None
+    if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
+        return None, f"{type(lm).__name__} uses its own loss function, not ForCausalLMLoss"
+    if type(head) is not nn.Linear:
+        return None, f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
+    if transforms:
+        return None, f"its config transforms logits ({', '.join(transforms)})"
+    if hasattr(config, "output_router_logits") and router_loss_coef(lm) is None:
+        return None, "it is a mixture-of-experts model whose router-loss coefficient is unknown"
+    impl = lce.resolve_implementation(setting, device, softcap)
+    if impl is None:
+        return None, (f"final logit soft-capping ({softcap}) is not supported by the {setting!r} implementation on "
+                      f"{device.type}")
+    return impl, None
+
+
+def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
+    """The fused task-loss implementation for this model, or None (with a one-time notice) where the
+    model's own loss must run because no fused path reproduces it exactly."""
+    if state.fused_ce_impl is not None:
+        return state.fused_ce_impl or None
+    impl, reason = fused_ce_choice(state.causal_lm, state.settings.fused_ce, device)
     if reason:
         state.notice_once("fused_ce", f"lopt_kernels: the fused task loss is off for this model because {reason}; "
                                       "the model's own (logit-materialising) loss runs instead.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -34,9 +35,9 @@ def _inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
     for p in lm.parameters():
         p.requires_grad_(False)
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    saved = safe_open(path, "pt", device=str(device)) if os.path.isfile(path) else None
-    keys = set(saved.keys()) if saved is not None else set()
-    with torch.no_grad():
+    with contextlib.ExitStack() as files, torch.no_grad():
+        saved = files.enter_context(safe_open(path, "pt", device=str(device))) if os.path.isfile(path) else None
+        keys = set(saved.keys()) if saved is not None else set()
         for name, p in lm.named_parameters():
             if ".lora_" not in name:
                 continue

@@ -34,8 +34,8 @@ def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int,
     ``data_parallel_group``: the ranks holding the same stage in other pipeline replicas (each fed its own
     share of the global batch); their gradients are averaged before the step. ``start_step``: the steps
     already taken (resume): ``batches`` is the whole stream, the micro-batches those steps consumed are
-    skipped. Returns the last rank's log (task loss, and
-    each boundary's aux loss, sent downstream once per step)."""
+    skipped. Returns the last rank's log (task loss, and each boundary's aux loss, sent downstream once per
+    step)."""
     history = []
     iterator = iter(batches)
     for _ in range(start_step * grad_accum):
@@ -57,7 +57,7 @@ def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int,
         with stage._span("send"):
             stage.wait_sends()
         # the boundaries' aux losses travel downstream with the flow: one small message per step and stage
-        auxes = torch.zeros(stage.world - 1, dtype=torch.float32)
+        auxes = torch.zeros(stage.world - 1, dtype=torch.float32, device=stage.device)  # NCCL sends device tensors
         if not stage.is_first:
             stage.receive(auxes, stage.rank - 1)
         if not stage.is_last:

@@ -3,8 +3,10 @@ backward."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +18,18 @@ from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of, local_loss_and_grads
 from ..discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
 from ..ops import linear_cross_entropy as lce
-from ..task_loss_hooks import _LOGIT_TRANSFORMS
+from ..task_loss_hooks import fused_ce_choice
 from .checkpoint import DECODER_FILE, SHARD_PREFIX, _inject_adapter, _safetensors_index
+
+
+@contextlib.contextmanager
+def _timed(spans: list, kind: str):
+    """Append ``(kind, start, end)`` wall-clock times of the block to ``spans``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        spans.append((kind, start, time.perf_counter()))
 
 
 class _StageDone(Exception):
@@ -86,18 +98,12 @@ def _check_ranks_agree(group, world: int, dtype: torch.dtype, num_layers: int, r
             )
 
 
-def _fused_ce_applies(lm) -> bool:
-    """Whether the last stage's task loss can be the fused linear cross-entropy (the model's own loss otherwise):
-    a plain linear head, the standard causal-LM loss, no logit transforms or router loss (as ``patch`` decides)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: PLC0415
-
-    config = lm.config.get_text_config()
-    head = lm.get_output_embeddings()
-    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
-    return (type(head) is nn.Linear and getattr(lm, "loss_function", None) is ForCausalLMLoss and not transforms
-            and not hasattr(config, "output_router_logits")
-            and lce.resolve_implementation("auto", head.weight.device,
-                                           getattr(config, "final_logit_softcapping", None)) is not None)
+def _fused_ce_impl(lm) -> str | None:
+    """The last stage's fused linear cross-entropy, chosen as ``patch`` chooses it; None (the model's own loss)
+    also for mixture-of-experts models, whose router term spans every stage's layers."""
+    if hasattr(text_config(lm), "output_router_logits"):
+        return None
+    return fused_ce_choice(lm, "auto", lm.get_output_embeddings().weight.device)[0]
 
 
 class PipelineStage:
@@ -119,7 +125,7 @@ class PipelineStage:
         self._pending_sends: list = []
         hidden = text_config(lm).hidden_size
         self.hidden_size = hidden
-        self.fused_ce = self.is_last and _fused_ce_applies(lm)
+        self.fused_ce = _fused_ce_impl(lm) if self.is_last else None
         self.dtype = next(p.dtype for p in self.own_layers.parameters())
         self.device = next(p.device for p in self.own_layers.parameters())
 
@@ -170,6 +176,7 @@ class PipelineStage:
             index = _safetensors_index(model_dir)
             params = {name: p for name, p in lm.named_parameters() if not p.is_meta}
             buffers = {name: b for name, b in lm.named_buffers() if not b.is_meta}
+            by_file: dict[str, list] = {}
             for name, tensor in {**params, **buffers}.items():
                 source = name
                 if source not in index and tensor is out.weight:  # a tied checkpoint: the head starts as the embeddings
@@ -178,8 +185,11 @@ class PipelineStage:
                     if name in params:
                         raise LoptPatchError(f"{model_dir} has no tensor {name} (not a checkpoint of this model)")
                     continue  # a non-persistent buffer, computed above
-                with safe_open(index[source], "pt", device=str(device)) as f:
-                    tensor.copy_(f.get_tensor(source).to(tensor.dtype))
+                by_file.setdefault(index[source], []).append((source, tensor))
+            for path, items in by_file.items():  # each file opened once, only this rank's tensors read
+                with safe_open(path, "pt", device=str(device)) as f:
+                    for source, tensor in items:
+                        tensor.copy_(f.get_tensor(source).to(tensor.dtype))
         if adapter is not None:
             _inject_adapter(lm, adapter, index, device)
         decoder = None
@@ -271,7 +281,8 @@ class PipelineStage:
             inputs["input_ids"] = batch["input_ids"]
         else:
             ids = batch["input_ids"]  # only the shape matters: the first layer's input is replaced
-            inputs["inputs_embeds"] = torch.zeros(*ids.shape, self.hidden_size, dtype=self.dtype, device=self.device)
+            inputs["inputs_embeds"] = torch.zeros((), dtype=self.dtype, device=self.device).expand(
+                *ids.shape, self.hidden_size)  # a broadcast view: nothing allocated per micro-batch
         if self.is_last and not self.fused_ce:
             inputs["labels"] = batch["labels"]
         try:
@@ -282,7 +293,7 @@ class PipelineStage:
             if self.is_last:
                 head = self.lm.get_output_embeddings()
                 task = lce.linear_cross_entropy(captured["head_input"], head.weight,
-                                                lce.shift_labels_of(batch["labels"]), bias=head.bias)
+                                                lce.shift_labels_of(batch["labels"]), bias=head.bias, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
             for h in handles:
@@ -381,18 +392,7 @@ class PipelineStage:
         return {"aux_loss": aux.detach().float()}
 
     def _span(self, kind: str):
-        import contextlib  # noqa: PLC0415
-        import time  # noqa: PLC0415
-
-        @contextlib.contextmanager
-        def timed():
-            start = time.perf_counter()
-            try:
-                yield
-            finally:
-                self.timeline.spans.append((kind, start, time.perf_counter()))
-
-        return timed()
+        return _timed(self.timeline.spans, kind)
 
     # checkpoints ---------------------------------------------------------------------------------
     def save_shard(self, directory: str) -> str:
