@@ -568,6 +568,8 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     m, s, progs = min(rows, rl.default_chunk_rows(rows, h)), 4, rl._num_programs("cpu", None)
     bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * h + r + 1) + 64
     old_xhat_and_z = 4 * m * h + 4 * m * r
+    print(f"workspace {workspace:,} B ({workspace / 2**20:.2f} MiB), bound {bound:,} B, "
+          f"with the old xhat and z buffers {workspace + old_xhat_and_z:,} B")
     assert workspace <= bound, (workspace, bound)
     assert workspace + old_xhat_and_z > bound  # the bound is tight: the old buffers would not fit
     torch.testing.assert_close(loss, reference(y, x, params)[0], rtol=1e-4, atol=1e-5)
