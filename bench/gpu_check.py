@@ -8,14 +8,18 @@ In order, each with its own time limit (the sum stays under 10 minutes):
 3. ``bench/test_bench_reconstruction_loss.py`` at rows 16384, bf16, h 4096 and h 8192 (fused Triton vs eager vs
    ``torch.compile``: times, peak memory, the modelled HBM bytes per row), with issue 11's GPU targets checked:
    fused <= 0.6x eager time and <= 0.25x eager peak memory, <= 1.3x torch.compile's time, achieved bandwidth;
-4. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16);
-5. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON).
-A stage that fails or runs out of time is recorded as such and the next one still runs.
+4. ``bench/recon_sweep.py``: the fused op's chunk rows, partial-sum programs per SM and widest CTA, timed side by
+   side with eager and torch.compile at the same shapes (which settings the defaults should be);
+5. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON);
+6. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16).
+A stage that fails or runs out of time is recorded as such and the next one still runs; no stage starts past
+``--budget`` seconds, and the JSON is rewritten after every stage, so a run cut short keeps what finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -27,7 +31,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_DEADLINE = [float("inf")]
+
+
 def _run(name, cmd, timeout, env=None, results=None):
+    timeout = min(timeout, _DEADLINE[0] - time.perf_counter())
+    if timeout < 10:
+        results[name] = {"rc": None, "skipped": "out of budget", "cmd": " ".join(cmd)}
+        print(f"[{name}] skipped: out of budget", flush=True)
+        return results[name]
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -47,7 +59,7 @@ def _versions():
     for mod in ("torch", "triton", "transformers", "liger_kernel"):
         try:
             m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "?")
+            out[mod] = getattr(m, "__version__", None) or importlib.metadata.version(mod.replace("_", "-"))
         except Exception as exc:  # noqa: BLE001 - recorded
             out[mod] = f"missing ({type(exc).__name__})"
     import torch  # noqa: PLC0415
@@ -90,16 +102,25 @@ def _reconstruction_targets(bench_json: str) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check.json")
-    p.add_argument("--skip", default="", help="comma-separated stages to skip: tests,recon,step,compare")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip: tests,recon,sweep,compare,step")
+    p.add_argument("--budget", type=float, default=570.0, help="seconds after which no stage starts or runs on")
     args = p.parse_args(argv)
+    _DEADLINE[0] = time.perf_counter() + args.budget
     skip = set(filter(None, args.skip.split(",")))
     results = {"versions": _versions()}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+    save()
     print(json.dumps(results["versions"]), flush=True)
     native = {"TRITON_INTERPRET": "0"}
     py = sys.executable
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
     if "tests" not in skip:
         _run("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops"], 150, native, results)
+        save()
     if "recon" not in skip:
         results["reconstruction"] = {}
         for hidden in (4096, 8192):
@@ -110,10 +131,14 @@ def main(argv=None):
                           120, {**native, "LOPT_BENCH_ROWS": "16384", "LOPT_BENCH_HIDDEN": str(hidden)}, results)
             if record["rc"] == 0 and os.path.isfile(path):
                 results["reconstruction"][hidden] = _reconstruction_targets(path)
-    if "step" not in skip:
-        _run("step_bench", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "bench/test_bench_step.py",
-                            "--benchmark-only", f"--benchmark-json={os.path.join(tmp, 'step.json')}"], 150, native,
-             results)
+            save()
+    if "sweep" not in skip:
+        path = os.path.join(tmp, "sweep.json")
+        _run("recon_sweep", [py, "bench/recon_sweep.py", "--out", path], 150, native, results)
+        if os.path.isfile(path):  # also what finished before a time-out
+            with open(path) as f:
+                results["recon_sweep"]["json"] = json.load(f)
+        save()
     if "compare" not in skip:
         path = os.path.join(tmp, "compare.json")
         record = _run("compare_cpu_1b", [py, "-m", "lopt_kernels.cli", "compare", "--config", "cpu-1b", "--device",
@@ -121,8 +146,12 @@ def main(argv=None):
         if record["rc"] == 0 and os.path.isfile(path):
             with open(path) as f:
                 results["compare_cpu_1b"]["json"] = json.load(f)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, default=str)
+        save()
+    if "step" not in skip:
+        _run("step_bench", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "bench/test_bench_step.py",
+                            "--benchmark-only", f"--benchmark-json={os.path.join(tmp, 'step.json')}"], 150, native,
+             results)
+        save()
     print(f"wrote {args.out}")
 
 

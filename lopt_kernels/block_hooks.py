@@ -181,15 +181,15 @@ def backbone_pre_hook(state: PatchState):
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
             if state.settings.aux_mask == "tokens":
-                run.token_rows = _token_rows(state, kwargs.get("attention_mask"))
+                run.row_mask = _row_mask(state, kwargs.get("attention_mask"))
         state.current = run
         return None
 
     return hook
 
 
-def _token_rows(state: PatchState, attention_mask) -> torch.Tensor | None:
-    """Flat indices of the non-padding positions, or None when every position is a token."""
+def _row_mask(state: PatchState, attention_mask) -> torch.Tensor | None:
+    """The non-padding positions as a flat bool mask (the fused op's ``row_mask``), or None without a mask."""
     if attention_mask is None:
         return None  # no padding (e.g. a padding-free packed batch)
     if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
@@ -199,11 +199,8 @@ def _token_rows(state: PatchState, attention_mask) -> torch.Tensor | None:
             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}. The aux loss counts every position.",
         )
         return None
-    flat = attention_mask.reshape(-1)
-    # The one host-device sync of aux_mask="tokens" (none when the mask is on the CPU): the row count sizes
-    # the gather of the counted rows, which the fused op takes whole (it has no row mask).
-    rows = flat.nonzero().squeeze(1)
-    return None if rows.numel() == flat.numel() else rows
+    # No host sync and no gather: the kernels skip the excluded rows and count the rest on the device.
+    return attention_mask.reshape(-1) != 0
 
 
 def backbone_post_hook(state: PatchState):
@@ -309,7 +306,7 @@ def layer_post_hook(state: PatchState, block: int):
             backend=state.settings.backend,
             layerwise_rebuild=run.layerwise_rebuild,
             replay_guard=state,
-            token_rows=run.token_rows,
+            row_mask=run.row_mask,
             # FSDP2 reduces gradients from hooks on the unsharded parameters' accumulation, so the
             # rebuild must accumulate; DDP's reducer needs them from the outer backward instead.
             accumulate_into_grad=bool(state.bottom_fsdp2) or not distributed(),

@@ -32,7 +32,7 @@ class PassState:
     aux_terms: list = field(default_factory=list)
     grad_was_enabled: bool | None = None
     layerwise_rebuild: bool = False
-    token_rows: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None  # aux_mask="tokens": which positions the aux loss counts
     embedding_output: object = None  # weakref to the input embeddings' output in this forward
     cache_requested: bool = False  # the caller passed use_cache=True or a cache object
     cache_skipped: bool = False  # activation-free blocks left a cache the model built by itself unfilled

@@ -23,38 +23,13 @@ class BoundarySpec:
     backend: str
     layerwise_rebuild: bool
     replay_guard: object  # object with a boolean attribute ``replaying``, set while a block is replayed
-    token_rows: torch.Tensor | None = None  # flat indices of the rows the aux loss counts (None: all)
+    row_mask: torch.Tensor | None = None  # flat bool: the rows the aux loss counts (None: all)
     # True: block gradients go straight into ``.grad`` as the rebuild produces them (no block-sized set
     # held); False: they return through the Function, so that each parameter's AccumulateGrad runs once
     # in the caller's backward, as DDP's reducer requires. (activation-free mode only)
     accumulate_into_grad: bool = True
     # Called when a backward reaches the hand-off but the loss holds no aux term (the block stays untrained).
     on_missing_aux: Callable[[], None] | None = None
-
-
-def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The (rows, h) view of ``t`` that the aux loss counts (a gather only when some rows are excluded)."""
-    flat = t.reshape(-1, t.shape[-1])
-    return flat if rows is None else flat.index_select(0, rows)
-
-
-def _unrows(grad_rows: torch.Tensor, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Scatter row gradients back to the shape of ``like`` (zero on excluded rows)."""
-    if rows is None:
-        return grad_rows.reshape(like.shape)
-    full = torch.zeros(like.numel() // like.shape[-1], like.shape[-1], dtype=grad_rows.dtype, device=grad_rows.device)
-    full.index_copy_(0, rows, grad_rows)
-    return full.reshape(like.shape)
-
-
-def counts_no_rows(spec: BoundarySpec) -> bool:
-    """Whether the aux loss counts no position at all (``aux_mask="tokens"`` on a batch without tokens)."""
-    return spec.token_rows is not None and spec.token_rows.numel() == 0
-
-
-def full_shape(p: torch.Tensor) -> torch.Size:
-    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then empty)."""
-    return getattr(p, "ds_shape", None) or p.shape
 
 
 def zero3_partitioned(params) -> list[torch.Tensor]:
@@ -107,23 +82,16 @@ def accumulate_gathered(groups) -> None:
 
 def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *, grad_scale=1.0, compute_grads=True):
     """The block's reconstruction loss over the counted rows; grads as ``reconstruction_loss_and_grads``
-    with ``grad_y`` shaped like ``y``. Over no rows the loss is 0 and every gradient is zero."""
+    with ``grad_y`` shaped like ``y`` (zero on excluded rows). Over no rows the loss is 0 and every gradient
+    is zero."""
     decoder = spec.decoder
     params = decoder.decoder_parameters()
-    if counts_no_rows(spec):
-        loss = torch.zeros((), dtype=torch.float32, device=y.device)
-        if not compute_grads:
-            return loss, None
-        zeros = (torch.zeros(full_shape(p), dtype=p.dtype, device=p.device) for p in params)
-        return loss, (torch.zeros_like(y), *zeros)
+    row_mask = None if spec.row_mask is None else spec.row_mask.to(y.device, non_blocking=True)
     with gathered(params):
-        loss, grads = reconstruction_loss_and_grads(
-            _rows(y, spec.token_rows), _rows(x, spec.token_rows), *params, eps=decoder.norm.eps,
-            grad_scale=grad_scale, compute_grads=compute_grads, backend=spec.backend,
+        return reconstruction_loss_and_grads(
+            y, x, *params, eps=decoder.norm.eps, grad_scale=grad_scale, compute_grads=compute_grads,
+            backend=spec.backend, row_mask=row_mask,
         )
-    if grads is not None:
-        grads = (_unrows(grads[0], spec.token_rows, y), *grads[1:])
-    return loss, grads
 
 
 def hidden_of(output):

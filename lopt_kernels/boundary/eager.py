@@ -111,7 +111,11 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     ``internal_scale * aux`` for ``params[i]`` (block layers, then decoder), and ``held[-1]`` the one for
     the block input (or None)."""
     params = block_params(tape.layers, spec.decoder)
-    rows = y.numel() // y.shape[-1] if spec.token_rows is None else spec.token_rows.numel()
+    rows = y.numel() // y.shape[-1]
+    if spec.row_mask is not None and y.dtype == torch.float16:
+        # fp16 only: the scale must follow the counted rows, or a mostly padded batch would overflow
+        # (one host sync); bf16 and fp32 have the range for a scale from every row
+        rows = max(int(spec.row_mask.sum()), 1)
     scale = _internal_scale(rows, y.shape[-1])
     aux, grads = local_loss_and_grads(spec, y.detach(), tape.leaf.detach(), grad_scale=scale)
     grad_y, decoder_grads = grads[0], grads[1:]

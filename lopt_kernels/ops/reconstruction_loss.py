@@ -79,6 +79,7 @@ __all__ = [
     "reconstruction_loss",
     "reconstruction_loss_and_grads",
     "check_reconstruction_inputs",
+    "check_row_mask",
     "resolve_backend",
     "default_chunk_rows",
     "ReconstructionLossFunction",
@@ -145,7 +146,21 @@ def check_reconstruction_inputs(y, x, norm_weight, norm_bias, down_weight, down_
         raise ValueError(f"reconstruction loss: y ({y.dtype}) and x ({x.dtype}) must share one dtype")
 
 
-def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
+def check_row_mask(row_mask, y) -> None:
+    """A ``row_mask`` must be bool, one entry per row of ``y`` (``y.shape[:-1]``), on ``y``'s device."""
+    if row_mask is None:
+        return
+    if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
+        raise ValueError(f"reconstruction loss: row_mask must be a bool tensor, got "
+                         f"{getattr(row_mask, 'dtype', type(row_mask).__name__)}")
+    if tuple(row_mask.shape) != tuple(y.shape[:-1]) and row_mask.numel() != math.prod(y.shape[:-1]):
+        raise ValueError(f"reconstruction loss: row_mask {tuple(row_mask.shape)} must have one entry per row of "
+                         f"y {tuple(y.shape)} (shape {tuple(y.shape[:-1])})")
+    if row_mask.device != y.device:
+        raise ValueError(f"reconstruction loss: row_mask on {row_mask.device} but y on {y.device}: move it to y's device")
+
+
+def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted):
     """Chunked PyTorch implementation; every intermediate in fp32.
 
     Uses ATen's fused LayerNorm / GELU forward and backward kernels on fp32 chunks, so it costs about
@@ -158,14 +173,19 @@ def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_
     if compute_grads:
         grad_y = None if single_chunk else torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
         acc = [torch.zeros_like(t) for t in (w, b, wd, bd, wu, bu)]
-        grad_coef = grad_scale * (2.0 / (n * h))
+        grad_coef = grad_scale * (2.0 / (counted * h))
     for start in range(0, n, chunk_rows):
         yc = y2[start : start + chunk_rows].float()
         xc = x2[start : start + chunk_rows].float()
+        if row_mask is not None:  # excluded rows as zeros (finite whatever they hold), as the kernels read them
+            keep = row_mask[start : start + chunk_rows, None]
+            yc, xc = torch.where(keep, yc, 0.0), torch.where(keep, xc, 0.0)
         normed, mean, rstd = torch.native_layer_norm(yc, (h,), w, b, eps)
         z = torch.addmm(bd, normed, wd.t())
         a = F.gelu(z)
         diff = torch.addmm(bu, a, wu.t()).sub_(xc)
+        if row_mask is not None:  # excluded rows: exactly 0, so is every gradient downstream of them
+            diff = torch.where(keep, diff, 0.0)
         loss_sum += torch.dot(diff.view(-1), diff.view(-1))
         if not compute_grads:
             del normed, mean, rstd, z, a, diff
@@ -190,7 +210,7 @@ def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_
         else:
             grad_y[start : start + chunk_rows] = d_y
         del d_y, d_w, d_b, mean, rstd
-    loss = loss_sum / (n * h)
+    loss = loss_sum / (counted * h)
     if not compute_grads:
         return loss, None
     return loss, (grad_y, *(g.to(p.dtype) for g, p in zip(acc, params)))
@@ -227,8 +247,10 @@ def _ln_forward_kernel(
     W, B,  # LayerNorm weight / bias (contiguous)
     NORMED,  # out: (m, h) in the matmul dtype
     MEAN, RSTD,  # out: (m,) fp32 row statistics, only if STORE_BWD
+    ROW_MASK,  # (m,) uint8: 1 where the row counts (read only if HAS_ROW_MASK)
     n_rows, n_cols, eps, num_progs,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_BWD: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_BWD: tl.constexpr, HAS_ROW_MASK: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -242,7 +264,10 @@ def _ln_forward_kernel(
         rmask = rows < n_rows
         rows64 = rows.to(tl.int64)
         mask = rmask[:, None] & cmask[None, :]
-        yv = tl.load(Y + rows64[:, None] * stride_ym + cols64[None, :] * stride_yh, mask=mask, other=0.0)
+        ymask = mask
+        if HAS_ROW_MASK:  # an excluded row is read as zeros (never loaded): finite whatever it holds
+            ymask = mask & (tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0)[:, None]
+        yv = tl.load(Y + rows64[:, None] * stride_ym + cols64[None, :] * stride_yh, mask=ymask, other=0.0)
         yv = yv.to(tl.float32)
         mean = tl.sum(yv, axis=1) / n_cols
         centered = tl.where(mask, yv - mean[:, None], 0.0)
@@ -286,11 +311,13 @@ def _squared_error_kernel(
     RECON,  # (m, h) in/out: act @ W_up^T without bias -> d_recon (matmul dtype)
     BU,  # (h,) up bias
     X, stride_xm, stride_xh,  # chunk of the target x (strided)
-    COEF,  # (1,) fp32: 2 * grad_scale / (N * h)
+    COEF,  # (1,) fp32: 2 * grad_scale / (counted rows * h)
+    ROW_MASK,  # (m,) uint8: 1 where the row counts (read only if HAS_ROW_MASK)
     LOSS_PART,  # (G,) fp32 per-program partial sums of squared errors (accumulated across chunks)
     DBU_PART,  # (G, h) fp32 per-program partial up-bias gradients
     n_rows, n_cols, num_progs,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, COMPUTE_GRADS: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, COMPUTE_GRADS: tl.constexpr, HAS_ROW_MASK: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -309,7 +336,13 @@ def _squared_error_kernel(
         offs = rows64[:, None] * n_cols + cols64[None, :]
         recon = tl.load(RECON + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         target = tl.load(X + rows64[:, None] * stride_xm + cols64[None, :] * stride_xh, mask=mask, other=0.0)
-        diff = tl.where(mask, recon - target.to(tl.float32), 0.0)
+        counted = mask
+        if HAS_ROW_MASK:
+            keep = tl.load(ROW_MASK + rows64, mask=rows < n_rows, other=0) != 0
+            counted = mask & keep[:, None]
+        # an excluded row's d_recon is stored as exactly 0, so every gradient downstream of it is 0 too
+        # (no gather of the counted rows, whatever the excluded rows hold)
+        diff = tl.where(counted, recon - target.to(tl.float32), 0.0)
         loss_rows += tl.sum(diff * diff, axis=1)
         if COMPUTE_GRADS:
             d_recon = diff * coef
@@ -362,8 +395,9 @@ def _ln_backward_kernel(
     W,  # (h,) LayerNorm weight
     DY, stride_dym, stride_dyh,  # out: rows of grad_y
     DW_PART, DB_PART,  # (G, h) fp32 per-program partial LayerNorm weight / bias gradients
+    ROW_MASK,  # (m,) uint8: 1 where the row counts (read only if HAS_ROW_MASK)
     n_rows, n_cols, num_progs,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_ROW_MASK: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -380,9 +414,12 @@ def _ln_backward_kernel(
         mask = rmask[:, None] & cmask[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
         dn = tl.load(DNORMED + offs, mask=mask, other=0.0).to(tl.float32)
+        ymask = mask
+        if HAS_ROW_MASK:  # as in the forward: an excluded row is zeros, its d_normed is 0, so is its dy
+            ymask = mask & (tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0)[:, None]
         # column offsets of y in int32 (the host guarantees (h - 1) * stride_yh < 2**31): int64 ones here
         # make the strided variant spill registers at h = 8192 on sm_90
-        yv = tl.load(Y + rows64[:, None] * stride_ym + (cols * stride_yh)[None, :], mask=mask, other=0.0)
+        yv = tl.load(Y + rows64[:, None] * stride_ym + (cols * stride_yh)[None, :], mask=ymask, other=0.0)
         mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         # the forward kernel's xhat, recomputed from y with the same fp32 operations
@@ -406,13 +443,17 @@ def _ln_backward_kernel(
 
 _MAX_BLOCK = 65536  # widest row (next power of two of h or r) one program holds in registers
 _FWD_OVERSUBSCRIBE = 8  # programs per SM for the forward kernels, which keep no partial sums
+# Programs per SM for the kernels that keep per-program fp32 partial sums (LN, bias and loss): more than one
+# hides latency, at the price of partial buffers (3 h + r + 1 floats per program) summed once per call.
+_PARTIAL_PROGRAMS_PER_SM = 1
+_MAX_WARPS = 16  # widest CTA of the row-wise kernels
 # Under TRITON_INTERPRET=1 (read when ``triton.jit`` decorates) the kernels are InterpretedFunctions.
 _INTERPRETED = not isinstance(_ln_forward_kernel, JITFunction)
 
 
 @functools.lru_cache(maxsize=None)
 def _num_programs(device_type: str, index: int | None) -> int:
-    """Persistent grid size: one program per SM on CUDA; a few under the (sequential) interpreter."""
+    """The SM count on CUDA; a few programs under the (sequential) interpreter."""
     if device_type == "cuda":
         return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
     return 4
@@ -423,7 +464,7 @@ def _tile_settings(block_cols: int, num_rows: int) -> tuple[int, int]:
     block_m = max(1, min(16, 4096 // block_cols, triton.next_power_of_2(num_rows)))
     elems = block_m * block_cols
     num_warps = 4 if elems < 2048 else 8 if elems < 8192 else 16
-    return block_m, num_warps
+    return block_m, min(num_warps, _MAX_WARPS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -480,14 +521,14 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
+def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted):
     """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between;
     every launch runs with ``y``'s device current."""
     with _device_guard(y2.device):
-        return _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+        return _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted)
 
 
-def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
+def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted):
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
     if device.type != "cuda" and not _INTERPRETED:
@@ -504,7 +545,8 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
     round_mm = _INTERPRETED and mm_dtype == torch.bfloat16
     round_y = _INTERPRETED and y2.dtype == torch.bfloat16
     f32 = torch.float32
-    progs = _num_programs(device.type, device.index)
+    sms = _num_programs(device.type, device.index)
+    progs = sms * _PARTIAL_PROGRAMS_PER_SM  # programs (and partial-sum rows) of the kernels that keep partials
     chunk = min(chunk_rows, n)
     bm_h, warps_h = _tile_settings(block_h, n)
     bm_r, warps_r = _tile_settings(block_r, n)
@@ -524,27 +566,33 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
         acc_up = torch.zeros((h, r), dtype=f32, device=device)
         acc_down = torch.zeros((r, h), dtype=f32, device=device)
         if isinstance(grad_scale, torch.Tensor):
-            coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (n * h))
+            coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (counted * h))
+        elif isinstance(counted, torch.Tensor):
+            coef = (2.0 * float(grad_scale) / h) / counted.reshape(1)
         else:
-            coef = torch.full((1,), 2.0 * float(grad_scale) / (n * h), dtype=f32, device=device)
+            coef = torch.full((1,), 2.0 * float(grad_scale) / (counted * h), dtype=f32, device=device)
     else:  # placeholders for pointers the disabled (constexpr) branches never touch
         mean = rstd = part_r = coef = loss_part
         part_h = (loss_part,) * 3
 
+    has_mask = row_mask is not None
+    mask_bytes = row_mask.view(torch.uint8) if has_mask else loss_part  # else a placeholder pointer
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         yc, xc = y2[start : start + m], x2[start : start + m]
+        mask_c = mask_bytes[start : start + m] if has_mask else mask_bytes
         normed_c, proj_c, act_c, recon_c = normed[:m], proj[:m], act[:m], recon[:m]
-        # kernels with per-program partial sums: at most ``progs`` programs (one per SM, as Liger's
+        # kernels with per-program partial sums: at most ``progs`` programs (a persistent grid, as Liger's
         # layer_norm backward); the purely row-wise forward kernels oversubscribe the SMs instead
         grid_h = min(progs, triton.cdiv(m, bm_h))
         grid_r = min(progs, triton.cdiv(m, bm_r))
-        grid_h_fwd = min(_FWD_OVERSUBSCRIBE * progs, triton.cdiv(m, bm_h))
-        grid_r_fwd = min(_FWD_OVERSUBSCRIBE * progs, triton.cdiv(m, bm_r))
+        grid_h_fwd = min(_FWD_OVERSUBSCRIBE * sms, triton.cdiv(m, bm_h))
+        grid_r_fwd = min(_FWD_OVERSUBSCRIBE * sms, triton.cdiv(m, bm_r))
 
         _ln_forward_kernel[(grid_h_fwd,)](
-            yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, m, h, eps, grid_h_fwd,
-            BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, ROUND_BF16=round_mm, num_warps=warps_h,
+            yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, mask_c, m, h, eps, grid_h_fwd,
+            BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
+            num_warps=warps_h,
         )
         torch.mm(normed_c, down_w.t(), out=proj_c)
         _bias_gelu_forward_kernel[(grid_r_fwd,)](
@@ -553,8 +601,9 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
         )
         torch.mm(act_c, up_w.t(), out=recon_c)
         _squared_error_kernel[(grid_h,)](
-            recon_c, up_b_c, xc, xc.stride(0), xc.stride(1), coef, loss_part, part_h[2], m, h, grid_h,
-            BLOCK_M=bm_h, BLOCK_H=block_h, COMPUTE_GRADS=compute_grads, ROUND_BF16=round_mm, num_warps=warps_h,
+            recon_c, up_b_c, xc, xc.stride(0), xc.stride(1), coef, mask_c, loss_part, part_h[2], m, h, grid_h,
+            BLOCK_M=bm_h, BLOCK_H=block_h, COMPUTE_GRADS=compute_grads, HAS_ROW_MASK=has_mask,
+            ROUND_BF16=round_mm, num_warps=warps_h,
         )
         if not compute_grads:
             continue
@@ -573,11 +622,11 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
         yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
         _ln_backward_kernel[(grid_h,)](
             d_normed, yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
-            part_h[0], part_h[1], m, h, grid_h,
-            BLOCK_M=bm_h, BLOCK_H=block_h, ROUND_BF16=round_y, num_warps=warps_h,
+            part_h[0], part_h[1], mask_c, m, h, grid_h,
+            BLOCK_M=bm_h, BLOCK_H=block_h, HAS_ROW_MASK=has_mask, ROUND_BF16=round_y, num_warps=warps_h,
         )
 
-    loss = loss_part.sum() / (n * h)
+    loss = loss_part.sum() / (counted * h)
     if not compute_grads:
         return loss, None
     grads = (
@@ -597,17 +646,24 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows):
+def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows, row_mask=None):
     h = y.shape[-1]
     y2 = y.reshape(-1, h)  # a view whenever the strides allow: the kernels take row/column strides
     x2 = x.reshape(-1, h)
+    if row_mask is None:
+        counted = y2.shape[0]
+    else:  # the loss is the mean over the counted rows; over none it is 0 (the count stays on the device)
+        row_mask = row_mask.reshape(-1).contiguous()
+        counted = row_mask.sum(dtype=torch.float32).clamp_min(1.0)
     # The op fixes its own precision (fp32 statistics and accumulation): an enclosing autocast
     # region must not recast its matmuls.
     with torch.autocast(y.device.type, enabled=False):
         if backend == "triton":
-            loss, grads = _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+            loss, grads = _triton_loss_and_grads(
+                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted)
         else:
-            loss, grads = _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows)
+            loss, grads = _torch_loss_and_grads(
+                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted)
     if grads is not None:
         grads = (grads[0].reshape(y.shape), *grads[1:])
     return loss, grads
@@ -618,17 +674,21 @@ def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows)
     mutates_args=(),
     schema=(
         "(Tensor y, Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor down_weight, Tensor down_bias, "
-        "Tensor up_weight, Tensor up_bias, float eps, str backend, int chunk_rows) -> Tensor"
+        "Tensor up_weight, Tensor up_bias, float eps, str backend, int chunk_rows, Tensor? row_mask) -> Tensor"
     ),
 )
-def _loss_op(y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows):
+def _loss_op(
+    y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows, row_mask,
+):
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
-    loss, _ = _run_impl(y, x, params, eps, 1.0, False, backend, chunk_rows)
+    loss, _ = _run_impl(y, x, params, eps, 1.0, False, backend, chunk_rows, row_mask)
     return loss
 
 
 @_loss_op.register_fake
-def _loss_op_fake(y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows):
+def _loss_op_fake(
+    y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows, row_mask,
+):
     return y.new_empty((), dtype=torch.float32)
 
 
@@ -638,23 +698,23 @@ def _loss_op_fake(y, x, norm_weight, norm_bias, down_weight, down_bias, up_weigh
     schema=(
         "(Tensor y, Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor down_weight, Tensor down_bias, "
         "Tensor up_weight, Tensor up_bias, float eps, float grad_scale, Tensor? grad_scale_tensor, str backend, "
-        "int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "int chunk_rows, Tensor? row_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 )
 def _loss_and_grads_op(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, grad_scale, grad_scale_tensor,
-    backend, chunk_rows,
+    backend, chunk_rows, row_mask,
 ):
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     scale = grad_scale_tensor if grad_scale_tensor is not None else grad_scale
-    loss, grads = _run_impl(y, x, params, eps, scale, True, backend, chunk_rows)
+    loss, grads = _run_impl(y, x, params, eps, scale, True, backend, chunk_rows, row_mask)
     return (loss, *grads)
 
 
 @_loss_and_grads_op.register_fake
 def _loss_and_grads_op_fake(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, grad_scale, grad_scale_tensor,
-    backend, chunk_rows,
+    backend, chunk_rows, row_mask,
 ):
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     return (y.new_empty((), dtype=torch.float32), y.new_empty(y.shape), *(p.new_empty(p.shape) for p in params))
@@ -687,9 +747,12 @@ def _loss_and_grads_op_flops(y_shape, x_shape, nw, nb, down_weight_shape, *args,
 def reconstruction_loss_and_grads(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, *,
     eps: float = 1e-5, grad_scale=1.0, compute_grads: bool = True, backend: str = "auto",
-    chunk_rows: int | None = None,
+    chunk_rows: int | None = None, row_mask: torch.Tensor | None = None,
 ):
     """Loss (fp32 scalar) and, if ``compute_grads``, the gradients of ``grad_scale * loss``.
+
+    ``row_mask`` (bool, ``y.shape[:-1]``, on ``y``'s device) restricts the loss to the rows where it is true:
+    the mean over those rows (0 over none), every gradient zero on the others, with no gather and no host sync.
 
     Returns ``(loss, grads)`` with ``grads = (grad_y, grad_norm_weight, grad_norm_bias, grad_down_weight,
     grad_down_bias, grad_up_weight, grad_up_bias)`` (``grad_y`` shaped like ``y`` in ``y.dtype``, parameter
@@ -699,6 +762,7 @@ def reconstruction_loss_and_grads(
     """
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     check_reconstruction_inputs(y, x, *params)
+    check_row_mask(row_mask, y)
     impl = resolve_backend(backend, y.device)
     h = y.shape[-1]
     n = math.prod(y.shape[:-1])
@@ -709,13 +773,14 @@ def reconstruction_loss_and_grads(
         raise ValueError(f"reconstruction loss: chunk_rows must be >= 1, got {chunk}")
     with torch.no_grad():
         if not compute_grads:
-            return torch.ops.lopt_kernels.reconstruction_loss(y, x, *params, float(eps), impl, int(chunk)), None
+            return torch.ops.lopt_kernels.reconstruction_loss(
+                y, x, *params, float(eps), impl, int(chunk), row_mask), None
         if isinstance(grad_scale, torch.Tensor):
             scale, scale_tensor = 1.0, grad_scale.detach().to(device=y.device, dtype=torch.float32)
         else:
             scale, scale_tensor = float(grad_scale), None
         loss, *grads = torch.ops.lopt_kernels.reconstruction_loss_and_grads(
-            y, x, *params, float(eps), scale, scale_tensor, impl, int(chunk)
+            y, x, *params, float(eps), scale, scale_tensor, impl, int(chunk), row_mask
         )
     return loss, tuple(grads)
 
@@ -727,12 +792,13 @@ class ReconstructionLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows):
+    def forward(ctx, y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows,
+                row_mask):
         params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
         needs = ctx.needs_input_grad
         compute = needs[0] or any(needs[2:8])
         loss, grads = reconstruction_loss_and_grads(
-            y, x, *params, eps=eps, compute_grads=compute, backend=backend, chunk_rows=chunk_rows
+            y, x, *params, eps=eps, compute_grads=compute, backend=backend, chunk_rows=chunk_rows, row_mask=row_mask
         )
         if compute:
             ctx.save_for_backward(*grads)
@@ -742,7 +808,7 @@ class ReconstructionLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if not ctx.computed:
-            return (None,) * 11
+            return (None,) * 12
         grad_y, *param_grads = ctx.saved_tensors
         needs = ctx.needs_input_grad
         # Scaled in place (a 0-d fp32 multiplier keeps each tensor's dtype, one rounding): no second
@@ -750,24 +816,26 @@ class ReconstructionLossFunction(torch.autograd.Function):
         # autograd's "modified by an inplace operation" error instead of returning rescaled gradients.
         scaled_y = grad_y.mul_(grad_loss) if needs[0] else None
         scaled = [g.mul_(grad_loss) if needs[2 + i] else None for i, g in enumerate(param_grads)]
-        return (scaled_y, None, *scaled, None, None, None)
+        return (scaled_y, None, *scaled, None, None, None, None)
 
 
 def reconstruction_loss(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, *,
-    eps: float = 1e-5, backend: str = "auto", chunk_rows: int | None = None,
+    eps: float = 1e-5, backend: str = "auto", chunk_rows: int | None = None, row_mask: torch.Tensor | None = None,
 ):
     """Differentiable fused reconstruction loss (fp32 scalar). The target ``x`` receives no gradient.
+    ``row_mask`` as in :func:`reconstruction_loss_and_grads`.
 
     Without grad mode or with no input requiring grad, only the loss is computed (no backward work).
     """
     differentiable = (y, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in differentiable):
         return ReconstructionLossFunction.apply(
-            y, x.detach(), norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows
+            y, x.detach(), norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, backend, chunk_rows,
+            row_mask,
         )
     loss, _ = reconstruction_loss_and_grads(
         y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias,
-        eps=eps, compute_grads=False, backend=backend, chunk_rows=chunk_rows,
+        eps=eps, compute_grads=False, backend=backend, chunk_rows=chunk_rows, row_mask=row_mask,
     )
     return loss

@@ -1,7 +1,9 @@
 """Fused reconstruction loss vs a plain, unfused fp32 PyTorch reference (torch and Triton backends).
 
 The Triton backend runs on CPU tensors through the Triton interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1 before triton is imported), so shapes stay small.
+TRITON_INTERPRET=1 before triton is imported), so shapes stay small. With ``TRITON_INTERPRET=0`` on a
+CUDA machine (``bench/gpu_check.py``) the same tests run on CUDA tensors with the compiled kernels; the
+few that check the interpreter or CPU-only paths skip there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from lopt_kernels.ops.reconstruction_loss import (
 # the module itself (``lopt_kernels.ops.reconstruction_loss`` the attribute is the function)
 rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss")
 
+NATIVE = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
+DEVICE = torch.device("cuda" if NATIVE else "cpu")
+interpreter_only = pytest.mark.skipif(NATIVE, reason="checks the Triton interpreter / CPU tensors")
+
 H, R = 72, 18  # odd sizes: neither is a power of two, so every kernel masks its columns
 EPS = 1e-5
 SCALE = 0.37  # incoming gradient != 1
@@ -53,12 +59,14 @@ TOL = {
 }
 
 
-def make_inputs(rows, dtype, layout="contiguous", seed=0, h=H, r=R):
-    """(y, x, params) with y/x of ``rows`` rows; ``layout`` picks contiguous, strided or 3-D views."""
+def make_inputs(rows, dtype, layout="contiguous", seed=0, h=H, r=R, device=None):
+    """(y, x, params) with y/x of ``rows`` rows on ``device`` (default: DEVICE); ``layout`` picks
+    contiguous, strided or 3-D views."""
     g = torch.Generator().manual_seed(seed)
+    device = DEVICE if device is None else device
 
     def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype)
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
 
     if layout == "strided":
         # y: a transposed view with a row step (strides (2, 2*rows)); x: a column slice (row stride 2h)
@@ -218,11 +226,85 @@ def test_second_backward_raises(backend):
         loss.backward()
 
 
+# ------------------------------------------------------------------------ row mask (aux_mask="tokens")
+
+
+def _row_mask_for(y):
+    """Every third row excluded, and the first two (a left-padded sequence), in y's row shape."""
+    rows = torch.arange(y.numel() // y.shape[-1], device=y.device)
+    return ((rows % 3 != 1) & (rows >= 2)).reshape(y.shape[:-1])
+
+
+def _poison_excluded(t, mask):
+    """A copy of ``t`` with inf / nan in the excluded rows (whatever padding holds must not leak)."""
+    t = t.clone()
+    bad = torch.full_like(t[~mask], float("inf"))
+    bad[..., ::2] = float("nan")
+    t[~mask] = bad
+    return t
+
+
+@pytest.mark.parametrize("rows,chunk_rows,layout", CASES[:1] + CASES[3:])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_mask_matches_the_reference_over_the_counted_rows(backend, dtype, rows, chunk_rows, layout):
+    """The masked op equals the reference on the counted rows alone (gathered), grad_y is zero on the
+    excluded rows, and inf / nan there change nothing."""
+    y, x, params = make_inputs(rows, dtype, layout)
+    mask = _row_mask_for(y)
+    ref_loss, ref_grads = reference(y[mask], x[mask], params, scale=SCALE)
+    y_bad, x_bad = _poison_excluded(y, mask), _poison_excluded(x, mask)
+    loss, grads = reconstruction_loss_and_grads(
+        y_bad, x_bad, *params, eps=EPS, grad_scale=SCALE, backend=backend, chunk_rows=chunk_rows, row_mask=mask
+    )
+    assert torch.all(grads[0][~mask] == 0)
+    assert_matches(loss, (grads[0][mask], *grads[1:]), ref_loss, ref_grads, dtype, params, y[mask])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_mask_autograd_and_loss_only(backend):
+    y, x, params = make_inputs(37, torch.float32)
+    mask = _row_mask_for(y)
+    ref_loss, ref_grads = reference(y[mask], x[mask], params)
+    yl = y.detach().requires_grad_()
+    pl = [p.detach().requires_grad_() for p in params]
+    loss = reconstruction_loss(yl, x, *pl, eps=EPS, backend=backend, chunk_rows=16, row_mask=mask)
+    loss.backward()
+    assert torch.all(yl.grad[~mask] == 0)
+    assert_matches(loss.detach(), [yl.grad[mask], *(p.grad for p in pl)], ref_loss, ref_grads, torch.float32,
+                   params, y[mask])
+    with torch.no_grad():
+        only = reconstruction_loss(y, x, *params, eps=EPS, backend=backend, row_mask=mask)
+    torch.testing.assert_close(only, ref_loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_mask_without_counted_rows_gives_zero_loss_and_gradients(backend):
+    y, x, params = make_inputs(9, torch.bfloat16)
+    loss, grads = reconstruction_loss_and_grads(y, x, *params, backend=backend, row_mask=torch.zeros(9, dtype=torch.bool,
+                                                                                                     device=DEVICE))
+    assert float(loss) == 0.0
+    assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize(
+    "mask,pattern",
+    [
+        pytest.param(torch.ones(4, dtype=torch.int64), "row_mask must be a bool tensor", id="int-mask"),
+        pytest.param(torch.ones(5, dtype=torch.bool), r"row_mask \(5,\) must have one entry per row", id="rows"),
+        pytest.param(torch.ones(4, dtype=torch.bool, device="meta"), "row_mask on meta but y on cpu", id="device"),
+    ],
+)
+def test_bad_row_mask_raises_value_error(mask, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        reconstruction_loss_and_grads(*_good(), backend="torch", row_mask=mask)
+
+
 # ----------------------------------------------------------------------------------- bad inputs
 
 
 def _good():
-    y, x, params = make_inputs(4, torch.float32, h=8, r=4)
+    y, x, params = make_inputs(4, torch.float32, h=8, r=4, device="cpu")
     return [y, x, *params]
 
 
@@ -305,6 +387,7 @@ def recording_cuda_device(monkeypatch):
     return _RecordingDevice
 
 
+@interpreter_only
 def test_case16_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, monkeypatch):
     # Pretend y is a CUDA tensor: the guard takes the branch it takes for CUDA tensors, entering
     # torch.cuda.device(y.device) (here the recorder), while the kernels run interpreted on CPU.
@@ -393,14 +476,16 @@ def test_custom_ops_opcheck():
     """The registered custom ops' schemas and fake implementations agree with the real ones."""
     y, x, params = make_inputs(9, torch.float32)
     torch.library.opcheck(
-        torch.ops.lopt_kernels.reconstruction_loss.default, (y, x, *params, EPS, "torch", 4),
+        torch.ops.lopt_kernels.reconstruction_loss.default, (y, x, *params, EPS, "torch", 4, None),
         test_utils=("test_schema", "test_faketensor"),
     )
-    torch.library.opcheck(
-        torch.ops.lopt_kernels.reconstruction_loss_and_grads.default,
-        (y, x, *params, EPS, 0.5, torch.tensor(2.0), "torch", 4),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    mask = torch.arange(9, device=DEVICE) % 3 != 0
+    for row_mask in (None, mask):
+        torch.library.opcheck(
+            torch.ops.lopt_kernels.reconstruction_loss_and_grads.default,
+            (y, x, *params, EPS, 0.5, torch.tensor(2.0, device=DEVICE), "torch", 4, row_mask),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 # ----------------------------------------------------------------------- kernels beyond the interpreter
@@ -413,6 +498,7 @@ def _round_probe_kernel(X, OUT, N: tl.constexpr):
     tl.store(OUT + offs, rl._round_bf16(v, True).to(tl.bfloat16))
 
 
+@interpreter_only
 def test_interpreter_bf16_stores_round_to_nearest_even():
     """The kernels' explicit rounding makes interpreted bf16 stores match torch's fp32 -> bf16 cast."""
     g = torch.Generator().manual_seed(0)
@@ -469,8 +555,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
         assert len(found) == 1, (fn.__name__, log.getvalue()[-2000:])
         regs = re.findall(r"Used (\\d+) registers", log.getvalue())
         strided = args.get("stride_yh", args.get("stride_xh", 1)) is None
-        table.append((fn.__name__, args.get("n_cols"), "strided" if strided else "",
-                      num_warps, regs[0] if regs else "?", found[0][0]))
+        table.append((fn.__name__, args.get("n_cols"), ("strided" if strided else "") +
+                      (" masked" if constexprs.get("HAS_ROW_MASK") else ""), num_warps, regs[0] if regs else "?",
+                      found[0][0]))
         checked += 1
         if found[0] != ("0", "0"):
             spills.append(f"{fn.__name__} {constexprs} num_warps={num_warps} args={args}: "
@@ -489,23 +576,27 @@ _COMPILE_SCRIPT = textwrap.dedent(
         for col_stride in (1, None):
             ys = dict(stride_ym=h if col_stride else None, stride_yh=col_stride)
             xs = dict(stride_xm=ys["stride_ym"], stride_xh=col_stride)
-            for flag in (True, False):
-                compile_kernel(rl._ln_forward_kernel,
-                    dict(Y=mm, W=mm, B=mm, NORMED=mm, MEAN=f32, RSTD=f32, eps="fp32", **ys, **sizes_h),
-                    dict(BLOCK_M=bm_h, BLOCK_H=bh, STORE_BWD=flag, ROUND_BF16=False), w_h)
-                compile_kernel(rl._squared_error_kernel,
-                    dict(RECON=mm, BU=mm, X=mm, COEF=f32, LOSS_PART=f32, DBU_PART=f32, **xs, **sizes_h),
-                    dict(BLOCK_M=bm_h, BLOCK_H=bh, COMPUTE_GRADS=flag, ROUND_BF16=False), w_h)
-            compile_kernel(rl._ln_backward_kernel,
-                dict(DNORMED=mm, Y=mm, MEAN=f32, RSTD=f32, W=mm, DY=mm, DW_PART=f32, DB_PART=f32, **ys,
-                     stride_dym=h, stride_dyh=1, **sizes_h),
-                dict(BLOCK_M=bm_h, BLOCK_H=bh, ROUND_BF16=False), w_h)
+            for masked in (False, True):  # aux_mask="tokens": the row mask read by three kernels
+                for flag in (True, False):
+                    compile_kernel(rl._ln_forward_kernel,
+                        dict(Y=mm, W=mm, B=mm, NORMED=mm, MEAN=f32, RSTD=f32, ROW_MASK="*u8", eps="fp32", **ys,
+                             **sizes_h),
+                        dict(BLOCK_M=bm_h, BLOCK_H=bh, STORE_BWD=flag, HAS_ROW_MASK=masked, ROUND_BF16=False), w_h)
+                    compile_kernel(rl._squared_error_kernel,
+                        dict(RECON=mm, BU=mm, X=mm, COEF=f32, ROW_MASK="*u8", LOSS_PART=f32, DBU_PART=f32, **xs,
+                             **sizes_h),
+                        dict(BLOCK_M=bm_h, BLOCK_H=bh, COMPUTE_GRADS=flag, HAS_ROW_MASK=masked, ROUND_BF16=False),
+                        w_h)
+                compile_kernel(rl._ln_backward_kernel,
+                    dict(DNORMED=mm, Y=mm, MEAN=f32, RSTD=f32, W=mm, DY=mm, DW_PART=f32, DB_PART=f32,
+                         ROW_MASK="*u8", **ys, stride_dym=h, stride_dyh=1, **sizes_h),
+                    dict(BLOCK_M=bm_h, BLOCK_H=bh, HAS_ROW_MASK=masked, ROUND_BF16=False), w_h)
         compile_kernel(rl._bias_gelu_forward_kernel, dict(PROJ=mm, BD=mm, ACT=mm, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
         compile_kernel(rl._gelu_backward_kernel, dict(GRAD=mm, PROJ=mm, BD=mm, DBD_PART=f32, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
     for row in table:  # the register table (pytest -s shows it)
-        print("%-26s cols=%-5s %-7s warps=%-2s registers=%-4s spill bytes=%s" % row)
+        print("%-26s cols=%-5s %-14s warps=%-2s registers=%-4s spill bytes=%s" % row)
     assert not spills, "register spills on sm_90:\\n" + "\\n".join(spills)
     print(f"compiled {checked} kernel variants, no spills")
     """
@@ -535,6 +626,7 @@ def test_kernels_compile_for_sm90(tmp_path):
 # --------------------------------------------------------------------------------- workspace (issue 11)
 
 
+@interpreter_only
 def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     """Peak extra allocator bytes of one forward + backward under the interpreter, rows 4096, h 1024,
     r 256, fp32, excluding the inputs and the returned loss and gradients.
@@ -565,7 +657,7 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     returned = loss.untyped_storage().nbytes() + sum(t.untyped_storage().nbytes() for t in grads)
     workspace = tracker.peak - returned
 
-    m, s, progs = min(rows, rl.default_chunk_rows(rows, h)), 4, rl._num_programs("cpu", None)
+    m, s, progs = min(rows, rl.default_chunk_rows(rows, h)), 4, rl._num_programs("cpu", None) * rl._PARTIAL_PROGRAMS_PER_SM
     bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * h + r + 1) + 64
     old_xhat_and_z = 4 * m * h + 4 * m * r
     print(f"workspace {workspace:,} B ({workspace / 2**20:.2f} MiB), bound {bound:,} B, "
