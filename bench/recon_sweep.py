@@ -6,10 +6,11 @@ For each hidden size, one process times forward + backward (loss and every gradi
 - ``eager``: LayerNorm -> Linear -> GELU -> Linear -> fp32 MSE and ``backward()`` (bench/test_bench_reconstruction_loss.py's
   reference), and ``compiled``: the same under ``torch.compile``;
 - the fused Triton op for every combination of
-  ``chunk``: rows per chunk (``default``: ``default_chunk_rows``; ``grown``: ``max(8M / h, min(4 r, 64M / h))`` rows,
-  so the weights and fp32 accumulators are re-read over more rows at large h; ``all``: one chunk),
-  ``partials``: programs per SM of the kernels that keep per-program partial sums (1, 2, 4),
-  ``max_warps``: the widest CTA of the row-wise kernels (16, 8).
+  ``chunk``: rows per chunk (``8M/h``: about 8M elements per chunk-by-hidden buffer, the rule before issue 11;
+  ``default``: ``default_chunk_rows`` with the rank, ``max(8M / h, min(4 r, 32M / h))``; ``grown``:
+  ``max(8M / h, min(4 r, 64M / h))``; ``all``: one chunk),
+  ``partials``: programs per SM of the kernels that keep per-program partial sums (``--partials``, default 1 2),
+  ``max_warps``: the widest CTA of the row-wise kernels (``--warps``, default 16).
 Times are ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between repetitions); peak memory is
 ``max_memory_allocated`` over one call minus what was allocated before it (the returned gradients included,
 as eager's ``.grad``). On CPU (a check that the script runs) it sweeps a tiny shape under the Triton interpreter.
@@ -92,7 +93,7 @@ def _peak_bytes(fn, leaves, cuda: bool) -> int | None:
     return peak
 
 
-def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10) -> dict:
+def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_grid=(1, 2), warps_grid=(16,)) -> dict:
     cuda = device.type == "cuda"
     y, x, params = make_inputs(rows, h, r, dtype, device)
     leaves = [y, *params]
@@ -115,10 +116,11 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10) -> dict:
         result["baselines"][name] = {"ms": _time_ms(step, leaves, cuda, reps), "peak_bytes": _peak_bytes(step, leaves, cuda)}
         print(f"h={h} {name}: {result['baselines'][name]}", flush=True)
 
-    chunks = {"default": min(rows, default_chunk_rows(rows, h)), "grown": grown_chunk_rows(rows, h, r), "all": rows}
+    chunks = {"8M/h": min(rows, default_chunk_rows(rows, h)), "default": default_chunk_rows(rows, h, r),
+              "grown": grown_chunk_rows(rows, h, r), "all": rows}
     saved = (_rl._PARTIAL_PROGRAMS_PER_SM, _rl._MAX_WARPS)
     try:
-        for (chunk_name, chunk), partials, max_warps in itertools.product(chunks.items(), (1, 2, 4), (16, 8)):
+        for (chunk_name, chunk), partials, max_warps in itertools.product(chunks.items(), partials_grid, warps_grid):
             _rl._PARTIAL_PROGRAMS_PER_SM, _rl._MAX_WARPS = partials, max_warps
 
             def fused(chunk=chunk):
@@ -136,8 +138,8 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10) -> dict:
     finally:
         _rl._PARTIAL_PROGRAMS_PER_SM, _rl._MAX_WARPS = saved
     best = min(result["fused"], key=lambda row: row["ms"])
-    current = next(row for row in result["fused"]
-                   if (row["chunk"], row["partials_per_sm"], row["max_warps"]) == ("default", *saved))
+    current = next((row for row in result["fused"]
+                    if (row["chunk"], row["partials_per_sm"], row["max_warps"]) == ("default", *saved)), best)
     result["best"], result["current_defaults"] = best, current
     return result
 
@@ -148,6 +150,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--hidden", type=int, nargs="*", default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--partials", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--warps", type=int, nargs="*", default=[16])
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -159,7 +163,7 @@ def main(argv=None):
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (Triton interpreter)", "results": []}
     for h in hiddens:
         out["results"].append(sweep(rows, h, h // 4, dtype, device, compile_baseline=not args.no_compile,
-                                    reps=10 if cuda else 1))
+                                    reps=10 if cuda else 1, partials_grid=args.partials, warps_grid=args.warps))
         with open(args.out, "w") as f:  # written after each size, so a time-out keeps what finished
             json.dump(out, f, indent=1)
     for res in out["results"]:

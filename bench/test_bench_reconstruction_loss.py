@@ -127,7 +127,7 @@ def modelled_hbm_bytes_per_row(rows, h, r, dtype, device_type) -> dict[str, floa
     fp32 weight-gradient accumulators and the final casts are per chunk / per step, divided by the rows.
     """
     s = torch.empty((), dtype=dtype).element_size()
-    m = min(rows, default_chunk_rows(rows, h))
+    m = min(rows, default_chunk_rows(rows, h, r))
     chunks = -(-rows // m)
 
     # Fused (reconstruction_loss._triton_chunks), per row of a chunk:

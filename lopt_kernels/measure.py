@@ -163,8 +163,29 @@ class _FlopCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = flop_counter.flop_registry.get(func._overloadpacket)
         if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+            try:
+                self.total += formula(*args, **kwargs, out_val=out)
+            except AssertionError:
+                # Older torch's attention formulas assert equal query and key/value heads; grouped-query
+                # attention (fewer key/value heads, broadcast by the kernel) costs what the broadcast heads do.
+                self.total += formula(*_broadcast_heads(args), **_broadcast_heads(kwargs), out_val=out)
         return out
+
+
+def _broadcast_heads(values):
+    """``values`` (a tuple or dict) with every 4-D (batch, heads, seq, dim) tensor that has fewer heads than the
+    most any of them has replaced by a meta tensor with that many heads (FLOP formulas read only shapes)."""
+    items = values.values() if isinstance(values, dict) else values
+    heads = max((t.shape[1] for t in items if torch.is_tensor(t) and t.dim() == 4), default=0)
+
+    def widen(t):
+        if torch.is_tensor(t) and t.dim() == 4 and 0 < t.shape[1] < heads and heads % t.shape[1] == 0:
+            return torch.empty((t.shape[0], heads, *t.shape[2:]), dtype=t.dtype, device="meta")
+        return t
+
+    if isinstance(values, dict):
+        return {k: widen(v) for k, v in values.items()}
+    return tuple(widen(v) for v in values)
 
 
 def timed(step_fn, device: torch.device) -> float:

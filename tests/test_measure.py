@@ -125,3 +125,30 @@ def test_step_peak_matches_the_profiler(variant, small_config):
     model.zero_grad(set_to_none=False)
     profiled = _profiler_peak(step)
     assert mem.step_peak == pytest.approx(profiled, rel=0.03)
+
+
+def test_flop_counter_counts_grouped_query_attention_where_the_formula_asserts_equal_heads(monkeypatch):
+    """torch <= 2.11's attention FLOP formulas assert as many key/value heads as query heads; on CUDA every
+    grouped-query model's step then failed to count (the GPU step benchmark errored on every variant). The
+    counter broadcasts the key/value heads instead: GQA costs what the broadcast heads cost."""
+    import torch.nn.functional as F
+    from torch.utils import flop_counter
+
+    from lopt_kernels.measure import _FlopCounter
+
+    def old_style_formula(query, key, value, *args, out_val=None, **kwargs):
+        b, h, s_q, d = query.shape
+        assert key.shape[1] == h and value.shape[1] == h, "sdpa: heads differ"
+        return 4 * b * h * s_q * key.shape[2] * d
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setitem(flop_counter.flop_registry, op, old_style_formula)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 8, 16, generator=g)
+    k, v = torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 8, 16, generator=g)
+    counts = []
+    for key, value, gqa in ((k, v, True), (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), False)):
+        with _FlopCounter() as counter:
+            F.scaled_dot_product_attention(q, key, value, is_causal=True, enable_gqa=gqa)
+        counts.append(counter.total)
+    assert counts[0] == counts[1] == 4 * 4 * 8 * 8 * 16

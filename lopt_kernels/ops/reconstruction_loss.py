@@ -102,9 +102,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def default_chunk_rows(num_rows: int, hidden: int) -> int:
-    """Rows per chunk: about 8M fp32 elements (32 MiB) per chunk-by-hidden buffer."""
-    return max(1, min(num_rows, (8 * 1024 * 1024) // max(hidden, 1)))
+def default_chunk_rows(num_rows: int, hidden: int, rank: int | None = None) -> int:
+    """Rows per chunk: about 8M elements per chunk-by-hidden buffer; given the decoder's bottleneck ``rank``,
+    more at large h: up to 4 * rank rows while a chunk-by-hidden buffer stays <= 32M elements (64 MiB in bf16).
+
+    Each chunk re-reads both weights and reads and writes both fp32 weight-gradient accumulators (2 h r each)
+    and launches ~12 kernels; on an H200 (bf16, rows 16384) 1024-row chunks at h 8192 ran 1.28x slower than
+    8192-row ones and 2048-row chunks at h 4096 1.98x slower than 4096-row ones (bench/recon_sweep.py).
+    The working set is 2 chunk x (h + r) matmul-dtype elements plus 8 bytes a row."""
+    hidden = max(hidden, 1)
+    rows = (8 << 20) // hidden
+    if rank is not None:
+        rows = max(rows, min(4 * rank, (32 << 20) // hidden))
+    return max(1, min(num_rows, rows))
 
 
 def check_reconstruction_inputs(y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias):
@@ -447,6 +457,10 @@ _FWD_OVERSUBSCRIBE = 8  # programs per SM for the forward kernels, which keep no
 # hides latency, at the price of partial buffers (3 h + r + 1 floats per program) summed once per call.
 _PARTIAL_PROGRAMS_PER_SM = 1
 _MAX_WARPS = 16  # widest CTA of the row-wise kernels
+# Widest row block read through a column stride other than 1: wider strided chunks are copied to contiguous ones,
+# since those kernel variants spill registers with some ptxas versions (Triton 3.6's, sm_90, BLOCK_H 8192); such
+# views are rare (the boundary's y and x are contiguous).
+_STRIDED_MAX_BLOCK = 4096
 # Under TRITON_INTERPRET=1 (read when ``triton.jit`` decorates) the kernels are InterpretedFunctions.
 _INTERPRETED = not isinstance(_ln_forward_kernel, JITFunction)
 
@@ -581,6 +595,9 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
         m = min(chunk, n - start)
         yc, xc = y2[start : start + m], x2[start : start + m]
         mask_c = mask_bytes[start : start + m] if has_mask else mask_bytes
+        if block_h > _STRIDED_MAX_BLOCK:
+            yc = yc if yc.stride(1) == 1 else yc.contiguous()
+            xc = xc if xc.stride(1) == 1 else xc.contiguous()
         normed_c, proj_c, act_c, recon_c = normed[:m], proj[:m], act[:m], recon[:m]
         # kernels with per-program partial sums: at most ``progs`` programs (a persistent grid, as Liger's
         # layer_norm backward); the purely row-wise forward kernels oversubscribe the SMs instead
@@ -768,7 +785,7 @@ def reconstruction_loss_and_grads(
     n = math.prod(y.shape[:-1])
     if n == 0 or h == 0:
         raise ValueError(f"reconstruction loss: y {tuple(y.shape)} has no rows")
-    chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(n, h)
+    chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(n, h, down_weight.shape[0])
     if chunk < 1:
         raise ValueError(f"reconstruction loss: chunk_rows must be >= 1, got {chunk}")
     with torch.no_grad():

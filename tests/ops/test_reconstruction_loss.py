@@ -149,6 +149,27 @@ def test_autograd_matches_reference(backend, dtype, rows, chunk_rows, layout):
     assert_matches(loss.detach(), [yl.grad, *(p.grad for p in pl)], ref_loss, ref_grads, dtype, params, y)
 
 
+def test_wide_strided_chunks_are_copied_contiguous(monkeypatch):
+    """Above _STRIDED_MAX_BLOCK the kernels only ever see column stride 1 (a copy of the chunk), same results."""
+    launches = []
+    real = rl._ln_forward_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(y, stride_ym, stride_yh, *args, **kwargs):
+                launches.append(stride_yh)
+                return real[grid](y, stride_ym, stride_yh, *args, **kwargs)
+            return run
+
+    monkeypatch.setattr(rl, "_STRIDED_MAX_BLOCK", 64)  # H = 72: BLOCK_H 128 counts as wide
+    monkeypatch.setattr(rl, "_ln_forward_kernel", Spy())
+    y, x, params = make_inputs(37, torch.float32, "strided")
+    ref_loss, ref_grads = reference(y, x, params, scale=SCALE)
+    loss, grads = reconstruction_loss_and_grads(y, x, *params, grad_scale=SCALE, backend="triton", chunk_rows=16)
+    assert launches == [1, 1, 1]
+    assert_matches(loss, grads, ref_loss, ref_grads, torch.float32, params, y)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_tensor(backend):
     y, x, params = make_inputs(37, torch.float32)
@@ -567,13 +588,14 @@ _COMPILE_SCRIPT = textwrap.dedent(
     shapes = [("*bf16", h, h // 4) for h in (2048, 4096, 5120, 8192)] + [("*fp32", 72, 18)]
     for mm, h, r in shapes:
         bh, br = triton.next_power_of_2(h), triton.next_power_of_2(r)
-        m = rl.default_chunk_rows(rows, h)
+        m = rl.default_chunk_rows(rows, h, r)
         bm_h, w_h = rl._tile_settings(bh, rows)
         bm_r, w_r = rl._tile_settings(br, rows)
         sizes_h = dict(n_rows=m, n_cols=h, num_progs=progs)
         sizes_r = dict(n_rows=m, n_cols=r, num_progs=progs)
-        # y and x contiguous (column stride 1, the usual launch) and as arbitrary strided views
-        for col_stride in (1, None):
+        # y and x contiguous (column stride 1, the usual launch) and as arbitrary strided views (below
+        # BLOCK_H 8192 only: wider strided chunks are copied to contiguous ones by the host code)
+        for col_stride in (1, None) if bh <= rl._STRIDED_MAX_BLOCK else (1,):
             ys = dict(stride_ym=h if col_stride else None, stride_yh=col_stride)
             xs = dict(stride_xm=ys["stride_ym"], stride_xh=col_stride)
             for masked in (False, True):  # aux_mask="tokens": the row mask read by three kernels
@@ -632,7 +654,7 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     r 256, fp32, excluding the inputs and the returned loss and gradients.
 
     Counted with ``lopt_kernels.measure``'s dispatcher-based tracker (live bytes of every storage the
-    op's body allocates). With one chunk of m rows (m = min(rows, default_chunk_rows(rows, h)), s the
+    op's body allocates). With one chunk of m rows (m = min(rows, default_chunk_rows(rows, h, r)), s the
     matmul dtype's size, G the programs of the persistent kernels) the op holds
 
         normed, recon (m x h) + proj, act (m x r) in the matmul dtype   m * (2h + 2r) * s
@@ -657,7 +679,7 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     returned = loss.untyped_storage().nbytes() + sum(t.untyped_storage().nbytes() for t in grads)
     workspace = tracker.peak - returned
 
-    m, s, progs = min(rows, rl.default_chunk_rows(rows, h)), 4, rl._num_programs("cpu", None) * rl._PARTIAL_PROGRAMS_PER_SM
+    m, s, progs = min(rows, rl.default_chunk_rows(rows, h, r)), 4, rl._num_programs("cpu", None) * rl._PARTIAL_PROGRAMS_PER_SM
     bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * h + r + 1) + 64
     old_xhat_and_z = 4 * m * h + 4 * m * r
     print(f"workspace {workspace:,} B ({workspace / 2**20:.2f} MiB), bound {bound:,} B, "
