@@ -8,6 +8,7 @@ and the block's reconstruction loss. The backbone's hooks reset the per-forward 
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -134,10 +135,69 @@ def _use_non_reentrant_checkpointing(state: PatchState) -> None:
         if not getattr(layer, "gradient_checkpointing", False):
             continue
         func = layer.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, HooksOutsideCheckpoint):
+            replacement = eager.non_reentrant_checkpoint(func.inner)
+            if replacement is not None:
+                func.inner = replacement
+            continue
         replacement = eager.non_reentrant_checkpoint(func) if func is not None else None
         if replacement is not None:
-            state.saved_checkpoint_funcs[layer] = func
+            state.saved_checkpoint_funcs.setdefault(layer, func)
             layer._gradient_checkpointing_func = replacement
+
+
+class HooksOutsideCheckpoint:
+    """A layer's ``_gradient_checkpointing_func`` that keeps this library's layer hooks outside the checkpoint.
+
+    transformers < 5.23 checkpoints a layer's whole ``__call__`` (``checkpoint(partial(super().__call__, **kw),
+    *args)``), hooks included, so our hooks would run inside the checkpointed region and again in its recompute
+    during the caller's backward: the recompute then met hooks with no forward state (stored mode: KeyError) or
+    a layer input the pre-hook had not swapped (eager mode with LoRA: checkpoint's metadata check failed).
+    Newer transformers checkpoint ``forward`` only. For such a call this runs our pre-hook before the checkpoint
+    and our post-hook after it, and the checkpointed call (and every recompute of it) without them; any other
+    call goes to the layer's own function unchanged."""
+
+    def __init__(self, state: PatchState, layer: nn.Module, inner):
+        self.state, self.layer, self.inner = state, layer, inner
+
+    def _wraps_module_call(self, fn) -> bool:
+        method = getattr(fn, "func", None) if isinstance(fn, functools.partial) else None
+        return getattr(method, "__func__", None) is nn.Module.__call__ and getattr(method, "__self__", None) is self.layer
+
+    def __call__(self, fn, *args):
+        if not self._wraps_module_call(fn):
+            return self.inner(fn, *args)
+        pre, post = self.state.layer_hooks[self.layer]
+        kwargs = dict(fn.keywords)
+        replaced = pre(self.layer, args, kwargs)
+        if replaced is not None:
+            args, kwargs = replaced
+        call, bodies, layer = fn.func, self.state.checkpoint_bodies, self.layer
+
+        def without_our_hooks(*a, **kw):
+            bodies.append(layer)
+            try:
+                return call(*a, **kw)
+            finally:
+                bodies.pop()
+
+        output = self.inner(functools.partial(without_our_hooks, **kwargs), *args)
+        if post is not None:
+            replaced = post(self.layer, args, kwargs, output)
+            output = output if replaced is None else replaced
+        return output
+
+
+def _hoist_hooks_out_of_checkpoint(state: PatchState) -> None:
+    """For this forward, every checkpointing bottom layer's checkpoint function becomes a HooksOutsideCheckpoint
+    (put back by the backbone's post-hook, with the eager swap above; gradient_checkpointing_enable may replace
+    the function at any time, so it is wrapped anew each forward)."""
+    for layer in _bottom_layers(state):
+        func = layer.__dict__.get("_gradient_checkpointing_func")
+        if not getattr(layer, "gradient_checkpointing", False) or func is None or isinstance(func, HooksOutsideCheckpoint):
+            continue
+        state.saved_checkpoint_funcs.setdefault(layer, func)
+        layer._gradient_checkpointing_func = HooksOutsideCheckpoint(state, layer, func)
 
 
 def _restore_checkpointing(state: PatchState) -> None:
@@ -180,6 +240,7 @@ def backbone_pre_hook(state: PatchState):
                 state.bottom_fsdp2 = _fsdp2_sharded(_bottom_layers(state))
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
+            _hoist_hooks_out_of_checkpoint(state)
             if state.settings.aux_mask == "tokens":
                 run.row_mask = _row_mask(state, kwargs.get("attention_mask"))
         state.current = run
@@ -250,7 +311,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
 
     def hook(module, args, kwargs):
         run = state.current
-        if not run.active or state.replaying:
+        if not run.active or state.replaying or module in state.checkpoint_bodies:
             return None
         if args:
             hidden, rest = args[0], args[1:]
@@ -297,7 +358,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
 def layer_post_hook(state: PatchState, block: int):
     def hook(module, args, kwargs, output):
         run = state.current
-        if not run.active or state.replaying:
+        if not run.active or state.replaying or module in state.checkpoint_bodies:
             return None
         tape = run.tapes.pop(block)
         y = hidden_of(output)

@@ -116,8 +116,11 @@ def patch(
         block = range(starts[b], starts[b + 1])
         for i in block:
             pre = block_hooks.layer_pre_hook(state, b, is_start=(i == block.start))
+            post = block_hooks.layer_post_hook(state, b) if i == block.stop - 1 else None
             handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(layers[block.stop - 1].register_forward_hook(block_hooks.layer_post_hook(state, b), with_kwargs=True))
+            if post is not None:
+                handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
+            state.layer_hooks[layers[i]] = (pre, post)
     handles.append(lm.get_input_embeddings().register_forward_hook(block_hooks.input_embeddings_hook(state)))
     handles.append(lm.register_forward_pre_hook(task_loss_hooks.causal_lm_pre_hook(state), with_kwargs=True))
     handles.append(lm.get_output_embeddings().register_forward_pre_hook(task_loss_hooks.output_head_pre_hook(state)))

@@ -67,7 +67,9 @@ class PatchState:
     fused_ce_impl: str | None = None  # resolved lazily on the first training forward
     notices: set = field(default_factory=set)
     bottom_fsdp2: bool | None = None  # whether FSDP2 shards the non-final blocks (checked on first use)
-    saved_checkpoint_funcs: dict = field(default_factory=dict)  # layer -> its own checkpoint function (eager)
+    saved_checkpoint_funcs: dict = field(default_factory=dict)  # layer -> its own checkpoint function, while swapped
+    layer_hooks: dict = field(default_factory=dict)  # layer -> (our forward pre-hook, our forward hook or None)
+    checkpoint_bodies: list = field(default_factory=list)  # layers whose checkpointed call runs without our hooks
 
     def notice_once(self, key: str, message: str) -> None:
         if key not in self.notices:
