@@ -8,10 +8,10 @@ In order, each with its own time limit (the sum stays under 10 minutes):
 3. ``bench/test_bench_reconstruction_loss.py`` at rows 16384, bf16, h 4096 and h 8192 (fused Triton vs eager vs
    ``torch.compile``: times, peak memory, the modelled HBM bytes per row), with issue 11's GPU targets checked:
    fused <= 0.6x eager time and <= 0.25x eager peak memory, <= 1.3x torch.compile's time, achieved bandwidth;
-4. ``bench/recon_sweep.py``: the fused op's chunk rows, partial-sum programs per SM and widest CTA, timed side by
-   side with eager and torch.compile at the same shapes (which settings the defaults should be);
-5. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON);
-6. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16).
+4. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON);
+5. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16);
+6. ``bench/recon_sweep.py``: the fused op's chunk rows, partial-sum programs per SM and widest CTA, timed side by
+   side with eager and torch.compile at the same shapes (which settings the defaults should be).
 A stage that fails or runs out of time is recorded as such and the next one still runs; no stage starts past
 ``--budget`` seconds, and the JSON is rewritten after every stage, so a run cut short keeps what finished.
 """
@@ -132,13 +132,6 @@ def main(argv=None):
             if record["rc"] == 0 and os.path.isfile(path):
                 results["reconstruction"][hidden] = _reconstruction_targets(path)
             save()
-    if "sweep" not in skip:
-        path = os.path.join(tmp, "sweep.json")
-        _run("recon_sweep", [py, "bench/recon_sweep.py", "--out", path], 150, native, results)
-        if os.path.isfile(path):  # also what finished before a time-out
-            with open(path) as f:
-                results["recon_sweep"]["json"] = json.load(f)
-        save()
     if "compare" not in skip:
         path = os.path.join(tmp, "compare.json")
         record = _run("compare_cpu_1b", [py, "-m", "lopt_kernels.cli", "compare", "--config", "cpu-1b", "--device",
@@ -148,9 +141,20 @@ def main(argv=None):
                 results["compare_cpu_1b"]["json"] = json.load(f)
         save()
     if "step" not in skip:
+        path = os.path.join(tmp, "step.json")
         _run("step_bench", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "bench/test_bench_step.py",
-                            "--benchmark-only", f"--benchmark-json={os.path.join(tmp, 'step.json')}"], 150, native,
-             results)
+                            "--benchmark-only", f"--benchmark-json={path}"], 150, native, results)
+        if os.path.isfile(path):
+            with open(path) as f:
+                results["step_bench"]["rows"] = [{"name": b["name"], "median_s": b["stats"]["median"],
+                                                  **b.get("extra_info", {})} for b in json.load(f)["benchmarks"]]
+        save()
+    if "sweep" not in skip:
+        path = os.path.join(tmp, "sweep.json")
+        _run("recon_sweep", [py, "bench/recon_sweep.py", "--out", path], 150, native, results)
+        if os.path.isfile(path):  # also what finished before a time-out
+            with open(path) as f:
+                results["recon_sweep"]["json"] = json.load(f)
         save()
     print(f"wrote {args.out}")
 

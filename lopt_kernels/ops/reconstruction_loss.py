@@ -274,11 +274,11 @@ def _ln_forward_kernel(
         rmask = rows < n_rows
         rows64 = rows.to(tl.int64)
         mask = rmask[:, None] & cmask[None, :]
-        ymask = mask
-        if HAS_ROW_MASK:  # an excluded row is read as zeros (never loaded): finite whatever it holds
-            ymask = mask & (tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0)[:, None]
-        yv = tl.load(Y + rows64[:, None] * stride_ym + cols64[None, :] * stride_yh, mask=ymask, other=0.0)
+        yv = tl.load(Y + rows64[:, None] * stride_ym + cols64[None, :] * stride_yh, mask=mask, other=0.0)
         yv = yv.to(tl.float32)
+        if HAS_ROW_MASK:  # an excluded row counts as zeros: finite whatever it holds
+            keep = tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0
+            yv = tl.where(keep[:, None], yv, 0.0)
         mean = tl.sum(yv, axis=1) / n_cols
         centered = tl.where(mask, yv - mean[:, None], 0.0)
         var = tl.sum(centered * centered, axis=1) / n_cols
