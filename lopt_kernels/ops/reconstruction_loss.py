@@ -107,8 +107,8 @@ def default_chunk_rows(num_rows: int, hidden: int, rank: int | None = None) -> i
     more at large h: up to 4 * rank rows while a chunk-by-hidden buffer stays <= 32M elements (64 MiB in bf16).
 
     Each chunk re-reads both weights and reads and writes both fp32 weight-gradient accumulators (2 h r each)
-    and launches ~12 kernels; on an H200 (bf16, rows 16384) 1024-row chunks at h 8192 ran 1.28x slower than
-    8192-row ones and 2048-row chunks at h 4096 1.98x slower than 4096-row ones (bench/recon_sweep.py).
+    and launches ~12 kernels; on an H200 (bf16, rows 16384, bench/recon_sweep.py) the 8M-element rule's
+    1024-row chunks at h 8192 took 1.22x the time of these 4096-row ones, its 2048-row chunks at h 4096 1.12x.
     The working set is 2 chunk x (h + r) matmul-dtype elements plus 8 bytes a row."""
     hidden = max(hidden, 1)
     rows = (8 << 20) // hidden
