@@ -55,8 +55,8 @@ def _assert_same(got, expected, what):
 def test_transformers_checkpoint_offload_gives_the_gradients_without_offloading(mode, reentrant, monkeypatch):
     import transformers.modeling_utils as modeling_utils
 
-    if "offload" not in __import__("inspect").signature(modeling_utils.PreTrainedModel.activation_checkpointing_enable
-                                                         ).parameters:
+    enable = getattr(modeling_utils.PreTrainedModel, "activation_checkpointing_enable", None)  # transformers >= 5.24
+    if enable is None or "offload" not in __import__("inspect").signature(enable).parameters:
         pytest.skip("this transformers has no checkpoint offloading")
     saver = _CountingSaveOnCpu()
     monkeypatch.setattr(modeling_utils, "save_on_cpu", saver)
