@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._outputs import declares_own_aux_loss, with_lopt_fields
+from .boundary import eager
 from .discovery import text_config
 from .ops import linear_cross_entropy as lce
 from .state import PatchState, TaskRequest
@@ -230,6 +231,9 @@ def causal_lm_post_hook(state: PatchState):
         if not run.aux_terms:
             return output if request is not None else None
         terms, run.aux_terms = run.aux_terms, []
+        # eager blocks' aux terms enter the graph now, after every node of the task loss: the caller's backward
+        # then runs them first and their held gradients never stack on the loss's backward working set
+        terms = [eager.hand_over(t) if isinstance(t, eager.HeldGradients) else t for t in terms]
         aux = terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device, non_blocking=True) for t in terms]).mean()
         bound = kwargs
         if args:

@@ -176,12 +176,18 @@ def test_no_input_gradient_is_held_for_a_frozen_embedding_made_to_require_grad(m
     """Checkpointing (and PEFT) make the frozen embeddings' output require grad; eager mode holds neither a
     gradient for it nor the output itself (two activation-sized tensors) through the top half's work."""
     held = _held_input_gradients(monkeypatch)
+    records = []
+    original_hand_over = eager.hand_over
+    monkeypatch.setattr(eager, "hand_over", lambda record: records.append(record) or original_hand_over(record))
     model, stored = _pair("llama", 2)
     for m in (model, stored):
         m.model.embed_tokens.weight.requires_grad_(False)
         m.gradient_checkpointing_enable({"use_reentrant": False})
     b = batch()
-    model(**b).loss.backward()
+    out = model(**b)
+    # the embedding output is not kept for the caller's backward either (it was, as the held block input)
+    assert [r.x.numel() for r in records] == [0]
+    out.loss.backward()
     stored(**b).loss.backward()
     assert held == [None]
     assert_grads_close(_grads(model), _grads(stored), rtol=1e-5)
@@ -211,6 +217,17 @@ def test_the_aux_head_counts_its_flops():
     with counter:
         common.reconstruction_loss_and_grads(y, x, *decoder.decoder_parameters(), backend="torch")
     assert counter.total == 6 * 2 * 21 * 40 * 10
+
+
+def test_held_gradients_are_handed_over_before_the_task_loss_backward():
+    """The aux term's Function enters the graph after the fused task loss, so the caller's backward hands the
+    held gradients over before the cross-entropy's backward allocates its working set (before: after it)."""
+    model = lopt_kernels.patch(tiny_model("llama"), mode="eager")
+    seen = []
+    bottom = model.model.layers[0].mlp.down_proj.weight
+    model.lm_head.weight.register_hook(lambda g: seen.append(bottom.grad is not None))
+    model(**batch()).loss.backward()
+    assert seen == [True]
 
 
 def test_held_gradients_are_handed_over_before_the_top_half_backward():

@@ -13,8 +13,8 @@ accumulation division, ``num_items_in_batch``, a GradScaler...), which is only k
 backward reaches the aux term. So the local gradients are held unscaled, and the aux term's Function
 returns them multiplied by the gradient it receives: each parameter's AccumulateGrad runs once,
 inside the caller's backward (DDP's reducer and gradient hooks see nothing unusual). That Function is
-created when the backbone's forward ends, so the caller's backward runs it first and the held
-gradients never coexist with the top half's backward working set. The held gradients live with the
+created when the causal LM's forward ends, after its task loss, so the caller's backward runs it first and
+the held gradients never coexist with the task loss's or the top half's backward working set. The held gradients live with the
 output's graph: a forward that is never backpropagated frees them with it.
 
 Cost: one forward and one backward per layer (end-to-end's compute); memory: the block's trainable
@@ -173,9 +173,10 @@ class EagerBoundary(torch.autograd.Function):
     """``aux = f(x, *params)``: the block's aux loss, whose backward returns the held local gradients times
     the gradient the aux output receives.
 
-    It is applied when the backbone's forward ends (``hand_over``), after every node of the top half, so
-    in the caller's backward it runs first, right after the loss: the held gradients become ``.grad``
-    before the top half's backward allocates its working set, instead of stacking on top of it."""
+    It is applied when the causal LM's forward ends (``hand_over``), after every node of the top half and of
+    the task loss the model computes (the fused cross-entropy included), so in the caller's backward it runs
+    first, right after the loss: the held gradients become ``.grad`` before the task loss's and the top half's
+    backward allocate their working sets, instead of stacking on top of them."""
 
     @staticmethod
     def forward(ctx, held: HeldGradients, aux, x, *params):
@@ -217,9 +218,11 @@ class EagerBoundary(torch.autograd.Function):
 
 def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """Run the block's local backward now. Returns ``(hand_off, held)``: the next block's input, and the
-    held gradients, which ``hand_over`` turns into the aux term when the backbone's forward ends."""
+    held gradients, which ``hand_over`` turns into the aux term when the causal LM's forward ends."""
     aux, params, grads, scale = run_local_backward(spec, tape, y)
-    x = tape.x if tape.leaf.requires_grad else tape.x.detach()
+    # the block input only where its gradient is handed back (block 0 with trainable embeddings): holding it
+    # otherwise would keep the embedding output alive until the caller's backward
+    x = tape.x if tape.leaf.requires_grad else tape.x.new_empty(0)
     zero3_groups = None
     if is_zero3(params):
         # DeepSpeed ZeRO-3 has partitioned the block's parameters by now: none is an input (accumulate_gathered)
@@ -235,5 +238,6 @@ def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
 
 
 def hand_over(held: HeldGradients) -> torch.Tensor:
-    """The block's aux loss in the caller's graph (see EagerBoundary: call it when the backbone's forward ends)."""
+    """The block's aux loss in the caller's graph (see EagerBoundary: call it when the causal LM's forward
+    ends, after its task loss)."""
     return EagerBoundary.apply(held, held.aux, held.x, *held.params)
