@@ -157,8 +157,10 @@ class HooksOutsideCheckpoint:
     and our post-hook after it, and the checkpointed call (and every recompute of it) without them; any other
     call goes to the layer's own function unchanged."""
 
-    def __init__(self, state: PatchState, layer: nn.Module, inner):
-        self.state, self.layer, self.inner = state, layer, inner
+    def __init__(self, layer: nn.Module, inner, pre, post, bodies: list):
+        """``pre`` / ``post``: the layer's forward pre-hook / hook (with kwargs; either may be None); ``bodies``:
+        the list this puts the layer on while its checkpointed call runs (the hooks then return None)."""
+        self.layer, self.inner, self.pre, self.post, self.bodies = layer, inner, pre, post, bodies
 
     def _wraps_module_call(self, fn) -> bool:
         method = getattr(fn, "func", None) if isinstance(fn, functools.partial) else None
@@ -167,12 +169,12 @@ class HooksOutsideCheckpoint:
     def __call__(self, fn, *args):
         if not self._wraps_module_call(fn):
             return self.inner(fn, *args)
-        pre, post = self.state.layer_hooks[self.layer]
+        pre, post = self.pre, self.post
         kwargs = dict(fn.keywords)
-        replaced = pre(self.layer, args, kwargs)
+        replaced = pre(self.layer, args, kwargs) if pre is not None else None
         if replaced is not None:
             args, kwargs = replaced
-        call, bodies, layer = fn.func, self.state.checkpoint_bodies, self.layer
+        call, bodies, layer = fn.func, self.bodies, self.layer
 
         def without_our_hooks(*a, **kw):
             bodies.append(layer)
@@ -197,7 +199,8 @@ def _hoist_hooks_out_of_checkpoint(state: PatchState) -> None:
         if not getattr(layer, "gradient_checkpointing", False) or func is None or isinstance(func, HooksOutsideCheckpoint):
             continue
         state.saved_checkpoint_funcs.setdefault(layer, func)
-        layer._gradient_checkpointing_func = HooksOutsideCheckpoint(state, layer, func)
+        pre, post = state.layer_hooks[layer]
+        layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, pre, post, state.checkpoint_bodies)
 
 
 def _restore_checkpointing(state: PatchState) -> None:
@@ -273,9 +276,8 @@ def backbone_post_hook(state: PatchState):
         _restore_checkpointing(state)
         run.tapes.clear()
         if run.active:
-            # eager blocks' aux terms enter the graph now, after the top half: the caller's backward hands
-            # their held gradients over first (see boundary/eager.py)
-            run.aux_terms = [eager.hand_over(t) if isinstance(t, eager.HeldGradients) else t for t in run.aux_terms]
+            # eager blocks' held gradients enter the graph in the causal LM's post-hook, after the task loss
+            # (see boundary/eager.py), so that the caller's backward hands them over first
             output = _without_bottom_router_gradients(state, output)
         if run.cache_skipped:
             return _drop_cache(output)

@@ -10,39 +10,20 @@ metadata check (the recompute saw the layer input the pre-hook had not swapped);
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import lopt_kernels
-from tiny_models import batch, tiny_model
+from tiny_models import batch, tiny_model, with_old_checkpoint_call
 
 pytestmark = pytest.mark.explicit_modes
-
-
-def _old_style(layer_cls):
-    """``layer_cls`` with transformers < 5.23's checkpointing: ``__call__`` checkpoints ``Module.__call__``."""
-
-    class OldStyleLayer(layer_cls):
-        def __call__(self, *args, **kwargs):
-            if self.gradient_checkpointing and self.training:
-                kwargs["use_cache"] = False
-                return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
-            return super().__call__(*args, **kwargs)
-
-    # transformers >= 5.23 wraps every subclass's forward in its checkpointing; the old one did not
-    OldStyleLayer.forward = getattr(layer_cls.forward, "__wrapped__", layer_cls.forward)
-    return OldStyleLayer
 
 
 def _model(*, checkpointing: str | None, lora: bool, old_style: bool):
     model = tiny_model("llama")
     if old_style:
-        cls = _old_style(type(model.model.layers[0]))
-        for layer in model.model.layers:
-            layer.__class__ = cls
+        with_old_checkpoint_call(model.model.layers)
     if checkpointing is not None:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})

@@ -38,6 +38,14 @@ def _cache_of(out):
     return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
+def _cache_kwarg(model, cache) -> dict:
+    """The cache as the model's forward takes it: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect  # noqa: PLC0415
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 # --- case 2: eval mode trains end-to-end ------------------------------------------------------------------
 
 
@@ -108,10 +116,10 @@ def test_case4_training_forward_on_a_prefilled_cache(family, mode):
         plain_cache = _cache_of(original(input_ids=ids[:, :6], use_cache=True))
     if mode == "activation_free":
         with pytest.raises(LoptPatchError, match=r"use_cache=False.*mode='eager'"):
-            model(input_ids=ids[:, 6:], cache=cache, use_cache=True)
+            model(input_ids=ids[:, 6:], **_cache_kwarg(model, cache), use_cache=True)
         return
-    nxt = model(input_ids=ids[:, 6:], cache=cache, use_cache=True)
-    plain_nxt = original(input_ids=ids[:, 6:], cache=plain_cache, use_cache=True)
+    nxt = model(input_ids=ids[:, 6:], **_cache_kwarg(model, cache), use_cache=True)
+    plain_nxt = original(input_ids=ids[:, 6:], **_cache_kwarg(original, plain_cache), use_cache=True)
     torch.testing.assert_close(nxt.logits, plain_nxt.logits, rtol=0, atol=0)
     (nxt.logits.float().square().mean() + nxt.aux_loss).backward()
     assert all(p.grad is not None for p in model.model.layers[0].parameters())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import transformers as tf
 
@@ -70,3 +72,26 @@ def batch(*, batch_size=2, seq=11, seed=1, padding="right", pad_lengths=(0, 3)):
     labels[0, :2] = -100  # a prompt prefix that is not trained on
     ids = ids.masked_fill(mask == 0, 0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def with_old_checkpoint_call(layers) -> None:
+    """Give ``layers`` transformers < 5.23's gradient checkpointing, which checkpoints a layer's whole ``__call__``
+    (module hooks included: ``checkpoint(partial(super().__call__, **kwargs), *args)``); newer versions checkpoint
+    ``forward`` only. A no-op on a transformers that already does the old thing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if "__call__" in vars(GradientCheckpointingLayer):
+        return
+    base = type(layers[0])
+
+    class OldCheckpointCallLayer(base):
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                kwargs["use_cache"] = False
+                return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+    # newer transformers wrap every subclass's forward in their checkpointing; the old ones did not
+    OldCheckpointCallLayer.forward = getattr(base.forward, "__wrapped__", base.forward)
+    for layer in layers:
+        layer.__class__ = OldCheckpointCallLayer

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..aux_decoder import AuxDecoder
+from ..block_hooks import HooksOutsideCheckpoint
 from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of, local_loss_and_grads
 from ..discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
@@ -248,8 +249,10 @@ class PipelineStage:
         captured = {}
         first_layer, last_layer = self.own_layers[0], self.own_layers[-1]
 
+        bodies = []  # layers whose checkpointed call runs (see HooksOutsideCheckpoint): the hooks stand aside
+
         def pre(module, args, kwargs):
-            if self.replaying:
+            if self.replaying or module in bodies:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             x = hidden if received is None else received
@@ -261,7 +264,7 @@ class PipelineStage:
             return args, {**kwargs, "hidden_states": leaf}
 
         def post(module, args, kwargs, output):
-            if self.replaying:
+            if self.replaying or module in bodies:
                 return None
             captured["y"] = hidden_of(output)
             if not self.is_last:
@@ -275,6 +278,16 @@ class PipelineStage:
                 raise _StageDone
 
             handles.append(self.lm.get_output_embeddings().register_forward_pre_hook(head_input))
+        # transformers < 5.23 checkpoints a layer's whole __call__: the hooks must run outside the checkpoint, or
+        # its recompute (after they are removed) would run the first layer on the model's placeholder input
+        saved_funcs = {}
+        for layer, hooks in ((first_layer, (pre, post if last_layer is first_layer else None)),
+                             (last_layer, (None, post))):
+            func = layer.__dict__.get("_gradient_checkpointing_func")
+            if layer in saved_funcs or func is None or not getattr(layer, "gradient_checkpointing", False):
+                continue
+            saved_funcs[layer] = func
+            layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, *hooks, bodies)
         setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
         inputs = {"attention_mask": batch.get("attention_mask")}
         if self.is_first:
@@ -298,6 +311,8 @@ class PipelineStage:
             setattr(self.backbone, self.layers_attr, self.all_layers)
             for h in handles:
                 h.remove()
+            for layer, func in saved_funcs.items():
+                layer._gradient_checkpointing_func = func
         return captured["x"], captured["leaf"], captured["y"], task
 
     def _receive(self, batch: dict) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.distributed as dist  # noqa: E402
 
 from helpers import exit_distributed_worker  # noqa: E402
 from lopt_kernels.pipeline import PipelineStage, train_pipeline  # noqa: E402
-from tiny_models import batch  # noqa: E402
+from tiny_models import batch, with_old_checkpoint_call  # noqa: E402
 
 LR = 0.5  # plain SGD: parameters stay linear in the gradients, so equality is at rounding level
 
@@ -95,8 +95,10 @@ def main(model_dir, out, steps, ga, ckpt):
         data = replica_share(rank // 2, 2, int(ga))
     adapter = os.path.join(model_dir, "adapter") if ckpt == "lora" else None
     dtype = torch.float16 if ckpt == "fp16" else torch.float32
-    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt == "1", group=group, adapter=adapter,
-                                          dtype=dtype)
+    stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt in ("1", "oldcall"), group=group,
+                                          adapter=adapter, dtype=dtype)
+    if ckpt == "oldcall":  # transformers < 5.23's checkpointing of the layers' whole __call__, hooks included
+        with_old_checkpoint_call(stage.own_layers)
     optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
     history = train_pipeline(stage, data, optimizer, grad_accum=int(ga), max_steps=int(steps),
                              progress=False, data_parallel_group=dp_group)

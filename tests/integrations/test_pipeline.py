@@ -66,8 +66,10 @@ def _launch(k, model_dir, out, ckpt):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (2, "dp"), (3, "lora"), (2, "fp16")],
-                         ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "2x2_data_parallel", "3-lora", "2-fp16"])
+@pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (3, "oldcall"), (2, "dp"), (3, "lora"),
+                                     (2, "fp16")],
+                         ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "3-ckpt-old_call", "2x2_data_parallel", "3-lora",
+                              "2-fp16"])
 def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
     """k stages (k processes); "dp": 2 pipeline replicas x 2 stages on 4 processes against one process on
     the global batch (both replicas' micro-batches in each step)."""
