@@ -239,3 +239,21 @@ def test_held_gradients_are_handed_over_before_the_top_half_backward():
     model.model.layers[4].register_full_backward_pre_hook(lambda m, g: seen.append(bottom.grad is not None))
     model(**batch()).loss.backward()
     assert seen == [True]
+
+
+def test_the_local_backward_frees_grad_y_once_the_block_has_used_it(monkeypatch):
+    """grad_y (activation-sized) is let go as soon as the block's last node has used it, not held to the end of the
+    block's local backward (cpu-1b, 2 x 4096, LoRA: lopt+ckpt's step peak 874.8 -> 858.8 MiB under --fake)."""
+    refs, alive = [], []
+    original = eager.local_loss_and_grads
+
+    def recording(*args, **kwargs):
+        aux, grads = original(*args, **kwargs)
+        refs.append(weakref.ref(grads[0]))
+        return aux, grads
+
+    monkeypatch.setattr(eager, "local_loss_and_grads", recording)
+    model = lopt_kernels.patch(tiny_model("llama"), mode="eager")
+    model.model.layers[0].register_full_backward_pre_hook(lambda m, g: alive.append(refs[-1]() is not None))
+    model(**batch()).loss.backward()
+    assert alive == [False]

@@ -104,6 +104,22 @@ def _internal_scale(y_rows: int, hidden: int) -> float:
     return 2.0 ** math.floor(math.log2(max(y_rows * hidden, 1)))
 
 
+class _GradientSeed(torch.autograd.Function):
+    """A scalar on ``y`` whose backward hands ``y`` the gradient kept in ``box`` and lets go of it: the local
+    backward then frees ``grad_y`` (activation-sized) once the block's last node has used it, where
+    ``torch.autograd.grad(y, ..., grad_y)`` would hold it to the end of the block's backward."""
+
+    @staticmethod
+    def forward(ctx, y, box):
+        ctx.box = box
+        return y.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad):
+        grad, ctx.box[0] = ctx.box[0], None
+        return grad, None
+
+
 def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """The block's aux loss and its unscaled-by-the-caller local gradients, computed now.
 
@@ -118,7 +134,8 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         rows = max(int(spec.row_mask.sum()), 1)
     scale = _internal_scale(rows, y.shape[-1])
     aux, grads = local_loss_and_grads(spec, y.detach(), tape.leaf.detach(), grad_scale=scale)
-    grad_y, decoder_grads = grads[0], grads[1:]
+    box, decoder_grads = [grads[0]], grads[1:]
+    del grads
     by_id = {id(p): g for p, g in zip(spec.decoder.decoder_parameters(), decoder_grads)}
     decoder_ids = set(by_id)
     layer_params = [p for p in params if id(p) not in decoder_ids]
@@ -128,7 +145,7 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         guard = spec.replay_guard
         guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
         try:
-            local = torch.autograd.grad(y, wrt, grad_y, allow_unused=True)
+            local = torch.autograd.grad(_GradientSeed.apply(y, box), wrt, allow_unused=True)
         finally:
             guard.replaying = False
         by_id.update((id(p), g) for p, g in zip(layer_params, local))
