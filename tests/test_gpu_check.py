@@ -40,3 +40,22 @@ def test_a_missed_target_is_reported(tmp_path):
     out = _gpu_check()._reconstruction_targets(str(path))
     assert not out["targets"]["fused/eager time"]["ok"] and not out["targets"]["fused/eager peak"]["ok"]
     assert not out["targets"]["fused/compile time"]["ok"]  # not measured counts as not met
+
+
+def test_recon_sweep_runs_under_the_interpreter(tmp_path):
+    """bench/recon_sweep.py end to end on a tiny shape (CPU, Triton interpreter): every setting timed, the JSON
+    written, the current defaults found among the rows."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recon_sweep.py"), "--out", str(out),
+                           "--no-compile", "--rows", "20", "--hidden", "24", "--partials", "1", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["results"][0]
+    assert {row["chunk"] for row in result["fused"]} == {"8M/h", "default", "grown", "all"}
+    assert len(result["fused"]) == 8 and set(result["baselines"]) == {"eager"}
+    assert result["current_defaults"]["chunk"] == "default" and result["current_defaults"]["partials_per_sm"] == 1
+    assert "h=24: current" in proc.stdout
