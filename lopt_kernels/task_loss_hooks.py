@@ -233,6 +233,10 @@ def causal_lm_post_hook(state: PatchState):
         terms, run.aux_terms = run.aux_terms, []
         # eager blocks' aux terms enter the graph now, after every node of the task loss: the caller's backward
         # then runs them first and their held gradients never stack on the loss's backward working set
+        fused = request is not None and request.hidden is not None
+        for t in terms:
+            if fused and isinstance(t, eager.HeldGradients):  # its backward now runs before the fused loss's
+                t.second_backward_message = _second_backward_message(state)
         terms = [eager.hand_over(t) if isinstance(t, eager.HeldGradients) else t for t in terms]
         aux = terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device, non_blocking=True) for t in terms]).mean()
         bound = kwargs

@@ -167,6 +167,8 @@ class HeldGradients:
     x: torch.Tensor
     params: list
     handed_over: bool = False
+    # what a second backward is told (the fused task loss, also one-backward, sets its own: it names both settings)
+    second_backward_message: str = SECOND_BACKWARD_MESSAGE
 
 
 class EagerHandOff(torch.autograd.Function):
@@ -209,7 +211,7 @@ class EagerBoundary(torch.autograd.Function):
             return nones
         held, record.grads = record.grads, None
         if held is None:
-            raise RuntimeError(SECOND_BACKWARD_MESSAGE)
+            raise RuntimeError(record.second_backward_message)
         record.handed_over = True
         scale = grad_aux.detach().float() / record.internal_scale
         *param_grads, grad_x = held
