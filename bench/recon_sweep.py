@@ -28,16 +28,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from lopt_kernels.ops.reconstruction_loss import default_chunk_rows, reconstruction_loss_and_grads  # noqa: E402
+from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
 _rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss")
-EPS = 1e-5
 
 
 def grown_chunk_rows(num_rows: int, hidden: int, rank: int) -> int:
@@ -45,12 +44,6 @@ def grown_chunk_rows(num_rows: int, hidden: int, rank: int) -> int:
     4 r rows) while one chunk-by-hidden buffer stays <= 64M elements."""
     grown = max((8 << 20) // hidden, min(4 * rank, (64 << 20) // hidden))
     return max(1, min(num_rows, grown))
-
-
-def eager_loss(y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias):
-    normed = F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, EPS)
-    recon = F.linear(F.gelu(F.linear(normed, down_weight, down_bias)), up_weight, up_bias)
-    return F.mse_loss(recon.float(), x.float())
 
 
 def make_inputs(rows, h, r, dtype, device):

@@ -14,8 +14,8 @@ backward reaches the aux term. So the local gradients are held unscaled, and the
 returns them multiplied by the gradient it receives: each parameter's AccumulateGrad runs once,
 inside the caller's backward (DDP's reducer and gradient hooks see nothing unusual). That Function is
 created when the causal LM's forward ends, after its task loss, so the caller's backward runs it first and
-the held gradients never coexist with the task loss's or the top half's backward working set. The held gradients live with the
-output's graph: a forward that is never backpropagated frees them with it.
+the held gradients never coexist with the task loss's or the top half's backward working set. The held
+gradients live with the output's graph: a forward that is never backpropagated frees them with it.
 
 Cost: one forward and one backward per layer (end-to-end's compute); memory: the block's trainable
 parameters' gradients (tiny for LoRA) held from the block's forward to the caller's backward.

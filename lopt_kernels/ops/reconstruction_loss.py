@@ -187,9 +187,9 @@ def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_
     for start in range(0, n, chunk_rows):
         yc = y2[start : start + chunk_rows].float()
         xc = x2[start : start + chunk_rows].float()
-        if row_mask is not None:  # excluded rows as zeros (finite whatever they hold), as the kernels read them
-            keep = row_mask[start : start + chunk_rows, None]
-            yc, xc = torch.where(keep, yc, 0.0), torch.where(keep, xc, 0.0)
+        if row_mask is not None:  # excluded rows of y as zeros (finite LN statistics whatever they hold); x's
+            keep = row_mask[start : start + chunk_rows, None]  # are dropped by the where on diff below
+            yc = torch.where(keep, yc, 0.0)
         normed, mean, rstd = torch.native_layer_norm(yc, (h,), w, b, eps)
         z = torch.addmm(bd, normed, wd.t())
         a = F.gelu(z)
