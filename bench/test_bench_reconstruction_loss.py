@@ -151,7 +151,8 @@ def modelled_hbm_bytes_per_row(rows, h, r, dtype, device_type) -> dict[str, floa
     else:
         acc_update = (2 + 2 + 8) * h * r  # product in the matmul dtype written + read, acc read + written
     fused_chunk = 4 * h * r * s + 2 * acc_update
-    fused_step = 2 * h * r * (4 + s)  # the accumulators read once and cast to the parameters' dtype
+    # the accumulators read once and cast to the parameters' dtype, less the first chunk's read of them (beta = 0)
+    fused_step = 2 * h * r * (4 + s) - 2 * 4 * h * r
     fused = fused_rows + (chunks * fused_chunk + fused_step) / rows
 
     # Eager autograd graph (F.layer_norm, F.linear x2, F.gelu, .float(), F.mse_loss and their backwards):

@@ -40,9 +40,12 @@ and stream, where its matmuls run.
 Weight gradients accumulate across chunks in fp32 buffers: straight into them with
 ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` where the runtime supports it (a probe checks it on
 values once per device type), else through an fp32 ``torch.mm(..., out_dtype=float32)`` temporary, else
-(CPU) each chunk's product is rounded once to the matmul dtype before the fp32 accumulation; per-program
-partial rows are summed once at the end and everything is cast to the parameters' dtype. Chunk buffers (two ``m x h`` and two ``m x r`` in the matmul dtype, two fp32 row
-statistics when gradients are wanted) are the only working memory besides ``grad_y`` itself.
+(CPU) each chunk's product is rounded once to the matmul dtype before the fp32 accumulation; the first chunk
+writes them (``beta=0``: no zero fill). Launches besides the chunks' (5 Triton kernels, 6 matmuls each) are five
+per call: one fill of all per-program partials, the gradient coefficient, one sum of the partial rows, the loss, and
+one multi-tensor copy that casts every gradient to the parameters' dtype. Chunk buffers (two ``m x h`` and two
+``m x r`` in the matmul dtype, two fp32 row statistics when gradients are wanted) are the only working memory
+besides ``grad_y`` itself.
 ``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores.
 
 Midpoint capture: the tensor handed to the top half of the model at the split point is a zero-copy
@@ -325,6 +328,7 @@ def _squared_error_kernel(
     ROW_MASK,  # (m,) uint8: 1 where the row counts (read only if HAS_ROW_MASK)
     LOSS_PART,  # (G,) fp32 per-program partial sums of squared errors (accumulated across chunks)
     DBU_PART,  # (G, h) fp32 per-program partial up-bias gradients
+    stride_part,  # row stride of the partials (one row per program)
     n_rows, n_cols, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, COMPUTE_GRADS: tl.constexpr, HAS_ROW_MASK: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -358,9 +362,10 @@ def _squared_error_kernel(
             d_recon = diff * coef
             tl.store(RECON + offs, _round_bf16(d_recon, ROUND_BF16), mask=mask)
             dbias += tl.sum(d_recon, axis=0)
-    tl.store(LOSS_PART + pid, tl.load(LOSS_PART + pid) + tl.sum(loss_rows, axis=0))
+    loss_part = LOSS_PART + pid.to(tl.int64) * stride_part
+    tl.store(loss_part, tl.load(loss_part) + tl.sum(loss_rows, axis=0))
     if COMPUTE_GRADS:
-        part = DBU_PART + pid.to(tl.int64) * n_cols + cols64
+        part = DBU_PART + pid.to(tl.int64) * stride_part + cols64
         tl.store(part, tl.load(part, mask=cmask, other=0.0) + dbias, mask=cmask)
 
 
@@ -370,6 +375,7 @@ def _gelu_backward_kernel(
     PROJ,  # (m, r) the forward's matmul output without bias (matmul dtype), kept for this kernel
     BD,  # (r,) down bias
     DBD_PART,  # (G, r) fp32 per-program partial down-bias gradients
+    stride_part,  # row stride of the partials (one row per program)
     n_rows, n_cols, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
@@ -393,7 +399,7 @@ def _gelu_backward_kernel(
         d_z = tl.where(mask, d_act * (cdf + z * pdf), 0.0)
         tl.store(GRAD + offs, _round_bf16(d_z, ROUND_BF16), mask=mask)
         dbias += tl.sum(d_z, axis=0)
-    part = DBD_PART + pid.to(tl.int64) * n_cols + cols64
+    part = DBD_PART + pid.to(tl.int64) * stride_part + cols64
     tl.store(part, tl.load(part, mask=cmask, other=0.0) + dbias, mask=cmask)
 
 
@@ -405,6 +411,7 @@ def _ln_backward_kernel(
     W,  # (h,) LayerNorm weight
     DY, stride_dym, stride_dyh,  # out: rows of grad_y
     DW_PART, DB_PART,  # (G, h) fp32 per-program partial LayerNorm weight / bias gradients
+    stride_part,  # row stride of the partials (one row per program)
     ROW_MASK,  # (m,) uint8: 1 where the row counts (read only if HAS_ROW_MASK)
     n_rows, n_cols, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_ROW_MASK: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -442,7 +449,7 @@ def _ln_backward_kernel(
         dy = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         dy_ptrs = DY + rows64[:, None] * stride_dym + cols64[None, :] * stride_dyh
         tl.store(dy_ptrs, _round_bf16(dy, ROUND_BF16), mask=mask)
-    part = pid.to(tl.int64) * n_cols + cols64
+    part = pid.to(tl.int64) * stride_part + cols64
     tl.store(DW_PART + part, tl.load(DW_PART + part, mask=cmask, other=0.0) + dw, mask=cmask)
     tl.store(DB_PART + part, tl.load(DB_PART + part, mask=cmask, other=0.0) + db, mask=cmask)
 
@@ -454,7 +461,7 @@ def _ln_backward_kernel(
 _MAX_BLOCK = 65536  # widest row (next power of two of h or r) one program holds in registers
 _FWD_OVERSUBSCRIBE = 8  # programs per SM for the forward kernels, which keep no partial sums
 # Programs per SM for the kernels that keep per-program fp32 partial sums (LN, bias and loss): more than one
-# hides latency, at the price of partial buffers (3 h + r + 1 floats per program) summed once per call.
+# hides latency, at the price of partial rows (3 h + r + 1 floats, each part padded to 32) summed once per call.
 _PARTIAL_PROGRAMS_PER_SM = 1
 _MAX_WARPS = 16  # widest CTA of the row-wise kernels
 # Widest row block read through a column stride other than 1: wider strided chunks are copied to contiguous ones,
@@ -495,33 +502,41 @@ def _mm_has_out_dtype(device_type: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _addmm_has_out_dtype_in_place(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a ``dtype`` (half/bf16)
-    product (``a`` a transposed view, as ``d_recon.t()``) into an fp32 ``acc`` in place, checked on values once."""
+    """Whether ``torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)`` writes (``beta=0``, over
+    NaNs) or adds (``beta=1``) a ``dtype`` (half/bf16) product (``a`` a transposed view, as ``d_recon.t()``) into an
+    fp32 ``acc`` in place, checked on values once."""
     if device_type != "cuda":
         return False
     try:
         g = torch.Generator().manual_seed(0)
         a = torch.randn(5, 3, generator=g).to(device=device_type, dtype=dtype)
         b = torch.randn(5, 4, generator=g).to(device=device_type, dtype=dtype)
-        acc = torch.randn(3, 4, generator=g).to(device=device_type)
-        want = acc + a.float().t() @ b.float()
-        out = torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
-        return out.data_ptr() == acc.data_ptr() and bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-4))
+        acc = torch.full((3, 4), float("nan"), device=device_type)
+        product = a.float().t() @ b.float()
+        first = torch.addmm(acc, a.t(), b, beta=0, out_dtype=torch.float32, out=acc)
+        written = first.data_ptr() == acc.data_ptr() and bool(torch.allclose(acc, product, rtol=1e-4, atol=1e-4))
+        torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
+        return written and bool(torch.allclose(acc, 2 * product, rtol=1e-4, atol=1e-4))
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with an fp32 ``acc``: fp32 accumulation inside the matmul where possible, and
-    straight into ``acc`` (no ``h x r`` temporary) where the runtime supports it."""
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc += a @ b`` with an fp32 ``acc``, or ``acc = a @ b`` for the ``first`` chunk (``acc`` uninitialised:
+    beta = 0 ignores it, so no zero fill): fp32 accumulation inside the matmul where possible, and straight into
+    ``acc`` (no ``h x r`` temporary) where the runtime supports it."""
+    beta = 0 if first else 1
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif _addmm_has_out_dtype_in_place(a.device.type, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    elif _mm_has_out_dtype(a.device.type):  # fp32 product in a temporary, then added
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:  # each chunk's product is rounded once to the matmul dtype, the running sum stays fp32
-        acc.add_(torch.mm(a, b))
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+    else:  # the product in a temporary: fp32 where the runtime has it, else rounded once to the matmul dtype
+        product = torch.mm(a, b, out_dtype=acc.dtype) if _mm_has_out_dtype(a.device.type) else torch.mm(a, b)
+        acc.copy_(product) if first else acc.add_(product)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _device_guard(device: torch.device):
@@ -570,15 +585,21 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
     proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # z without bias, kept for the GELU backward
     act = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # gelu(z), later d_act -> d_z
     recon = torch.empty((chunk, h), dtype=mm_dtype, device=device)  # recon -> d_recon -> d_normed
-    loss_part = torch.zeros((progs,), dtype=f32, device=device)
+    # Per-program fp32 partial sums, one row per program, zeroed by one fill: with gradients
+    # [LN weight | LN bias | up bias | down bias | loss], each segment starting on a 128-byte boundary.
+    seg_h, seg_r = _round_up(h, 32), _round_up(r, 32)
+    stride_part = 3 * seg_h + seg_r + 32 if compute_grads else 1
+    partials = torch.zeros((progs, stride_part), dtype=f32, device=device)
+    loss_part = partials[:, stride_part - 32 :] if compute_grads else partials
     if compute_grads:
+        part_h = [partials[:, i * seg_h :] for i in range(3)]  # LN weight, LN bias, up bias
+        part_r = partials[:, 3 * seg_h :]  # down bias
         mean = torch.empty((chunk,), dtype=f32, device=device)
         rstd = torch.empty((chunk,), dtype=f32, device=device)
         grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
-        part_h = torch.zeros((3, progs, h), dtype=f32, device=device)  # LN weight, LN bias, up bias
-        part_r = torch.zeros((progs, r), dtype=f32, device=device)  # down bias
-        acc_up = torch.zeros((h, r), dtype=f32, device=device)
-        acc_down = torch.zeros((r, h), dtype=f32, device=device)
+        # written by the first chunk's weight-gradient matmuls (beta = 0), accumulated into by the others
+        acc_up = torch.empty((h, r), dtype=f32, device=device)
+        acc_down = torch.empty((r, h), dtype=f32, device=device)
         if isinstance(grad_scale, torch.Tensor):
             coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (counted * h))
         elif isinstance(counted, torch.Tensor):
@@ -618,20 +639,21 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
         )
         torch.mm(act_c, up_w.t(), out=recon_c)
         _squared_error_kernel[(grid_h,)](
-            recon_c, up_b_c, xc, xc.stride(0), xc.stride(1), coef, mask_c, loss_part, part_h[2], m, h, grid_h,
+            recon_c, up_b_c, xc, xc.stride(0), xc.stride(1), coef, mask_c, loss_part, part_h[2], stride_part, m, h,
+            grid_h,
             BLOCK_M=bm_h, BLOCK_H=block_h, COMPUTE_GRADS=compute_grads, HAS_ROW_MASK=has_mask,
             ROUND_BF16=round_mm, num_warps=warps_h,
         )
         if not compute_grads:
             continue
         d_recon = recon_c
-        _accumulate_mm(acc_up, d_recon.t(), act_c)
+        _accumulate_mm(acc_up, d_recon.t(), act_c, first=start == 0)
         d_z = torch.mm(d_recon, up_w, out=act_c)  # d_act (act is spent), turned into d_z in place below
         _gelu_backward_kernel[(grid_r,)](
-            d_z, proj_c, down_b_c, part_r, m, r, grid_r,
+            d_z, proj_c, down_b_c, part_r, stride_part, m, r, grid_r,
             BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
         )
-        _accumulate_mm(acc_down, d_z.t(), normed_c)
+        _accumulate_mm(acc_down, d_z.t(), normed_c, first=start == 0)
         d_normed = torch.mm(d_z, down_w, out=recon_c)
         gy = grad_y[start : start + m]
         # the LN backward indexes y's columns in int32; a (pathological) column stride that overflows it
@@ -639,23 +661,33 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
         yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
         _ln_backward_kernel[(grid_h,)](
             d_normed, yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
-            part_h[0], part_h[1], mask_c, m, h, grid_h,
+            part_h[0], part_h[1], stride_part, mask_c, m, h, grid_h,
             BLOCK_M=bm_h, BLOCK_H=block_h, HAS_ROW_MASK=has_mask, ROUND_BF16=round_y, num_warps=warps_h,
         )
 
-    loss = loss_part.sum() / (counted * h)
+    # the chunk buffers and their views: freed before the sums are allocated
+    normed = proj = act = recon = mean = rstd = normed_c = proj_c = act_c = recon_c = d_recon = d_z = d_normed = None
     if not compute_grads:
-        return loss, None
-    grads = (
-        grad_y,
-        part_h[0].sum(0).to(norm_w.dtype),
-        part_h[1].sum(0).to(norm_b.dtype),
-        acc_down.to(down_w.dtype),
-        part_r.sum(0).to(down_b.dtype),
-        acc_up.to(up_w.dtype),
-        part_h[2].sum(0).to(up_b.dtype),
-    )
-    return loss, grads
+        return loss_part.sum() / (counted * h), None
+    # Finishing in three launches: one sum over the programs' partial rows, the loss, and one multi-tensor copy
+    # that casts every gradient to the parameters' dtype (fp32 accumulators are returned as they are).
+    sums = partials.sum(0)
+    loss = sums[stride_part - 32] / (counted * h)
+    sources = {
+        "norm_w": sums[:h], "norm_b": sums[seg_h : seg_h + h], "down_w": acc_down, "down_b": sums[3 * seg_h : 3 * seg_h + r],
+        "up_w": acc_up, "up_b": sums[2 * seg_h : 2 * seg_h + h],
+    }
+    grads, copy_to, copy_from = {}, [], []
+    for name, param in zip(sources, params):
+        src = sources[name]
+        if param.dtype == f32 and name in ("down_w", "up_w"):
+            grads[name] = src
+        else:
+            grads[name] = torch.empty(param.shape, dtype=param.dtype, device=device)
+            copy_to.append(grads[name])
+            copy_from.append(src)
+    torch._foreach_copy_(copy_to, copy_from)
+    return loss, (grad_y, *grads.values())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -591,6 +591,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         m = rl.default_chunk_rows(rows, h, r)
         bm_h, w_h = rl._tile_settings(bh, rows)
         bm_r, w_r = rl._tile_settings(br, rows)
+        part_stride = 3 * rl._round_up(h, 32) + rl._round_up(r, 32) + 32
         sizes_h = dict(n_rows=m, n_cols=h, num_progs=progs)
         sizes_r = dict(n_rows=m, n_cols=r, num_progs=progs)
         # y and x contiguous (column stride 1, the usual launch) and as arbitrary strided views (below
@@ -605,17 +606,18 @@ _COMPILE_SCRIPT = textwrap.dedent(
                              **sizes_h),
                         dict(BLOCK_M=bm_h, BLOCK_H=bh, STORE_BWD=flag, HAS_ROW_MASK=masked, ROUND_BF16=False), w_h)
                     compile_kernel(rl._squared_error_kernel,
-                        dict(RECON=mm, BU=mm, X=mm, COEF=f32, ROW_MASK="*u8", LOSS_PART=f32, DBU_PART=f32, **xs,
-                             **sizes_h),
+                        dict(RECON=mm, BU=mm, X=mm, COEF=f32, ROW_MASK="*u8", LOSS_PART=f32, DBU_PART=f32,
+                             stride_part=part_stride if flag else 1, **xs, **sizes_h),
                         dict(BLOCK_M=bm_h, BLOCK_H=bh, COMPUTE_GRADS=flag, HAS_ROW_MASK=masked, ROUND_BF16=False),
                         w_h)
                 compile_kernel(rl._ln_backward_kernel,
                     dict(DNORMED=mm, Y=mm, MEAN=f32, RSTD=f32, W=mm, DY=mm, DW_PART=f32, DB_PART=f32,
-                         ROW_MASK="*u8", **ys, stride_dym=h, stride_dyh=1, **sizes_h),
+                         stride_part=part_stride, ROW_MASK="*u8", **ys, stride_dym=h, stride_dyh=1, **sizes_h),
                     dict(BLOCK_M=bm_h, BLOCK_H=bh, HAS_ROW_MASK=masked, ROUND_BF16=False), w_h)
         compile_kernel(rl._bias_gelu_forward_kernel, dict(PROJ=mm, BD=mm, ACT=mm, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
-        compile_kernel(rl._gelu_backward_kernel, dict(GRAD=mm, PROJ=mm, BD=mm, DBD_PART=f32, **sizes_r),
+        compile_kernel(rl._gelu_backward_kernel,
+            dict(GRAD=mm, PROJ=mm, BD=mm, DBD_PART=f32, stride_part=part_stride, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
     for row in table:  # the register table (pytest -s shows it)
         print("%-26s cols=%-5s %-14s warps=%-2s registers=%-4s spill bytes=%s" % row)
@@ -673,7 +675,7 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
         normed, recon (m x h) + proj, act (m x r) in the matmul dtype   m * (2h + 2r) * s
         row mean and rstd (fp32)                                          8 * m
         per-program partials: LN weight, LN bias, up bias, down bias,
-        loss (fp32)                                                       4 * G * (3h + r + 1)
+        loss (fp32), each segment padded to 32 floats                     4 * G * (3h' + r' + 32)
         scalars (the gradient coefficient, the loss sum)                  <= 64 bytes
 
     (fp32 weight-gradient accumulators are returned as the gradients themselves). Before issue 11 it
@@ -693,7 +695,7 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     workspace = tracker.peak - returned
 
     m, s, progs = min(rows, rl.default_chunk_rows(rows, h, r)), 4, rl._num_programs("cpu", None) * rl._PARTIAL_PROGRAMS_PER_SM
-    bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * h + r + 1) + 64
+    bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * rl._round_up(h, 32) + rl._round_up(r, 32) + 32) + 64
     old_xhat_and_z = 4 * m * h + 4 * m * r
     print(f"workspace {workspace:,} B ({workspace / 2**20:.2f} MiB), bound {bound:,} B, "
           f"with the old xhat and z buffers {workspace + old_xhat_and_z:,} B")
@@ -713,13 +715,68 @@ def test_weight_gradients_accumulate_in_place_where_addmm_has_out_dtype(monkeypa
         if out_dtype is None:
             return real_addmm(input, mat1, mat2, out=out, **kwargs)
         assert out is input and out.dtype == out_dtype == torch.float32 and mat1.dtype == torch.bfloat16
-        calls.append(tuple(out.shape))
-        return out.add_(mat1.float() @ mat2.float())
+        beta = kwargs.get("beta", 1)
+        calls.append((tuple(out.shape), beta))
+        product = mat1.float() @ mat2.float()
+        return out.copy_(product) if beta == 0 else out.add_(product)  # beta = 0 ignores out, NaNs included
 
     monkeypatch.setattr(rl, "_addmm_has_out_dtype_in_place", lambda device_type, dtype: True)
     monkeypatch.setattr(torch, "addmm", addmm)
     y, x, params = make_inputs(37, torch.bfloat16)
     ref_loss, ref_grads = reference(y, x, params, scale=SCALE)
     loss, grads = reconstruction_loss_and_grads(y, x, *params, grad_scale=SCALE, backend="triton", chunk_rows=16)
-    assert calls == [(H, R), (R, H)] * 3  # two accumulators, three chunks
+    # two accumulators, three chunks: the first writes the uninitialised accumulators, the others add
+    assert calls == [((H, R), 0), ((R, H), 0)] + [((H, R), 1), ((R, H), 1)] * 2
     assert_matches(loss, grads, ref_loss, ref_grads, torch.bfloat16, params, y)
+
+
+@interpreter_only
+@pytest.mark.parametrize("compute_grads", [True, False])
+def test_launches_per_call_are_the_chunks_kernels_plus_five(monkeypatch, compute_grads):
+    """Host overhead: one call launches, per chunk, the five Triton kernels and the six matmuls (two forward,
+    four backward; the loss alone: three kernels, two matmuls), and besides them only five kernels: one fill of the per-program
+    partials, the gradient coefficient, one sum over the partials, the loss, one multi-tensor copy casting the
+    gradients (three with the loss only: the fill, the sum and the loss). Before, the partials, the accumulators and the
+    loss had a fill each and every gradient its own sum and cast: 18 more launches per call.
+
+    Counted on CPU tensors: every ATen op that runs a kernel (views and allocations excluded) and every Triton
+    launch; each weight-gradient accumulation counts once, as the in-place ``addmm`` on CUDA."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    no_kernel = {"empty", "empty_strided", "view", "slice", "t", "transpose", "reshape", "_unsafe_view", "alias",
+                 "as_strided", "detach", "expand", "select", "unsqueeze", "lift_fresh"}
+    launches, paused = [], []
+
+    class Launches(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in no_kernel and not paused:
+                launches.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def counted_once(name, fn):
+        def run(*args, **kwargs):
+            launches.append(name)
+            paused.append(True)  # the interpreter's (and the CPU fallback's) own tensor ops are not launches
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                paused.pop()
+        return run
+
+    class CountedKernel:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            return counted_once(self.name, self.kernel[grid])
+
+    kernels = [name for name in dir(rl) if name.endswith("_kernel")]
+    for name in kernels:
+        monkeypatch.setattr(rl, name, CountedKernel(getattr(rl, name), name))
+    monkeypatch.setattr(rl, "_accumulate_mm", counted_once("accumulate_mm", rl._accumulate_mm))
+    y, x, params = make_inputs(37, torch.bfloat16)
+    chunks = 3  # 16 + 16 + 5 rows
+    with Launches():
+        rl._run_impl(y, x, params, EPS, SCALE, compute_grads, "triton", 16)
+    per_chunk = 11 if compute_grads else 5
+    assert len(launches) == per_chunk * chunks + (5 if compute_grads else 3), launches
