@@ -8,9 +8,12 @@ In order, each with its own time limit (the sum stays under 10 minutes):
 3. ``bench/test_bench_reconstruction_loss.py`` at rows 16384, bf16, h 4096 and h 8192 (fused Triton vs eager vs
    ``torch.compile``: times, peak memory, the modelled HBM bytes per row), with issue 11's GPU targets checked:
    fused <= 0.6x eager time and <= 0.25x eager peak memory, <= 1.3x torch.compile's time, achieved bandwidth;
-4. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON);
-5. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16);
-6. ``bench/recon_sweep.py``: the fused op's chunk rows, partial-sum programs per SM and widest CTA, timed side by
+4. ``bench/recon_profile.py``: where the fused op's time goes (per-kernel device time, host time per call, host
+   syncs, device idle time inside a step) and the op timed both ways (synchronised steps, interleaved with eager and
+   torch.compile, and ``do_bench``), through its autograd Function and called directly;
+5. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON);
+6. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16);
+7. ``bench/recon_sweep.py``: the fused op's chunk rows, partial-sum programs per SM and widest CTA, timed side by
    side with eager and torch.compile at the same shapes (which settings the defaults should be).
 A stage that fails or runs out of time is recorded as such and the next one still runs; no stage starts past
 ``--budget`` seconds, and the JSON is rewritten after every stage, so a run cut short keeps what finished.
@@ -102,7 +105,7 @@ def _reconstruction_targets(bench_json: str) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check.json")
-    p.add_argument("--skip", default="", help="comma-separated stages to skip: tests,recon,sweep,compare,step")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip: tests,recon,profile,compare,step,sweep")
     p.add_argument("--budget", type=float, default=570.0, help="seconds after which no stage starts or runs on")
     args = p.parse_args(argv)
     _DEADLINE[0] = time.perf_counter() + args.budget
@@ -132,6 +135,13 @@ def main(argv=None):
             if record["rc"] == 0 and os.path.isfile(path):
                 results["reconstruction"][hidden] = _reconstruction_targets(path)
             save()
+    if "profile" not in skip:
+        path = os.path.join(tmp, "profile.json")
+        _run("recon_profile", [py, "bench/recon_profile.py", "--out", path], 150, native, results)
+        if os.path.isfile(path):  # also what finished before a time-out
+            with open(path) as f:
+                results["recon_profile"]["json"] = json.load(f)
+        save()
     if "compare" not in skip:
         path = os.path.join(tmp, "compare.json")
         record = _run("compare_cpu_1b", [py, "-m", "lopt_kernels.cli", "compare", "--config", "cpu-1b", "--device",

@@ -59,3 +59,22 @@ def test_recon_sweep_runs_under_the_interpreter(tmp_path):
     assert len(result["fused"]) == 8 and set(result["baselines"]) == {"eager"}
     assert result["current_defaults"]["chunk"] == "default" and result["current_defaults"]["partials_per_sm"] == 1
     assert "h=24: current" in proc.stdout
+
+
+def test_recon_profile_runs_under_the_interpreter(tmp_path):
+    """bench/recon_profile.py end to end on a tiny shape (CPU, Triton interpreter): every variant timed, its host
+    time, syncs and per-op table recorded, the JSON written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "profile.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recon_profile.py"), "--out", str(out),
+                           "--no-compile", "--rows", "20", "--hidden", "24", "--rounds", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["results"][0]
+    assert set(result["variants"]) == {"fused", "fused_direct", "eager"}
+    for record in result["variants"].values():
+        assert record["step_ms"] > 0 and record["host_ms"] > 0 and record["syncs"] == 0 and record["kernels"]
+    assert any("reconstruction_loss_and_grads" in row["name"] for row in result["variants"]["fused"]["kernels"])
