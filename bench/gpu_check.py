@@ -135,13 +135,17 @@ def main(argv=None):
             if record["rc"] == 0 and os.path.isfile(path):
                 results["reconstruction"][hidden] = _reconstruction_targets(path)
             save()
-    if "profile" not in skip:
-        path = os.path.join(tmp, "profile.json")
-        _run("recon_profile", [py, "bench/recon_profile.py", "--out", path], 150, native, results)
-        if os.path.isfile(path):  # also what finished before a time-out
+
+    def script_stage(name, script):  # a bench script writing one JSON, kept also when it timed out part-way
+        path = os.path.join(tmp, f"{name}.json")
+        _run(name, [py, script, "--out", path], 150, native, results)
+        if os.path.isfile(path):
             with open(path) as f:
-                results["recon_profile"]["json"] = json.load(f)
+                results[name]["json"] = json.load(f)
         save()
+
+    if "profile" not in skip:
+        script_stage("recon_profile", "bench/recon_profile.py")
     if "compare" not in skip:
         path = os.path.join(tmp, "compare.json")
         record = _run("compare_cpu_1b", [py, "-m", "lopt_kernels.cli", "compare", "--config", "cpu-1b", "--device",
@@ -160,12 +164,7 @@ def main(argv=None):
                                                   **b.get("extra_info", {})} for b in json.load(f)["benchmarks"]]
         save()
     if "sweep" not in skip:
-        path = os.path.join(tmp, "sweep.json")
-        _run("recon_sweep", [py, "bench/recon_sweep.py", "--out", path], 150, native, results)
-        if os.path.isfile(path):  # also what finished before a time-out
-            with open(path) as f:
-                results["recon_sweep"]["json"] = json.load(f)
-        save()
+        script_stage("recon_sweep", "bench/recon_sweep.py")
     print(f"wrote {args.out}")
 
 

@@ -35,7 +35,7 @@ import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from lopt_kernels.ops.reconstruction_loss import reconstruction_loss, reconstruction_loss_and_grads  # noqa: E402
-from recon_sweep import make_inputs  # noqa: E402
+from recon_sweep import device_and_shapes, make_inputs  # noqa: E402
 from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
 
@@ -157,13 +157,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 (tiny shapes) or on a GPU")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    rows = args.rows or (16384 if cuda else 40)
-    hiddens = args.hidden or ([4096, 8192] if cuda else [72])
+    device, dtype, rows, hiddens = device_and_shapes(args)
+    cuda = device.type == "cuda"
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (Triton interpreter)",
            "torch": torch.__version__, "triton": triton.__version__, "results": []}
     for h in hiddens:

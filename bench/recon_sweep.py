@@ -137,6 +137,17 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_gr
     return result
 
 
+def device_and_shapes(args) -> tuple[torch.device, torch.dtype, int, list[int]]:
+    """CUDA: bf16, ``args.rows`` or 16384 rows, ``args.hidden`` or h 4096 and 8192; CPU (the Triton interpreter
+    only): fp32 and a tiny shape."""
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 (tiny shapes) or on a GPU")
+    rows = args.rows or (16384 if cuda else 40)
+    hiddens = args.hidden or ([4096, 8192] if cuda else [72])
+    return torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32, rows, hiddens
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="recon_sweep.json")
@@ -146,13 +157,8 @@ def main(argv=None):
     p.add_argument("--partials", type=int, nargs="*", default=[1, 2])
     p.add_argument("--warps", type=int, nargs="*", default=[16])
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 (tiny shapes) or on a GPU")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    rows = args.rows or (16384 if cuda else 40)
-    hiddens = args.hidden or ([4096, 8192] if cuda else [72])
+    device, dtype, rows, hiddens = device_and_shapes(args)
+    cuda = device.type == "cuda"
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (Triton interpreter)", "results": []}
     for h in hiddens:
         out["results"].append(sweep(rows, h, h // 4, dtype, device, compile_baseline=not args.no_compile,
