@@ -243,7 +243,10 @@ def causal_lm_post_hook(state: PatchState):
         if args:
             if state.forward_signature is None:
                 state.forward_signature = inspect.signature(module.forward)
-            bound = state.forward_signature.bind_partial(*args, **kwargs).arguments
+            bound = dict(state.forward_signature.bind_partial(*args, **kwargs).arguments)
+            for name, param in state.forward_signature.parameters.items():
+                if param.kind is param.VAR_KEYWORD:  # num_items_in_batch reaches HF forwards through **kwargs
+                    bound.update(bound.pop(name, {}))
         weight = 1.0
         num_items = bound.get("num_items_in_batch")
         if num_items is not None:

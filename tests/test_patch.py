@@ -49,6 +49,22 @@ def test_reference_parity(family, k, padding):
     _compare_step(model, ref, [b], num_items=torch.tensor(n))
 
 
+def test_positional_input_ids_keep_the_aux_share_of_num_items_in_batch():
+    """``model(input_ids, attention_mask=..., labels=..., num_items_in_batch=n)``: the aux term still gets its share
+    (counted labels / n). HF forwards take ``num_items_in_batch`` through ``**kwargs``, where binding the signature
+    to positional arguments nests it; before, the aux term then got weight 1 (bottom-half gradients 2x here)."""
+    model, ref = _patched_and_reference("llama")
+    b = batch()
+    n = torch.tensor(int((b["labels"][..., 1:] != -100).sum()) * 2)  # as if the window held two micro-batches
+    rest = {k: v for k, v in b.items() if k != "input_ids"}
+    out = model(b["input_ids"], **rest, num_items_in_batch=n)
+    loss, task, aux = ref.step_loss(b, n)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
+    out.loss.backward()
+    loss.backward()
+    assert_grads_close(named_grads(model), named_grads(ref.model))
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_explicit_boundaries_and_odd_widths(family):
     model = tiny_model(family, num_hidden_layers=7)
