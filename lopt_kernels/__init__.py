@@ -12,10 +12,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # The trainer integration imports transformers' Trainer machinery (seconds): load it on first use.
-    if name in ("attach", "LoptCallback"):
-        from . import integrations  # noqa: PLC0415
+    if name in ("attach", "LoptCallback", "integrations"):
+        import importlib  # noqa: PLC0415
 
-        return getattr(integrations, name)
+        integrations = importlib.import_module(f"{__name__}.integrations")  # not ``from .``: that recurses here
+        return integrations if name == "integrations" else getattr(integrations, name)
     raise AttributeError(f"module 'lopt_kernels' has no attribute {name!r}")
 
 __all__ = [

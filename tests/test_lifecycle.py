@@ -182,3 +182,15 @@ def test_unpatch_unpatched_model():
     with pytest.raises(LoptPatchError, match="not patched"):
         lopt_kernels.aux_decoders(model)
     _still_works_unpatched(model)
+
+
+def test_lopt_kernels_integrations_is_reachable_as_an_attribute():
+    """README: ``lopt_kernels.integrations.ensure_aux_trainable(model)`` after a plain ``import lopt_kernels``
+    (a fresh process: nothing has imported the submodule yet); before, an AttributeError."""
+    import subprocess
+    import sys
+
+    code = ("import lopt_kernels, sys; assert 'lopt_kernels.integrations' not in sys.modules; "
+            "print(lopt_kernels.integrations.ensure_aux_trainable.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ensure_aux_trainable" in proc.stdout, proc.stderr[-2000:]
