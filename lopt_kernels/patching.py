@@ -121,9 +121,8 @@ def patch(
             if post is not None:
                 handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
             state.layer_hooks[layers[i]] = (pre, post)
-    handles.append(lm.get_input_embeddings().register_forward_hook(block_hooks.input_embeddings_hook(state)))
+    task_loss_hooks.follow_embeddings(state)  # the input embeddings' and output head's hooks, moved if replaced
     handles.append(lm.register_forward_pre_hook(task_loss_hooks.causal_lm_pre_hook(state), with_kwargs=True))
-    handles.append(lm.get_output_embeddings().register_forward_pre_hook(task_loss_hooks.output_head_pre_hook(state)))
     handles.append(lm.register_forward_hook(task_loss_hooks.causal_lm_post_hook(state), with_kwargs=True,
                                             always_call=True))
     setattr(lm, _STATE_ATTR, state)

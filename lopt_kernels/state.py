@@ -70,6 +70,7 @@ class PatchState:
     saved_checkpoint_funcs: dict = field(default_factory=dict)  # layer -> its own checkpoint function, while swapped
     layer_hooks: dict = field(default_factory=dict)  # layer -> (our forward pre-hook, our forward hook or None)
     checkpoint_bodies: list = field(default_factory=list)  # layers whose checkpointed call runs without our hooks
+    embedding_hooks: dict = field(default_factory=dict)  # "input" / "head" -> (the module hooked, its hook's handle)
 
     def notice_once(self, key: str, message: str) -> None:
         if key not in self.notices:

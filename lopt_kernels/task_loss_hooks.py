@@ -12,6 +12,7 @@ import inspect
 import torch
 from torch import nn
 
+from . import block_hooks
 from ._outputs import declares_own_aux_loss, with_lopt_fields
 from .boundary import eager
 from .discovery import text_config
@@ -151,9 +152,30 @@ class _OneBackward(torch.autograd.Function):
         return grad, None
 
 
+def follow_embeddings(state: PatchState) -> None:
+    """Hook the causal LM's current input embeddings and output head, moving the hooks from the modules they were
+    on if those were replaced: ``resize_token_embeddings`` after ``patch`` puts a new head module in place."""
+    lm = state.causal_lm
+    for key, module, register in (
+        ("input", lm.get_input_embeddings(),
+         lambda m: m.register_forward_hook(block_hooks.input_embeddings_hook(state))),
+        ("head", lm.get_output_embeddings(), lambda m: m.register_forward_pre_hook(output_head_pre_hook(state))),
+    ):
+        hooked = state.embedding_hooks.get(key)
+        if module is None or (hooked is not None and hooked[0] is module):
+            continue
+        if hooked is not None:
+            hooked[1].remove()
+            state.handles.remove(hooked[1])
+        handle = register(module)
+        state.handles.append(handle)
+        state.embedding_hooks[key] = (module, handle)
+
+
 def causal_lm_pre_hook(state: PatchState):
     def hook(module, args, kwargs):
         state.task_request = None
+        follow_embeddings(state)
         if state.settings.fused_ce == "off" or not (module.training and torch.is_grad_enabled()) or args:
             return None
         if "forward" in module.__dict__:

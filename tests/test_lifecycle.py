@@ -194,3 +194,29 @@ def test_lopt_kernels_integrations_is_reachable_as_an_attribute():
             "print(lopt_kernels.integrations.ensure_aux_trainable.__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ensure_aux_trainable" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_resize_token_embeddings_after_patch(family):
+    """``resize_token_embeddings`` after ``patch`` (special tokens added later) puts a new output-head module in
+    place: training with the fused task loss still works and equals the model's own loss (``fused_ce="off"``),
+    gradients included. Before, every training forward with labels raised (no output-head input found)."""
+    base = tiny_model(family)
+    models = {}
+    for fused_ce in ("auto", "off"):
+        model = copy.deepcopy(base)
+        torch.manual_seed(0)  # the same aux decoders and new rows in both
+        lopt_kernels.patch(model, fused_ce=fused_ce)
+        model.resize_token_embeddings(base.config.vocab_size + 7, mean_resizing=False)
+        model.train()
+        out = model(**batch())
+        out.loss.backward()
+        models[fused_ce] = (model, out)
+    (fused, fused_out), (own, own_out) = models["auto"], models["off"]
+    assert fused_out.logits is None  # the fused loss ran
+    torch.testing.assert_close(fused_out.loss, own_out.loss, rtol=1e-5, atol=1e-6)
+    own_grads = dict(own.named_parameters())
+    for name, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, own_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert fused.get_output_embeddings().weight.grad is not None
