@@ -325,12 +325,13 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
             if run.mode == "eager":
                 _use_non_reentrant_checkpointing(state)
         if run.mode == "eager":
+            if is_start:
+                needs_grad = block == 0 and eager.input_gradient_needed(hidden, _embedding_output(run))
+                run.tapes[block] = eager.start_block(hidden, block_layers, input_needs_grad=needs_grad)
+            _note_outside_inputs(run, run.tapes[block], block == 0 and is_start, rest, kwargs)
             if not is_start:
                 return None
-            needs_grad = block == 0 and eager.input_gradient_needed(hidden, _embedding_output(run))
-            tape = eager.start_block(hidden, block_layers, input_needs_grad=needs_grad)
-            run.tapes[block] = tape
-            return (tape.leaf, *rest), kwargs
+            return (run.tapes[block].leaf, *rest), kwargs
         if is_start and block == 0 and run.mode == "activation_free":  # before any layer wrote this forward
             cache = _cache_in(rest, kwargs)
             if cache is not None and cache.get_seq_length() > 0:
@@ -355,6 +356,21 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
         return (hidden, *rest), kwargs
 
     return hook
+
+
+def _note_outside_inputs(run: PassState, tape, first_call: bool, rest: tuple, kwargs: dict) -> None:
+    """Eager blocks: the trainable tensors a layer reads besides its hidden states that come from outside the
+    bottom blocks (a PEFT prefix in the KV cache, per-layer inputs), so that the local backward hands their
+    gradients over too. Outside means present at the first bottom layer's call, or a view of such a tensor (a
+    per-layer slice): cache entries the bottom layers wrote since are their own local graph's."""
+    found = eager.trainable_inputs(rest, kwargs)
+    if first_call:
+        run.outside_inputs = {id(t if t._base is None else t._base): t for t in found}
+    known = {id(t) for t in tape.extras}
+    for t in found:
+        if id(t if t._base is None else t._base) in run.outside_inputs and id(t) not in known:
+            tape.extras.append(t)
+            known.add(id(t))
 
 
 def layer_post_hook(state: PatchState, block: int):

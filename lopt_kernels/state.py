@@ -36,6 +36,7 @@ class PassState:
     embedding_output: object = None  # weakref to the input embeddings' output in this forward
     cache_requested: bool = False  # the caller passed use_cache=True or a cache object
     cache_skipped: bool = False  # activation-free blocks left a cache the model built by itself unfilled
+    outside_inputs: dict = field(default_factory=dict)  # eager: trainable layer inputs from outside the blocks
 
 
 @dataclass

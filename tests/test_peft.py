@@ -56,3 +56,35 @@ def test_lora_activation_free_equals_stored_with_reentrant_checkpointing():
     stored(**b).loss.backward()
     assert_grads_close(_lora_grads(free), _lora_grads(stored), rtol=1e-5)
     assert all(g is not None for g in _lora_grads(free).values())
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("num_blocks", [2, 3])
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+def test_prefix_tuning_trains_the_bottom_layers_prefix(mode, num_blocks):
+    """PEFT prefix tuning: the bottom layers read a trainable key/value prefix from the KV cache. Eager mode (which
+    ``auto`` picks for a frozen base) hands its aux-loss gradient over with the block's own, as ``mode="stored"``
+    (all activations in one graph, the reference's way) gives it. Before, the bottom layers' prefix got no
+    gradient at all: the local backward differentiated the block's parameters and input only."""
+    from peft import PrefixTuningConfig
+
+    base = tiny_model("llama")
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    models = {}
+    for name in (mode, "stored"):
+        torch.manual_seed(1)
+        model = get_peft_model(copy.deepcopy(base), config)
+        torch.manual_seed(2)
+        lopt_kernels.patch(model, mode=name, num_blocks=num_blocks)
+        model.train()
+        out = model(**batch(padding="left"))
+        out.loss.backward()
+        models[name] = (model, out)
+    (model, out), (stored, stored_out) = models[mode], models["stored"]
+    assert model.base_model._lopt_state.current.mode == "eager"
+    torch.testing.assert_close(out.loss, stored_out.loss, rtol=1e-5, atol=1e-7)
+    prefix = dict(model.named_parameters())["prompt_encoder.default.embedding.weight"].grad
+    expected = dict(stored.named_parameters())["prompt_encoder.default.embedding.weight"].grad
+    torch.testing.assert_close(prefix, expected, rtol=1e-4, atol=1e-9)
+    # the first layer's key/value columns (aux gradient only) are not zero
+    assert expected[:, : expected.shape[1] // len(lopt_kernels.aux_decoders(model)) // 4].abs().max() > 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -44,11 +44,44 @@ SECOND_BACKWARD_MESSAGE = (
 @dataclass
 class EagerTape:
     """The block input as the caller passed it (``x``, with its graph for block 0) and the detached
-    leaf the block actually runs on (``leaf``: it requires grad only where the input does)."""
+    leaf the block actually runs on (``leaf``: it requires grad only where the input does); ``extras``: other
+    trainable tensors the block's layers read from outside the bottom blocks (a PEFT prefix in the KV cache,
+    per-layer inputs), whose gradients the local backward computes and hands over as well."""
 
     x: torch.Tensor
     leaf: torch.Tensor
     layers: list
+    extras: list = field(default_factory=list)
+
+
+def _tensors_in(value, depth: int = 0):
+    """Tensors in a layer call's argument: itself, inside tuples, lists and dicts, and in the attributes of a KV
+    cache object (its layers' key/value tensors), a few levels deep."""
+    if torch.is_tensor(value):
+        yield value
+        return
+    if depth >= 4 or value is None or isinstance(value, (str, bytes, int, float, bool, torch.nn.Module)):
+        return
+    if isinstance(value, (tuple, list)):
+        items = value
+    elif isinstance(value, dict):
+        items = value.values()
+    elif hasattr(value, "__dict__") and (depth > 0 or type(value).__name__.endswith("Cache")):
+        items = vars(value).values()
+    else:
+        return
+    for item in items:
+        yield from _tensors_in(item, depth + 1)
+
+
+def trainable_inputs(args, kwargs) -> list:
+    """The tensors requiring grad among a layer call's arguments other than the hidden states (deduplicated)."""
+    found = {}
+    for value in (*args, *kwargs.values()):
+        for t in _tensors_in(value):
+            if t.requires_grad:
+                found.setdefault(id(t), t)
+    return list(found.values())
 
 
 def input_gradient_needed(x: torch.Tensor, placeholder_leaf: torch.Tensor | None) -> bool:
@@ -124,8 +157,8 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """The block's aux loss and its unscaled-by-the-caller local gradients, computed now.
 
     Returns ``(aux, params, held, internal_scale)``: ``held[i]`` is the gradient of
-    ``internal_scale * aux`` for ``params[i]`` (block layers, then decoder), and ``held[-1]`` the one for
-    the block input (or None)."""
+    ``internal_scale * aux`` for ``params[i]`` (block layers, then decoder), then one for each of ``tape.extras``
+    (None where unused), and ``held[-1]`` the one for the block input (or None)."""
     params = block_params(tape.layers, spec.decoder)
     rows = y.numel() // y.shape[-1]
     if spec.row_mask is not None and y.dtype == torch.float16:
@@ -139,8 +172,8 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     by_id = {id(p): g for p, g in zip(spec.decoder.decoder_parameters(), decoder_grads)}
     decoder_ids = set(by_id)
     layer_params = [p for p in params if id(p) not in decoder_ids]
-    wrt = layer_params + ([tape.leaf] if tape.leaf.requires_grad else [])
-    grad_x = None
+    wrt = layer_params + tape.extras + ([tape.leaf] if tape.leaf.requires_grad else [])
+    grad_x, extra_grads = None, [None] * len(tape.extras)
     if wrt and y.requires_grad:
         guard = spec.replay_guard
         guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
@@ -149,9 +182,10 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         finally:
             guard.replaying = False
         by_id.update((id(p), g) for p, g in zip(layer_params, local))
+        extra_grads = list(local[len(layer_params) : len(layer_params) + len(tape.extras)])
         if tape.leaf.requires_grad:
             grad_x = local[-1]
-    held = [by_id.get(id(p)) for p in params] + [grad_x]
+    held = [by_id.get(id(p)) for p in params] + extra_grads + [grad_x]
     return aux, params, held, scale
 
 
@@ -160,12 +194,13 @@ class HeldGradients:
     """A block's local gradients, held from its forward until the caller's backward reaches its aux term."""
 
     spec: BoundarySpec
-    grads: list | None  # per parameter (None where unused), then the block input's (or None)
+    grads: list | None  # per parameter (None where unused), per extra input, then the block input's (or None)
     internal_scale: float
     zero3_groups: tuple | None
     aux: torch.Tensor
     x: torch.Tensor
     params: list
+    extras: list = field(default_factory=list)  # trainable tensors from outside the block that it read
     handed_over: bool = False
     # what a second backward is told (the fused task loss, also one-backward, sets its own: it names both settings)
     second_backward_message: str = SECOND_BACKWARD_MESSAGE
@@ -189,8 +224,8 @@ class EagerHandOff(torch.autograd.Function):
 
 
 class EagerBoundary(torch.autograd.Function):
-    """``aux = f(x, *params)``: the block's aux loss, whose backward returns the held local gradients times
-    the gradient the aux output receives.
+    """``aux = f(x, *params, *extras)``: the block's aux loss, whose backward returns the held local gradients
+    times the gradient the aux output receives.
 
     It is applied when the causal LM's forward ends (``hand_over``), after every node of the top half and of
     the task loss the model computes (the fused cross-entropy included), so in the caller's backward it runs
@@ -198,7 +233,7 @@ class EagerBoundary(torch.autograd.Function):
     backward allocate their working sets, instead of stacking on top of them."""
 
     @staticmethod
-    def forward(ctx, held: HeldGradients, aux, x, *params):
+    def forward(ctx, held: HeldGradients, aux, x, *params_and_extras):
         ctx.held = held
         ctx.set_materialize_grads(False)
         return aux.detach().clone()
@@ -215,16 +250,21 @@ class EagerBoundary(torch.autograd.Function):
         record.handed_over = True
         scale = grad_aux.detach().float() / record.internal_scale
         *param_grads, grad_x = held
+        n_extras = len(record.extras)
+        param_grads, extra_grads = param_grads[: len(param_grads) - n_extras], param_grads[len(param_grads) - n_extras :]
         grad_x = grad_x * scale.to(grad_x.device) if needs[2] and grad_x is not None else None
+        extra_needs = needs[len(needs) - n_extras :]
+        extra_out = [g * scale.to(g.device) if need and g is not None else None
+                     for g, need in zip(extra_grads, extra_needs)]
         if record.zero3_groups is not None:
             # ZeRO-3: the parameters are not inputs; their gradients go in gathered, one layer at a time
             params, groups = record.zero3_groups
             for g in {id(g): g for g in param_grads if g is not None}.values():
                 g.mul_(scale.to(g.device))
             accumulate_gathered([[(params[i], param_grads[i]) for i in group] for group in groups])
-            return (None, None, grad_x, *nones[3:])
+            return (None, None, grad_x, *nones[3 : len(needs) - n_extras], *extra_out)
         out, scaled = [], set()
-        for g, need in zip(param_grads, needs[3:]):
+        for g, need in zip(param_grads, needs[3 : len(needs) - n_extras]):
             if not need or g is None:
                 out.append(None)
                 continue
@@ -232,7 +272,7 @@ class EagerBoundary(torch.autograd.Function):
                 g.mul_(scale.to(g.device))
                 scaled.add(id(g))
             out.append(g)
-        return (None, None, grad_x, *out)
+        return (None, None, grad_x, *out, *extra_out)
 
 
 def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
@@ -249,7 +289,7 @@ def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         owners = [*tape.layers, spec.decoder]
         groups = [[index.pop(id(p)) for p in owner.parameters() if id(p) in index] for owner in owners]
         zero3_groups, params = (params, groups), [zero3_anchor()]
-    held = HeldGradients(spec, grads, scale, zero3_groups, aux, x, params)
+    held = HeldGradients(spec, grads, scale, zero3_groups, aux, x, params, extras=list(tape.extras))
     # an empty leaf that requires grad puts the hand-off's Function in the caller's graph (y's own graph is
     # already freed by the local backward)
     anchor = torch.empty(0, device=y.device, requires_grad=True)
@@ -259,4 +299,4 @@ def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
 def hand_over(held: HeldGradients) -> torch.Tensor:
     """The block's aux loss in the caller's graph (see EagerBoundary: call it when the causal LM's forward
     ends, after its task loss)."""
-    return EagerBoundary.apply(held, held.aux, held.x, *held.params)
+    return EagerBoundary.apply(held, held.aux, held.x, *held.params, *held.extras)
