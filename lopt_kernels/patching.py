@@ -14,7 +14,7 @@ from torch import nn
 from . import block_hooks, task_loss_hooks
 from .aux_decoder import AuxDecoder
 from .discovery import AUX_DECODERS_ATTR, LoptPatchError, text_config, unwrap_causal_lm, validate
-from .state import PatchState
+from .state import PatchState, StateHook
 from .task_loss_hooks import label_count
 
 _STATE_ATTR = "_lopt_state"
@@ -109,21 +109,22 @@ def patch(
 
     state = PatchState(settings, lm, backbone, layers, decoders, untied, ignore)
     handles = state.handles
-    handles.append(backbone.register_forward_pre_hook(block_hooks.backbone_pre_hook(state), with_kwargs=True))
-    handles.append(backbone.register_forward_hook(block_hooks.backbone_post_hook(state), with_kwargs=True,
+    handles.append(backbone.register_forward_pre_hook(StateHook(block_hooks.backbone_pre_hook, state),
+                                                      with_kwargs=True))
+    handles.append(backbone.register_forward_hook(StateHook(block_hooks.backbone_post_hook, state), with_kwargs=True,
                                                   always_call=True))
     for b in range(len(settings.boundaries)):
         block = range(starts[b], starts[b + 1])
         for i in block:
-            pre = block_hooks.layer_pre_hook(state, b, is_start=(i == block.start))
-            post = block_hooks.layer_post_hook(state, b) if i == block.stop - 1 else None
+            pre = StateHook(block_hooks.layer_pre_hook, state, b, i == block.start)
+            post = StateHook(block_hooks.layer_post_hook, state, b) if i == block.stop - 1 else None
             handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
             if post is not None:
                 handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
             state.layer_hooks[layers[i]] = (pre, post)
     task_loss_hooks.follow_embeddings(state)  # the input embeddings' and output head's hooks, moved if replaced
-    handles.append(lm.register_forward_pre_hook(task_loss_hooks.causal_lm_pre_hook(state), with_kwargs=True))
-    handles.append(lm.register_forward_hook(task_loss_hooks.causal_lm_post_hook(state), with_kwargs=True,
+    handles.append(lm.register_forward_pre_hook(StateHook(task_loss_hooks.causal_lm_pre_hook, state), with_kwargs=True))
+    handles.append(lm.register_forward_hook(StateHook(task_loss_hooks.causal_lm_post_hook, state), with_kwargs=True,
                                             always_call=True))
     setattr(lm, _STATE_ATTR, state)
     return model

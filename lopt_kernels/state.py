@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +48,29 @@ class TaskRequest:
     shift_labels: torch.Tensor
     num_items_in_batch: object
     hidden: torch.Tensor | None = None
+
+
+class StateHook:
+    """The module hook ``factory(state, *args)`` makes, built on first call.
+
+    A closure over the state would survive ``copy.deepcopy(model)`` unchanged (functions are not copied), so the
+    copy would train the original's head, decoders and layers; this copies itself for the copy's state instead."""
+
+    def __init__(self, factory, state, *args):
+        self.factory, self.state, self.args, self._fn = factory, state, args, None
+
+    def __call__(self, *args, **kwargs):
+        if self._fn is None:
+            self._fn = self.factory(self.state, *self.args)
+        return self._fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        state = copy.deepcopy(self.state, memo)  # the copy's state: its modules are the copied model's
+        if id(self) in memo:  # copied meanwhile, through the state's own references to its hooks
+            return memo[id(self)]
+        twin = StateHook(self.factory, state, *copy.deepcopy(self.args, memo))
+        memo[id(self)] = twin
+        return twin
 
 
 @dataclass

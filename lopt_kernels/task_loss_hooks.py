@@ -17,7 +17,7 @@ from ._outputs import declares_own_aux_loss, with_lopt_fields
 from .boundary import eager
 from .discovery import text_config
 from .ops import linear_cross_entropy as lce
-from .state import PatchState, TaskRequest
+from .state import PatchState, StateHook, TaskRequest
 
 # Config attributes through which a family transforms logits beyond ``lm_head(hidden)``; the fused
 # task loss honours only final-logit soft-capping and steps aside for the others.
@@ -158,8 +158,9 @@ def follow_embeddings(state: PatchState) -> None:
     lm = state.causal_lm
     for key, module, register in (
         ("input", lm.get_input_embeddings(),
-         lambda m: m.register_forward_hook(block_hooks.input_embeddings_hook(state))),
-        ("head", lm.get_output_embeddings(), lambda m: m.register_forward_pre_hook(output_head_pre_hook(state))),
+         lambda m: m.register_forward_hook(StateHook(block_hooks.input_embeddings_hook, state))),
+        ("head", lm.get_output_embeddings(),
+         lambda m: m.register_forward_pre_hook(StateHook(output_head_pre_hook, state))),
     ):
         hooked = state.embedding_hooks.get(key)
         if module is None or (hooked is not None and hooked[0] is module):

@@ -220,3 +220,33 @@ def test_resize_token_embeddings_after_patch(family):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, own_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     assert fused.get_output_embeddings().weight.grad is not None
+
+
+@pytest.mark.parametrize("fused_ce", ["auto", "off"])
+def test_a_deep_copy_of_a_patched_model_trains_itself(fused_ce):
+    """``copy.deepcopy`` of a patched model (a copy per run of a sweep, an EMA or teacher copy): the copy's hooks act
+    on the copy, which trains as a model patched afresh with the same weights does, and the original is untouched.
+    Before, the hooks were closures over the original's state: the copy's fused loss used the original's head, its
+    gradients went to the original's head and decoders, and in eager mode its bottom block got none."""
+    base = tiny_model("llama")
+    torch.manual_seed(0)
+    model = lopt_kernels.patch(copy.deepcopy(base), fused_ce=fused_ce)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(0)  # the same aux decoders
+    fresh = lopt_kernels.patch(copy.deepcopy(base), fused_ce=fused_ce)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # the original diverges: neither the copy's loss nor its gradients may see it
+    for m in (twin, fresh):
+        m.train()
+        m(**batch()).loss.backward()
+    assert all(p.grad is None for p in model.parameters()), "the copy's backward reached the original"
+    fresh_params = dict(fresh.named_parameters())
+    for name, p in twin.named_parameters():
+        assert (p.grad is None) == (fresh_params[name].grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, fresh_params[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    lopt_kernels.unpatch(twin)  # the copy's own hooks and decoders go; the original stays patched and trains
+    assert lopt_kernels.is_patched(model) and not lopt_kernels.is_patched(twin)
+    model.train()
+    model(**batch()).loss.backward()
+    assert all(p.grad is not None for p in lopt_kernels.aux_decoders(model)[0].parameters())
