@@ -83,3 +83,56 @@ def test_torch_fused_loss_in_bf16_sums_in_fp32():
     loss = linear_cross_entropy(hidden, weight, target, impl="torch")
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref, rtol=5e-4, atol=0)
+
+
+_TRANSFORMING = ["FalconH1ForCausalLM", "RecurrentGemmaForCausalLM", "CohereForCausalLM", "GraniteForCausalLM",
+                 "InklingForCausalLM", "xLSTMForCausalLM", "ModernBertDecoderForCausalLM"]
+_PLAIN = ["LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel", "FalconForCausalLM", "Gemma2ForCausalLM",
+          "Gemma3ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM"]
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("name", _TRANSFORMING + _PLAIN)
+def test_forwards_that_transform_the_head_logits_are_found_from_their_source(name):
+    """The fused task loss is exact only where the loss is taken from ``lm_head(hidden)`` (soft-capped by
+    ``final_logit_softcapping`` at most): a forward that scales, soft-caps by another name or slices the logits is
+    found by reading its source, whatever the config calls the setting (FalconH1's ``lm_head_multiplier``,
+    RecurrentGemma's ``logits_soft_cap``, Inkling's vocabulary slice were missed by name)."""
+    import transformers
+
+    from lopt_kernels.task_loss_hooks import logit_transforms_in_forward
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    assert bool(logit_transforms_in_forward(cls)) == (name in _TRANSFORMING), logit_transforms_in_forward(cls)
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("multiplier", [0.25, 1.0])
+def test_falcon_h1_head_multiplier(multiplier):
+    """FalconH1 multiplies the head's logits by ``lm_head_multiplier``: with a multiplier the fused loss steps aside
+    (with a notice) and the task loss and head gradient are the model's own; a multiplier of 1 keeps it. Before, the
+    fused loss ignored the multiplier silently (task loss 4.632 against 4.588)."""
+    import transformers as tf
+
+    config = tf.FalconH1Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=1, mamba_chunk_size=8, max_position_embeddings=64,
+        lm_head_multiplier=multiplier, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    original = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    model = copy.deepcopy(original)
+    lopt_kernels.patch(model, mode="stored")
+    b = batch(pad_lengths=(0,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(**b, use_cache=False)
+    ref = original(**b, use_cache=False)
+    torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
+    (out.task_loss + 0 * out.lopt_aux_loss).backward()
+    ref.loss.backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, original.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
+    stepped_aside = any("fused task loss is off" in str(w.message) for w in caught)
+    assert stepped_aside == (multiplier != 1.0) and (out.logits is None) == (multiplier == 1.0)
