@@ -140,7 +140,10 @@ def check_reconstruction_inputs(y, x, norm_weight, norm_bias, down_weight, down_
     if y.dim() < 1:
         raise ValueError("reconstruction loss: y must have a hidden dimension")
     h = y.shape[-1]
-    r = down_weight.shape[0] if down_weight.dim() == 2 else -1
+    if down_weight.dim() != 2:
+        raise ValueError(f"reconstruction loss: down_weight must be 2-D (bottleneck, hidden), got shape "
+                         f"{tuple(down_weight.shape)}")
+    r = down_weight.shape[0]
     expected = {
         "norm_weight": (h,), "norm_bias": (h,), "down_weight": (r, h), "down_bias": (r,),
         "up_weight": (h, r), "up_bias": (h,),
@@ -166,9 +169,10 @@ def check_row_mask(row_mask, y) -> None:
     if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
         raise ValueError(f"reconstruction loss: row_mask must be a bool tensor, got "
                          f"{getattr(row_mask, 'dtype', type(row_mask).__name__)}")
-    if tuple(row_mask.shape) != tuple(y.shape[:-1]) and row_mask.numel() != math.prod(y.shape[:-1]):
+    rows = math.prod(y.shape[:-1])
+    if tuple(row_mask.shape) not in (tuple(y.shape[:-1]), (rows,)):
         raise ValueError(f"reconstruction loss: row_mask {tuple(row_mask.shape)} must have one entry per row of "
-                         f"y {tuple(y.shape)} (shape {tuple(y.shape[:-1])})")
+                         f"y {tuple(y.shape)}: shape {tuple(y.shape[:-1])} or ({rows},)")
     if row_mask.device != y.device:
         raise ValueError(f"reconstruction loss: row_mask on {row_mask.device} but y on {y.device}: move it to y's device")
 
@@ -185,7 +189,8 @@ def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_
     single_chunk = chunk_rows >= n
     if compute_grads:
         grad_y = None if single_chunk else torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
-        acc = [torch.zeros_like(t) for t in (w, b, wd, bd, wu, bu)]
+        # contiguous whatever the parameters' layout (a transposed weight view): the fake kernel's strides
+        acc = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (w, b, wd, bd, wu, bu)]
         grad_coef = grad_scale * (2.0 / (counted * h))
     for start in range(0, n, chunk_rows):
         yc = y2[start : start + chunk_rows].float()
@@ -816,10 +821,17 @@ def reconstruction_loss_and_grads(
     h = y.shape[-1]
     n = math.prod(y.shape[:-1])
     if n == 0 or h == 0:
-        raise ValueError(f"reconstruction loss: y {tuple(y.shape)} has no rows")
+        raise ValueError(f"reconstruction loss: y {tuple(y.shape)} is empty (no rows or no hidden features)")
+    if down_weight.shape[0] == 0:
+        raise ValueError(f"reconstruction loss: the decoder's bottleneck is empty (down_weight {tuple(down_weight.shape)})")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)):
+        raise ValueError(f"reconstruction loss: chunk_rows must be an int or None, got {chunk_rows!r}")
     chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(n, h, down_weight.shape[0])
     if chunk < 1:
         raise ValueError(f"reconstruction loss: chunk_rows must be >= 1, got {chunk}")
+    if isinstance(grad_scale, torch.Tensor) and grad_scale.numel() != 1:
+        raise ValueError(f"reconstruction loss: grad_scale must be a float or a one-element tensor, got shape "
+                         f"{tuple(grad_scale.shape)}")
     with torch.no_grad():
         if not compute_grads:
             return torch.ops.lopt_kernels.reconstruction_loss(
@@ -856,6 +868,12 @@ class ReconstructionLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the precomputed gradients have no graph of their own
+            raise RuntimeError(
+                "lopt_kernels: the fused reconstruction loss cannot be differentiated twice (create_graph=True, e.g. a "
+                "gradient penalty): its gradients are computed in its forward, without a graph. Use the unfused "
+                "PyTorch expression of the loss for higher-order gradients."
+            )
         if not ctx.computed:
             return (None,) * 12
         grad_y, *param_grads = ctx.saved_tensors

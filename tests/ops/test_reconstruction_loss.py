@@ -314,11 +314,14 @@ def test_row_mask_without_counted_rows_gives_zero_loss_and_gradients(backend):
         pytest.param(torch.ones(4, dtype=torch.int64), "row_mask must be a bool tensor", id="int-mask"),
         pytest.param(torch.ones(5, dtype=torch.bool), r"row_mask \(5,\) must have one entry per row", id="rows"),
         pytest.param(torch.ones(4, dtype=torch.bool, device="meta"), "row_mask on meta but y on cpu", id="device"),
+        # y (2, 2, 8): four rows, but a (4, 1) mask is not laid out as (batch, seq); before, any 4 entries passed
+        pytest.param(torch.ones(4, 1, dtype=torch.bool), r"row_mask \(4, 1\) must have one entry per row", id="layout"),
     ],
 )
 def test_bad_row_mask_raises_value_error(mask, pattern):
+    y, x, *params = _good()
     with pytest.raises(ValueError, match=pattern):
-        reconstruction_loss_and_grads(*_good(), backend="torch", row_mask=mask)
+        reconstruction_loss_and_grads(y.view(2, 2, 8), x.view(2, 2, 8), *params, backend="torch", row_mask=mask)
 
 
 # ----------------------------------------------------------------------------------- bad inputs
@@ -361,6 +364,48 @@ def test_bad_backend_and_chunk_rows():
         reconstruction_loss_and_grads(*args, backend="cuda")
     with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
         reconstruction_loss_and_grads(*args, chunk_rows=0)
+    for bad in (2.7, True):  # before: accepted silently
+        with pytest.raises(ValueError, match="chunk_rows must be an int"):
+            reconstruction_loss_and_grads(*args, chunk_rows=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_grad_scale_and_sizes_raise_value_error(backend):
+    """A grad_scale of several elements (before: broadcast over the columns by the torch backend, a reshape error
+    from the Triton one), an empty bottleneck (before: ZeroDivisionError from the Triton tile settings) and a 1-D
+    down weight (before: "expected (-1, h)") are refused, naming the problem."""
+    y, x, (nw, nb, wd, bd, wu, bu) = make_inputs(4, torch.float32, h=8, r=4)
+    with pytest.raises(ValueError, match="grad_scale must be a float or a one-element tensor"):
+        reconstruction_loss_and_grads(y, x, nw, nb, wd, bd, wu, bu, grad_scale=torch.ones(2, device=y.device),
+                                      backend=backend)
+    with pytest.raises(ValueError, match="bottleneck is empty"):
+        reconstruction_loss_and_grads(y, x, nw, nb, wd[:0], bd[:0], wu[:, :0], bu, backend=backend)
+    with pytest.raises(ValueError, match="down_weight must be 2-D"):
+        reconstruction_loss_and_grads(y, x, nw, nb, wd.reshape(-1), bd, wu, bu, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_differentiating_the_loss_twice_raises(backend):
+    """The op's gradients are computed in its forward, with no graph of their own: a gradient penalty through it
+    (``create_graph=True``) must raise, not treat the loss's gradient as a constant (before: a second-order
+    gradient of 0.00065 against the reference's 0.0609, with no error)."""
+    y, x, params = make_inputs(5, torch.float32)
+    y.requires_grad_(True)
+    loss = reconstruction_loss(y, x, *params, backend=backend) + 1e-3 * y.pow(2).sum()
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(loss, y, create_graph=True)
+
+
+def test_torch_backend_gradients_are_contiguous_for_transposed_weights():
+    """Weights stored transposed (views): the torch backend returns contiguous gradients, as the op's fake kernel
+    says (before: the transposed strides, and ``torch.compile(fullgraph=True)`` failed on the stride mismatch)."""
+    y, x, (nw, nb, wd, bd, wu, bu) = make_inputs(6, torch.float32, device="cpu")
+    wd_t, wu_t = wd.t().contiguous().t(), wu.t().contiguous().t()
+    assert not wd_t.is_contiguous() and not wu_t.is_contiguous()
+    _, grads = reconstruction_loss_and_grads(y, x, nw, nb, wd_t, bd, wu_t, bu, backend="torch")
+    assert all(g.is_contiguous() for g in grads)
+    torch.library.opcheck(torch.ops.lopt_kernels.reconstruction_loss_and_grads.default,
+                          (y, x, nw, nb, wd_t, bd, wu_t, bu, EPS, 1.0, None, "torch", 4, None))
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
