@@ -174,12 +174,31 @@ def _top_and_bottom(state: PatchState) -> tuple[set[int], set[int]]:
     return top, bottom
 
 
+def _outside_causal_lm(model: nn.Module, state: PatchState) -> tuple[set[int], set[int]]:
+    """Parameter ids of ``model`` outside the causal LM (a PEFT prompt encoder), as (top, bottom): virtual tokens
+    prepended to the input embeddings (prompt tuning, P-tuning) feed block 0 like the embeddings do; anything else
+    (prefix tuning's key/value prefix, read by every layer) counts as top, so that no parameter is left out."""
+    inside = {id(p) for p in state.causal_lm.parameters()}
+    outside = {id(p) for p in model.parameters()} - inside
+    bottom: set[int] = set()
+    encoders = getattr(model, "prompt_encoder", None)
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        peft_type = str(getattr(config, "peft_type", ""))
+        if getattr(config, "is_prompt_learning", False) and "PREFIX" not in peft_type.upper() and encoders is not None \
+                and name in encoders:
+            bottom.update(id(p) for p in encoders[name].parameters())
+    return outside - bottom, bottom & outside
+
+
 def param_groups(model: nn.Module, lr: float, local_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
     """Optimiser groups: the final block, final norm and head at ``lr``; the earlier blocks, the
-    embeddings and the aux decoders at ``local_lr`` (default ``lr``). With ``weight_decay > 0``,
-    biases and norm weights (1-D tensors) get no decay, as in the HF Trainer."""
+    embeddings and the aux decoders at ``local_lr`` (default ``lr``). Trainable parameters outside the causal LM
+    (a PEFT prompt encoder) join the embeddings' group when they are virtual input tokens, the top group otherwise.
+    With ``weight_decay > 0``, biases and norm weights (1-D tensors) get no decay, as in the HF Trainer."""
     state = _require_state(model)
     top, bottom = _top_and_bottom(state)
+    outside_top, outside_bottom = _outside_causal_lm(model, state)
+    top, bottom = top | outside_top, bottom | outside_bottom
     local = lr if local_lr is None else local_lr
     groups = []
     for name, ids, group_lr in (("lopt_top", top, lr), ("lopt_local", bottom, local)):

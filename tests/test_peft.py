@@ -88,3 +88,25 @@ def test_prefix_tuning_trains_the_bottom_layers_prefix(mode, num_blocks):
     torch.testing.assert_close(prefix, expected, rtol=1e-4, atol=1e-9)
     # the first layer's key/value columns (aux gradient only) are not zero
     assert expected[:, : expected.shape[1] // len(lopt_kernels.aux_decoders(model)) // 4].abs().max() > 0
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("kind,group", [("prompt_tuning", "lopt_local"), ("prefix_tuning", "lopt_top")])
+@pytest.mark.parametrize("order", ["patch_after_peft", "patch_before_peft"])
+def test_param_groups_keep_the_prompt_encoder(kind, group, order):
+    """``param_groups`` on a PEFT prompt-learning model: the prompt encoder lives outside the causal LM, and was left
+    out of every group, so an optimiser built from the groups never trained the adapter. Virtual input tokens (prompt
+    tuning) feed block 0 like the embeddings (local group); prefix tuning's key/value prefix is read by every layer
+    (top group). No trainable parameter is left out."""
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    config = (PromptTuningConfig if kind == "prompt_tuning" else PrefixTuningConfig)(task_type="CAUSAL_LM",
+                                                                                      num_virtual_tokens=3)
+    base = tiny_model("llama")
+    model = (lopt_kernels.patch(get_peft_model(base, config)) if order == "patch_after_peft"
+             else get_peft_model(lopt_kernels.patch(base), config))
+    groups = lopt_kernels.param_groups(model, lr=1e-3, local_lr=1e-4)
+    grouped = {id(p): g["name"] for g in groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grouped) == {id(p) for p in trainable.values()}, "a trainable parameter is in no group"
+    assert grouped[id(trainable["prompt_encoder.default.embedding.weight"])] == group
