@@ -253,6 +253,52 @@ def check_weight_sharing(lm: nn.Module, backbone: nn.Module, layers: nn.ModuleLi
             )
 
 
+def kv_sharing_pairs(config, num_layers: int) -> list[tuple[int, int]]:
+    """``(producer, consumer)`` layer pairs where the consumer attends with the keys/values the producer computed
+    (Gemma3n's KV sharing: ``kv_sharing_modes`` "store" / "reuse", or its last ``num_kv_shared_layers``), matched by
+    layer type."""
+    types = getattr(config, "layer_types", None)
+    try:
+        modes = getattr(config, "kv_sharing_modes", None)
+    except ValueError:  # a property that checks the layer types (Gemma3n): the count below still applies
+        modes = None
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    if not isinstance(types, (list, tuple)) or len(types) != num_layers:
+        return []
+    if not isinstance(modes, (list, tuple)) or len(modes) != num_layers:
+        if not isinstance(shared, int) or not 0 < shared < num_layers:
+            return []
+        first = num_layers - shared
+        modes = [None] * first + ["reuse"] * shared
+    pairs = []
+    for consumer, mode in enumerate(modes):
+        if mode != "reuse":
+            continue
+        same_type = [i for i in range(consumer) if types[i] == types[consumer] and modes[i] != "reuse"]
+        stores = [i for i in same_type if modes[i] == "store"]
+        if stores or same_type:
+            pairs.append(((stores or same_type)[-1], consumer))
+    return pairs
+
+
+def check_kv_sharing(config, num_layers: int, bounds: tuple[int, ...]) -> None:
+    """Refuse a block boundary between a layer and a later one that reuses its keys/values: the task loss would
+    reach the earlier block through them (stored mode), or the modes would disagree."""
+    pairs = kv_sharing_pairs(config, num_layers)
+    crossing = [(s, p, c) for s in bounds for p, c in pairs if p < s <= c]
+    if not crossing:
+        return
+    s, p, c = crossing[0]
+    valid = [b for b in range(1, num_layers) if not any(p_ < b <= c_ for p_, c_ in pairs)]
+    hint = (f"boundaries from {valid} (e.g. boundaries={valid[-1:]})" if valid
+            else "no boundary keeps every such pair in one block: this model cannot be split")
+    raise LoptPatchError(
+        f"layer {c} reuses the keys and values layer {p} computes (KV sharing, config.kv_sharing_modes / "
+        f"num_kv_shared_layers), and a block boundary at layer {s} would put them in different blocks, letting the "
+        f"task loss reach the earlier block through the shared keys/values. Choose {hint}."
+    )
+
+
 def validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask, fused_ce):
     lm = unwrap_causal_lm(model)
     if any(c.__name__ == "PipelineModule" and c.__module__.startswith("deepspeed") for c in type(lm).__mro__):
@@ -275,6 +321,7 @@ def validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask,
     backbone, attr, layers = find_layer_stack(lm)
     bounds = resolve_boundaries(len(layers), num_blocks, boundaries)
     check_weight_sharing(lm, backbone, layers, bounds)
+    check_kv_sharing(text_config(lm), len(layers), bounds)
     try:
         lam = float(lambda_aux)
     except (TypeError, ValueError):

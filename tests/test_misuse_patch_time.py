@@ -81,6 +81,32 @@ def test_case7_input_embeddings_shared_with_a_later_block_refused():
     _still_works_unpatched(model)
 
 
+def _gemma3n(num_layers, shared):
+    config = tf.Gemma3nTextConfig(
+        vocab_size=97, vocab_size_per_layer_input=97, hidden_size=32, hidden_size_per_layer_input=8, intermediate_size=64,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=64, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+        num_kv_shared_layers=shared, laurel_rank=4, altup_num_inputs=4, activation_sparsity_pattern=[0.0] * num_layers,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return tf.Gemma3nForCausalLM(config).train()
+
+
+def test_case7_kv_shared_across_blocks_refused():
+    """Gemma3n's last layers reuse the keys/values earlier layers computed (KV sharing). A boundary between such a
+    pair let the task loss reach the earlier block through them in stored mode, gave the aux-only gradient in
+    activation-free mode (about 50x smaller) and crashed eager mode; such boundaries are refused, naming the layers
+    and the boundaries that keep the pairs together."""
+    model = _gemma3n(6, 2)  # layers 4 and 5 reuse layers 2 and 3: the midpoint (3) separates layers 2 and 4
+    with pytest.raises(LoptPatchError, match=r"layer 4 reuses the keys and values layer 2.*boundary at layer 3.*\[1, 2\]"):
+        lopt_kernels.patch(model)
+    assert not lopt_kernels.is_patched(model)
+    lopt_kernels.patch(model, boundaries=[2])  # both pairs in the final block
+    model(**batch(pad_lengths=(0,)), use_cache=False).loss.backward()
+    with pytest.raises(LoptPatchError, match="this model cannot be split"):
+        lopt_kernels.patch(_gemma3n(4, 2))  # layers 2 and 3 reuse layer 1: every boundary separates a pair
+
+
 def test_case7_parameter_shared_within_one_block_trains_like_the_reference():
     model = tiny_model("llama")
     layers = model.model.layers
