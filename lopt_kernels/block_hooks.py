@@ -108,12 +108,22 @@ def held_gradient_bytes(state: PatchState) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params.values())
 
 
-def resolve_mode(state: PatchState, hidden: torch.Tensor) -> str:
+def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> str:
     """The boundary mode of this training forward. ``auto``: eager (no recomputation) when the gradients it
     would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models),
     activation-free otherwise (a full fine-tune, where holding half the model's gradients through the top
-    half's work costs more memory than recomputing the bottom half costs time); activation-free under FSDP2."""
+    half's work costs more memory than recomputing the bottom half costs time); activation-free under FSDP2.
+    ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden states (per-layer
+    inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager."""
     mode = state.settings.mode
+    if outside_inputs and (mode == "activation_free" or (mode == "auto" and state.bottom_fsdp2)):
+        raise LoptPatchError(
+            f"mode={mode!r} cannot train this model: its bottom layers read {len(outside_inputs)} trainable tensor(s) "
+            "besides their hidden states (per-layer inputs such as Gemma3n's per_layer_inputs, a trainable prefix in the "
+            "KV cache), and the activation-free "
+            "rebuild would leave their aux-loss gradient out. Patch with mode='eager' or mode='stored' (under FSDP2: "
+            "mode='stored'), or freeze what produces them."
+        )
     if mode == "eager" and state.bottom_fsdp2:
         raise LoptPatchError(
             "mode='eager' does not run under FSDP2 (fully_shard): its local backward runs inside the forward, "
@@ -124,6 +134,8 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor) -> str:
         return mode
     if state.bottom_fsdp2:
         return "activation_free"
+    if outside_inputs:
+        return "eager"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
     return "eager" if held_gradient_bytes(state) <= activations else "activation_free"
 
@@ -321,7 +333,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
             kwargs = dict(kwargs)
             hidden, rest = kwargs.pop("hidden_states"), ()
         if is_start and block == 0:
-            run.mode = resolve_mode(state, hidden)
+            run.mode = resolve_mode(state, hidden, eager.trainable_inputs(rest, kwargs))
             if run.mode == "eager":
                 _use_non_reentrant_checkpointing(state)
         if run.mode == "eager":

@@ -107,6 +107,34 @@ def test_case7_kv_shared_across_blocks_refused():
         lopt_kernels.patch(_gemma3n(4, 2))  # layers 2 and 3 reuse layer 1: every boundary separates a pair
 
 
+@pytest.mark.explicit_modes
+def test_per_layer_inputs_are_trained_in_auto_and_refused_by_activation_free():
+    """Gemma3n's layers also read per-layer inputs built from trainable embeddings outside the layer stack. The
+    activation-free rebuild differentiated the block's input and parameters only, so their aux-loss gradient was
+    silently left out (auto picked it for a full fine-tune). Now ``auto`` runs eager blocks, which hand that gradient
+    over (equal to ``mode="stored"``), and an explicit ``mode="activation_free"`` is refused."""
+    base = _gemma3n(4, 0)
+    with torch.no_grad():  # nonzero, so that the per-layer inputs reach the output (0 at initialisation)
+        for name, p in base.named_parameters():
+            if "correct_output_scale" in name:
+                p.normal_(0, 0.5)
+    b = batch(pad_lengths=(0,))
+    free = lopt_kernels.patch(copy.deepcopy(base), mode="activation_free")
+    with pytest.raises(LoptPatchError, match="mode='activation_free' cannot train this model.*per_layer_inputs"):
+        free(**b, use_cache=False)
+    grads = {}
+    for mode in ("auto", "stored"):
+        model = copy.deepcopy(base)
+        torch.manual_seed(3)
+        lopt_kernels.patch(model, mode=mode)
+        model(**b, use_cache=False).loss.backward()
+        grads[mode] = named_grads(model)
+        if mode == "auto":
+            assert lopt_kernels.patching._state_of(model).current.mode == "eager"
+    assert grads["stored"]["model.embed_tokens_per_layer.weight"].abs().max() > 0
+    assert_grads_close(grads["auto"], grads["stored"])
+
+
 def test_case7_parameter_shared_within_one_block_trains_like_the_reference():
     model = tiny_model("llama")
     layers = model.model.layers
