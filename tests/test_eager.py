@@ -257,3 +257,34 @@ def test_the_local_backward_frees_grad_y_once_the_block_has_used_it(monkeypatch)
     model.model.layers[0].register_full_backward_pre_hook(lambda m, g: alive.append(refs[-1]() is not None))
     model(**batch()).loss.backward()
     assert alive == [False]
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_decoder_gradients_do_not_overflow(backend):
+    """fp16 model: the eager local backward scales the aux loss up for the activations' sake (fp16 gradients of a
+    mean underflow); the decoder's gradients, which sum over every row, came back from the op with that scale and
+    overflowed fp16 to inf for a channel with a steady residual (a large-magnitude channel of the block input).
+    They now come back unscaled in fp32 before their cast, and the scale is at most 2^16 for fp16."""
+    import types
+
+    from lopt_kernels.aux_decoder import AuxDecoder
+    from lopt_kernels.boundary.common import BoundarySpec
+    from lopt_kernels.ops.reconstruction_loss import reconstruction_loss
+
+    torch.manual_seed(0)
+    rows, h = 2048, 64
+    decoder = AuxDecoder(h, dtype=torch.float16)
+    x = torch.randn(rows, h).half()
+    x[:, 5] += 40.0  # one massive channel in the block input, as fp16 LLMs have
+    y = (x.float() + 0.5 * torch.randn(rows, h)).half()
+    spec = BoundarySpec(decoder=decoder, backend=backend, layerwise_rebuild=False,
+                        replay_guard=types.SimpleNamespace(replaying=False))
+    _, held = eager.apply_boundary(spec, eager.start_block(x, [], input_needs_grad=False), y)
+    eager.hand_over(held).backward()
+    assert held.internal_scale <= 2.0**16
+    ref = copy.deepcopy(decoder).float()
+    reconstruction_loss(y.float(), x.float(), *ref.decoder_parameters(), eps=ref.norm.eps, backend="torch").backward()
+    for got, want in zip(decoder.decoder_parameters(), ref.decoder_parameters()):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=2e-3, atol=2e-3 * want.grad.abs().max().item())

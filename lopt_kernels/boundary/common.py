@@ -80,7 +80,8 @@ def accumulate_gathered(groups) -> None:
             torch.autograd.backward(views, [g.to(p.dtype) for p, g in pairs])
 
 
-def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *, grad_scale=1.0, compute_grads=True):
+def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *, grad_scale=1.0, compute_grads=True,
+                         param_grad_scale: float = 1.0):
     """The block's reconstruction loss over the counted rows; grads as ``reconstruction_loss_and_grads``
     with ``grad_y`` shaped like ``y`` (zero on excluded rows). Over no rows the loss is 0 and every gradient
     is zero."""
@@ -90,7 +91,7 @@ def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *
     with gathered(params):
         return reconstruction_loss_and_grads(
             y, x, *params, eps=decoder.norm.eps, grad_scale=grad_scale, compute_grads=compute_grads,
-            backend=spec.backend, row_mask=row_mask,
+            backend=spec.backend, row_mask=row_mask, param_grad_scale=param_grad_scale,
         )
 
 

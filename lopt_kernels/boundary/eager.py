@@ -130,11 +130,14 @@ def non_reentrant_checkpoint(func):
     return None
 
 
-def _internal_scale(y_rows: int, hidden: int) -> float:
+def _internal_scale(y_rows: int, hidden: int, dtype: torch.dtype | None = None) -> float:
     """A power of two near the number of counted elements: the local backward runs on the gradient of the
     *sum* of squared errors rather than the mean, so that fp16 activation gradients do not underflow
-    (~1/N each for the mean); dividing by a power of two afterwards is exact."""
-    return 2.0 ** math.floor(math.log2(max(y_rows * hidden, 1)))
+    (~1/N each for the mean); dividing by a power of two afterwards is exact. For fp16 at most 2^16 (a
+    GradScaler's starting scale): a parameter gradient sums over every row, and a larger scale would overflow
+    fp16's range (65504) for a channel with a steady residual."""
+    scale = 2.0 ** math.floor(math.log2(max(y_rows * hidden, 1)))
+    return min(scale, 2.0**16) if dtype == torch.float16 else scale
 
 
 class _GradientSeed(torch.autograd.Function):
@@ -157,16 +160,17 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """The block's aux loss and its unscaled-by-the-caller local gradients, computed now.
 
     Returns ``(aux, params, held, internal_scale)``: ``held[i]`` is the gradient of
-    ``internal_scale * aux`` for ``params[i]`` (block layers, then decoder), then one for each of ``tape.extras``
-    (None where unused), and ``held[-1]`` the one for the block input (or None)."""
+    ``internal_scale * aux`` for ``params[i]`` (block layers; the decoder's, last, of ``aux`` itself), then one for
+    each of ``tape.extras`` (None where unused), and ``held[-1]`` the one for the block input (or None)."""
     params = block_params(tape.layers, spec.decoder)
     rows = y.numel() // y.shape[-1]
     if spec.row_mask is not None and y.dtype == torch.float16:
         # fp16 only: the scale must follow the counted rows, or a mostly padded batch would overflow
         # (one host sync); bf16 and fp32 have the range for a scale from every row
         rows = max(int(spec.row_mask.sum()), 1)
-    scale = _internal_scale(rows, y.shape[-1])
-    aux, grads = local_loss_and_grads(spec, y.detach(), tape.leaf.detach(), grad_scale=scale)
+    scale = _internal_scale(rows, y.shape[-1], y.dtype)
+    # the decoder's gradients come back unscaled (in fp32 before their cast): only grad_y needs the scale
+    aux, grads = local_loss_and_grads(spec, y.detach(), tape.leaf.detach(), grad_scale=scale, param_grad_scale=1.0 / scale)
     box, decoder_grads = [grads[0]], grads[1:]
     del grads
     by_id = {id(p): g for p, g in zip(spec.decoder.decoder_parameters(), decoder_grads)}
@@ -201,6 +205,7 @@ class HeldGradients:
     x: torch.Tensor
     params: list
     extras: list = field(default_factory=list)  # trainable tensors from outside the block that it read
+    unscaled: frozenset = frozenset()  # indices of ``grads`` already free of the internal scale (the decoder's)
     handed_over: bool = False
     # what a second backward is told (the fused task loss, also one-backward, sets its own: it names both settings)
     second_backward_message: str = SECOND_BACKWARD_MESSAGE
@@ -249,6 +254,7 @@ class EagerBoundary(torch.autograd.Function):
             raise RuntimeError(record.second_backward_message)
         record.handed_over = True
         scale = grad_aux.detach().float() / record.internal_scale
+        own_scale = grad_aux.detach().float()  # for the gradients held unscaled
         *param_grads, grad_x = held
         n_extras = len(record.extras)
         param_grads, extra_grads = param_grads[: len(param_grads) - n_extras], param_grads[len(param_grads) - n_extras :]
@@ -259,17 +265,17 @@ class EagerBoundary(torch.autograd.Function):
         if record.zero3_groups is not None:
             # ZeRO-3: the parameters are not inputs; their gradients go in gathered, one layer at a time
             params, groups = record.zero3_groups
-            for g in {id(g): g for g in param_grads if g is not None}.values():
-                g.mul_(scale.to(g.device))
+            for i, g in {id(g): (i, g) for i, g in enumerate(param_grads) if g is not None}.values():
+                g.mul_((own_scale if i in record.unscaled else scale).to(g.device))
             accumulate_gathered([[(params[i], param_grads[i]) for i in group] for group in groups])
             return (None, None, grad_x, *nones[3 : len(needs) - n_extras], *extra_out)
         out, scaled = [], set()
-        for g, need in zip(param_grads, needs[3 : len(needs) - n_extras]):
+        for i, (g, need) in enumerate(zip(param_grads, needs[3 : len(needs) - n_extras])):
             if not need or g is None:
                 out.append(None)
                 continue
             if id(g) not in scaled:  # in place: the held tensor becomes the gradient (no second copy)
-                g.mul_(scale.to(g.device))
+                g.mul_((own_scale if i in record.unscaled else scale).to(g.device))
                 scaled.add(id(g))
             out.append(g)
         return (None, None, grad_x, *out, *extra_out)
@@ -282,6 +288,8 @@ def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     # the block input only where its gradient is handed back (block 0 with trainable embeddings): holding it
     # otherwise would keep the embedding output alive until the caller's backward
     x = tape.x if tape.leaf.requires_grad else tape.x.new_empty(0)
+    decoder_ids = {id(p) for p in spec.decoder.decoder_parameters()}
+    unscaled = frozenset(i for i, p in enumerate(params) if id(p) in decoder_ids)  # indices of the full list
     zero3_groups = None
     if is_zero3(params):
         # DeepSpeed ZeRO-3 has partitioned the block's parameters by now: none is an input (accumulate_gathered)
@@ -289,7 +297,7 @@ def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         owners = [*tape.layers, spec.decoder]
         groups = [[index.pop(id(p)) for p in owner.parameters() if id(p) in index] for owner in owners]
         zero3_groups, params = (params, groups), [zero3_anchor()]
-    held = HeldGradients(spec, grads, scale, zero3_groups, aux, x, params, extras=list(tape.extras))
+    held = HeldGradients(spec, grads, scale, zero3_groups, aux, x, params, extras=list(tape.extras), unscaled=unscaled)
     # an empty leaf that requires grad puts the hand-off's Function in the caller's graph (y's own graph is
     # already freed by the local backward)
     anchor = torch.empty(0, device=y.device, requires_grad=True)

@@ -177,7 +177,8 @@ def check_row_mask(row_mask, y) -> None:
         raise ValueError(f"reconstruction loss: row_mask on {row_mask.device} but y on {y.device}: move it to y's device")
 
 
-def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted):
+def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
+                          param_scale=1.0):
     """Chunked PyTorch implementation; every intermediate in fp32.
 
     Uses ATen's fused LayerNorm / GELU forward and backward kernels on fp32 chunks, so it costs about
@@ -231,6 +232,8 @@ def _torch_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_
     loss = loss_sum / (counted * h)
     if not compute_grads:
         return loss, None
+    if param_scale != 1.0:
+        torch._foreach_mul_(acc, param_scale)
     return loss, (grad_y, *(g.to(p.dtype) for g, p in zip(acc, params)))
 
 
@@ -555,14 +558,16 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted):
+def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
+                           param_scale=1.0):
     """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between;
     every launch runs with ``y``'s device current."""
     with _device_guard(y2.device):
-        return _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted)
+        return _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
+                              param_scale)
 
 
-def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted):
+def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale=1.0):
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
     if device.type != "cuda" and not _INTERPRETED:
@@ -678,6 +683,8 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
     # that casts every gradient to the parameters' dtype (fp32 accumulators are returned as they are).
     sums = partials.sum(0)
     loss = sums[stride_part - 32] / (counted * h)
+    if param_scale != 1.0:  # in fp32, before the cast to the parameters' dtype (one launch)
+        torch._foreach_mul_([sums, acc_up, acc_down], param_scale)
     sources = {
         "norm_w": sums[:h], "norm_b": sums[seg_h : seg_h + h], "down_w": acc_down, "down_b": sums[3 * seg_h : 3 * seg_h + r],
         "up_w": acc_up, "up_b": sums[2 * seg_h : 2 * seg_h + h],
@@ -700,7 +707,7 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
 # ---------------------------------------------------------------------------------------------------
 
 
-def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows, row_mask=None):
+def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows, row_mask=None, param_scale=1.0):
     h = y.shape[-1]
     y2 = y.reshape(-1, h)  # a view whenever the strides allow: the kernels take row/column strides
     x2 = x.reshape(-1, h)
@@ -714,10 +721,10 @@ def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows,
     with torch.autocast(y.device.type, enabled=False):
         if backend == "triton":
             loss, grads = _triton_loss_and_grads(
-                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted)
+                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale)
         else:
             loss, grads = _torch_loss_and_grads(
-                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted)
+                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale)
     if grads is not None:
         grads = (grads[0].reshape(y.shape), *grads[1:])
     return loss, grads
@@ -752,23 +759,24 @@ def _loss_op_fake(
     schema=(
         "(Tensor y, Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor down_weight, Tensor down_bias, "
         "Tensor up_weight, Tensor up_bias, float eps, float grad_scale, Tensor? grad_scale_tensor, str backend, "
-        "int chunk_rows, Tensor? row_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "int chunk_rows, Tensor? row_mask, float param_grad_scale=1.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 )
 def _loss_and_grads_op(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, grad_scale, grad_scale_tensor,
-    backend, chunk_rows, row_mask,
+    backend, chunk_rows, row_mask, param_grad_scale=1.0,
 ):
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     scale = grad_scale_tensor if grad_scale_tensor is not None else grad_scale
-    loss, grads = _run_impl(y, x, params, eps, scale, True, backend, chunk_rows, row_mask)
+    loss, grads = _run_impl(y, x, params, eps, scale, True, backend, chunk_rows, row_mask, param_grad_scale)
     return (loss, *grads)
 
 
 @_loss_and_grads_op.register_fake
 def _loss_and_grads_op_fake(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, eps, grad_scale, grad_scale_tensor,
-    backend, chunk_rows, row_mask,
+    backend, chunk_rows, row_mask, param_grad_scale=1.0,
 ):
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     return (y.new_empty((), dtype=torch.float32), y.new_empty(y.shape), *(p.new_empty(p.shape) for p in params))
@@ -801,9 +809,13 @@ def _loss_and_grads_op_flops(y_shape, x_shape, nw, nb, down_weight_shape, *args,
 def reconstruction_loss_and_grads(
     y, x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, *,
     eps: float = 1e-5, grad_scale=1.0, compute_grads: bool = True, backend: str = "auto",
-    chunk_rows: int | None = None, row_mask: torch.Tensor | None = None,
+    chunk_rows: int | None = None, row_mask: torch.Tensor | None = None, param_grad_scale: float = 1.0,
 ):
     """Loss (fp32 scalar) and, if ``compute_grads``, the gradients of ``grad_scale * loss``.
+
+    ``param_grad_scale`` multiplies the six parameter gradients (not ``grad_y``) in fp32 before their cast to the
+    parameters' dtype: a caller that scales the loss up for ``grad_y``'s sake (fp16 activations) scales them back
+    there, where the fp16 cast would overflow.
 
     ``row_mask`` (bool, ``y.shape[:-1]``, on ``y``'s device) restricts the loss to the rows where it is true:
     the mean over those rows (0 over none), every gradient zero on the others, with no gather and no host sync.
@@ -841,7 +853,7 @@ def reconstruction_loss_and_grads(
         else:
             scale, scale_tensor = float(grad_scale), None
         loss, *grads = torch.ops.lopt_kernels.reconstruction_loss_and_grads(
-            y, x, *params, float(eps), scale, scale_tensor, impl, int(chunk), row_mask
+            y, x, *params, float(eps), scale, scale_tensor, impl, int(chunk), row_mask, float(param_grad_scale)
         )
     return loss, tuple(grads)
 
