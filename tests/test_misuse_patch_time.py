@@ -92,6 +92,7 @@ def _gemma3n(num_layers, shared):
     return tf.Gemma3nForCausalLM(config).train()
 
 
+@pytest.mark.explicit_modes
 def test_case7_kv_shared_across_blocks_refused():
     """Gemma3n's last layers reuse the keys/values earlier layers computed (KV sharing). A boundary between such a
     pair let the task loss reach the earlier block through them in stored mode, gave the aux-only gradient in
@@ -101,7 +102,7 @@ def test_case7_kv_shared_across_blocks_refused():
     with pytest.raises(LoptPatchError, match=r"layer 4 reuses the keys and values layer 2.*boundary at layer 3.*\[1, 2\]"):
         lopt_kernels.patch(model)
     assert not lopt_kernels.is_patched(model)
-    lopt_kernels.patch(model, boundaries=[2])  # both pairs in the final block
+    lopt_kernels.patch(model, boundaries=[2], mode="stored")  # both pairs in the final block
     model(**batch(pad_lengths=(0,)), use_cache=False).loss.backward()
     with pytest.raises(LoptPatchError, match="this model cannot be split"):
         lopt_kernels.patch(_gemma3n(4, 2))  # layers 2 and 3 reuse layer 1: every boundary separates a pair

@@ -159,9 +159,10 @@ class _GradientSeed(torch.autograd.Function):
 def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """The block's aux loss and its unscaled-by-the-caller local gradients, computed now.
 
-    Returns ``(aux, params, held, internal_scale)``: ``held[i]`` is the gradient of
-    ``internal_scale * aux`` for ``params[i]`` (block layers; the decoder's, last, of ``aux`` itself), then one for
-    each of ``tape.extras`` (None where unused), and ``held[-1]`` the one for the block input (or None)."""
+    Returns ``(aux, params, held, internal_scale, unscaled)``: ``held[i]`` is the gradient of
+    ``internal_scale * aux`` for ``params[i]`` (block layers), or of ``aux`` itself for ``i in unscaled`` (the
+    decoder's, returned unscaled so that an fp16 cast cannot overflow), then one for each of ``tape.extras`` (None
+    where unused), and ``held[-1]`` the one for the block input (or None)."""
     params = block_params(tape.layers, spec.decoder)
     rows = y.numel() // y.shape[-1]
     if spec.row_mask is not None and y.dtype == torch.float16:
@@ -190,7 +191,8 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         if tape.leaf.requires_grad:
             grad_x = local[-1]
     held = [by_id.get(id(p)) for p in params] + extra_grads + [grad_x]
-    return aux, params, held, scale
+    unscaled = frozenset(i for i, p in enumerate(params) if id(p) in decoder_ids)
+    return aux, params, held, scale, unscaled
 
 
 @dataclass
@@ -284,12 +286,10 @@ class EagerBoundary(torch.autograd.Function):
 def apply_boundary(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """Run the block's local backward now. Returns ``(hand_off, held)``: the next block's input, and the
     held gradients, which ``hand_over`` turns into the aux term when the causal LM's forward ends."""
-    aux, params, grads, scale = run_local_backward(spec, tape, y)
+    aux, params, grads, scale, unscaled = run_local_backward(spec, tape, y)
     # the block input only where its gradient is handed back (block 0 with trainable embeddings): holding it
     # otherwise would keep the embedding output alive until the caller's backward
     x = tape.x if tape.leaf.requires_grad else tape.x.new_empty(0)
-    decoder_ids = {id(p) for p in spec.decoder.decoder_parameters()}
-    unscaled = frozenset(i for i, p in enumerate(params) if id(p) in decoder_ids)  # indices of the full list
     zero3_groups = None
     if is_zero3(params):
         # DeepSpeed ZeRO-3 has partitioned the block's parameters by now: none is an input (accumulate_gathered)

@@ -395,16 +395,16 @@ class PipelineStage:
 
     def _local_backward_rescaled(self, spec, x, leaf, y, weight):
         tape = eager.EagerTape(x=x, leaf=leaf, layers=list(self.own_layers))
-        aux, params, held, scale = eager.run_local_backward(spec, tape, y)
+        aux, params, held, scale, unscaled = eager.run_local_backward(spec, tape, y)
         *param_grads, grad_x = held
         if grad_x is not None:
             x.backward(grad_x * (weight / scale))
         with torch.no_grad():
-            for p, g in zip(params, param_grads):
+            for i, (p, g) in enumerate(zip(params, param_grads)):
                 if g is not None:
-                    p.grad = (g * (weight / scale)).to(p.dtype) if p.grad is None else p.grad.add_(g, alpha=weight / scale)
+                    factor = weight if i in unscaled else weight / scale
+                    p.grad = (g * factor).to(p.dtype) if p.grad is None else p.grad.add_(g, alpha=factor)
         return aux
-        return {"aux_loss": aux.detach().float()}
 
     def _span(self, kind: str):
         return _timed(self.timeline.spans, kind)
