@@ -31,6 +31,15 @@ def _inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
     config = PeftConfig.from_pretrained(adapter_dir)
     if getattr(config, "peft_type", None) is None or str(config.peft_type) not in ("LORA", "PeftType.LORA"):
         raise LoptPatchError(f"{adapter_dir}: only LoRA adapters are supported by the pipeline, got {config.peft_type}")
+    extras = {k: v for k, v in (("modules_to_save", getattr(config, "modules_to_save", None)),
+                                 ("trainable_token_indices", getattr(config, "trainable_token_indices", None)),
+                                 ("bias", None if getattr(config, "bias", "none") == "none" else config.bias)) if v}
+    if extras:
+        raise LoptPatchError(
+            f"{adapter_dir}: the pipeline trains, loads and saves the LoRA matrices only, but this adapter also has "
+            f"{extras}: those would stay untrained and be left out of the joined adapter. Train it in one process "
+            "(lopt_kernels.patch on the PEFT model), or save the adapter without them."
+        )
     inject_adapter_in_model(config, lm)
     for p in lm.parameters():
         p.requires_grad_(False)

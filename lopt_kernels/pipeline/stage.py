@@ -107,6 +107,11 @@ def _fused_ce_impl(lm) -> str | None:
     return fused_ce_choice(lm, "auto", lm.get_output_embeddings().weight.device)[0]
 
 
+# Batch entries besides input_ids, attention_mask and labels that a stage passes to the model's forward.
+PER_TOKEN_INPUTS = ("position_ids", "token_type_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                    "seq_idx")
+
+
 class PipelineStage:
     """This rank's part of a LoPT pipeline: its block's layers, its aux decoder (every stage but the last),
     the input embeddings (rank 0) and the final norm and head (last rank)."""
@@ -289,7 +294,15 @@ class PipelineStage:
             saved_funcs[layer] = func
             layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, *hooks, bodies)
         setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
+        # ... and indexes per-layer settings by its loop position: the stage's j-th layer is layer first + j
+        config = text_config(self.lm)
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(self.all_layers):
+            first, end = self.ranges[self.rank]
+            config.layer_types = type(layer_types)(layer_types[first:end])
         inputs = {"attention_mask": batch.get("attention_mask")}
+        # positions (a packed batch restarts them per sequence) and the other per-token inputs, on every rank
+        inputs.update((k, batch[k]) for k in PER_TOKEN_INPUTS if batch.get(k) is not None)
         if self.is_first:
             inputs["input_ids"] = batch["input_ids"]
         else:
@@ -309,6 +322,8 @@ class PipelineStage:
                                                 lce.shift_labels_of(batch["labels"]), bias=head.bias, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
+            if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(self.all_layers):
+                config.layer_types = layer_types
             for h in handles:
                 h.remove()
             for layer, func in saved_funcs.items():

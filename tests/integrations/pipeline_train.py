@@ -23,11 +23,21 @@ from tiny_models import batch, with_old_checkpoint_call  # noqa: E402
 LR = 0.5  # plain SGD: parameters stay linear in the gradients, so equality is at rounding level
 
 
-def micro_batches():
-    """The same micro-batches on every rank (and in the single-process reference)."""
+def micro_batches(packed: bool = False):
+    """The same micro-batches on every rank (and in the single-process reference); ``packed``: padding-free rows
+    of two sequences each (position ids restarting at the second, no attention mask), as
+    DataCollatorWithFlattening builds them."""
     i = 0
     while True:
-        yield batch(batch_size=2, seq=9 + i % 3, seed=100 + i, pad_lengths=(0, 2))
+        b = batch(batch_size=2, seq=9 + i % 3, seed=100 + i, pad_lengths=(0, 2))
+        if packed:
+            ids = b["input_ids"][:1].clone()
+            cut = ids.shape[1] // 2
+            labels = ids.clone()
+            labels[0, [0, cut]] = -100
+            positions = torch.cat([torch.arange(cut), torch.arange(ids.shape[1] - cut)])[None]
+            b = {"input_ids": ids, "position_ids": positions, "labels": labels}
+        yield b
         i += 1
 
 
@@ -86,7 +96,7 @@ def main(model_dir, out, steps, ga, ckpt):
         return mixed_dtypes(model_dir, out)
     if ckpt == "resume":
         return resume(model_dir, out, steps, ga)
-    data, group, dp_group = micro_batches(), None, None
+    data, group, dp_group = micro_batches(packed=ckpt == "packed"), None, None
     if ckpt == "dp":  # 2 pipeline replicas x 2 stages: pipelines {0, 1}, {2, 3}; data parallel {0, 2}, {1, 3}
         rank = dist.get_rank()
         pipelines = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -96,7 +106,8 @@ def main(model_dir, out, steps, ga, ckpt):
     adapter = os.path.join(model_dir, "adapter") if ckpt == "lora" else None
     dtype = torch.float16 if ckpt == "fp16" else torch.float32
     stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt in ("1", "oldcall"), group=group,
-                                          adapter=adapter, dtype=dtype)
+                                          adapter=adapter, dtype=dtype,
+                                          attn_implementation="eager" if ckpt == "gemma2" else "sdpa")
     if ckpt == "oldcall":  # transformers < 5.23's checkpointing of the layers' whole __call__, hooks included
         with_old_checkpoint_call(stage.own_layers)
     optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)

@@ -25,10 +25,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _model_dir(path, k, lora=False):
+def _model_dir(path, k, lora=False, family="llama", **config):
     from tiny_models import tiny_model
 
-    model = tiny_model("llama")
+    model = tiny_model(family, **config)
     model.save_pretrained(path)
     if lora:  # the pipeline trains this adapter (saved as PEFT saves it)
         from peft import LoraConfig, get_peft_model
@@ -41,15 +41,16 @@ def _model_dir(path, k, lora=False):
     return model
 
 
-def _single_process(model, steps, ga):
+def _single_process(model, steps, ga, packed=False):
     """Single-process LoPT over the same micro-batches (``ga`` per optimiser step, a mean over them)."""
     import pipeline_train
 
     optimizer = torch.optim.SGD(model.parameters(), lr=pipeline_train.LR)
-    data = pipeline_train.micro_batches()
+    data = pipeline_train.micro_batches(packed)
     for _ in range(steps):
         for _ in range(ga):
-            (model(**next(data)).loss / ga).backward()
+            # no cache, as the stages run: with one, transformers skips its packed-sequence mask for position ids
+            (model(**next(data), use_cache=False).loss / ga).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return model
@@ -67,22 +68,26 @@ def _launch(k, model_dir, out, ckpt):
 
 
 @pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (3, "oldcall"), (2, "dp"), (3, "lora"),
-                                     (2, "fp16")],
+                                     (2, "fp16"), (2, "gemma2"), (2, "packed")],
                          ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "3-ckpt-old_call", "2x2_data_parallel", "3-lora",
-                              "2-fp16"])
+                              "2-fp16", "2-gemma2_5_layers", "2-packed"])
 def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
     """k stages (k processes); "dp": 2 pipeline replicas x 2 stages on 4 processes against one process on
-    the global batch (both replicas' micro-batches in each step)."""
+    the global batch (both replicas' micro-batches in each step). "gemma2": 5 layers alternating sliding and full
+    attention, so stage 1 starts at an odd layer (before, its layers took the layer types of the stage's own
+    positions: sliding and full swapped); "packed": padding-free packed rows (before, the stages dropped the
+    position ids)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from lopt_kernels.pipeline import join_shards
 
-    model = _model_dir(tmp_path / "model", k, lora=ckpt == "lora")
+    config = {"family": "gemma2", "num_hidden_layers": 5} if ckpt == "gemma2" else {}
+    model = _model_dir(tmp_path / "model", k, lora=ckpt == "lora", **config)
     if ckpt == "fp16":  # the pipeline's fp16 path (eager's power-of-two-scaled local backward), against fp16 LoPT
         model = model.half()
     _launch(4 if ckpt == "dp" else k, tmp_path / "model", tmp_path, ckpt)
-    expected = _single_process(model, STEPS, GA * 2 if ckpt == "dp" else GA)
+    expected = _single_process(model, STEPS, GA * 2 if ckpt == "dp" else GA, packed=ckpt == "packed")
     if ckpt == "lora":
         return _check_lora(tmp_path, expected, k)
 
@@ -196,3 +201,19 @@ def _check_lora(tmp_path, expected, k):
     assert initial.keys() == trained.keys()
     for layer in range(5):  # every stage trained its layers' adapters
         assert any(not torch.equal(v, initial[n]) for n, v in trained.items() if f"layers.{layer}." in n), layer
+
+
+def test_an_adapter_with_modules_to_save_is_refused(tmp_path):
+    """The pipeline trains, loads and saves the LoRA matrices only. An adapter with ``modules_to_save`` (a trained
+    head, common in SFT) was accepted and its head silently left untrained, unloaded and out of the joined adapter;
+    it is now refused before training, naming the fix."""
+    from peft import LoraConfig, get_peft_model
+
+    from lopt_kernels.pipeline.checkpoint import _inject_adapter
+    from tiny_models import tiny_model
+
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                modules_to_save=["lm_head"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(lopt_kernels.LoptPatchError, match="modules_to_save"):
+        _inject_adapter(tiny_model("llama"), str(tmp_path / "adapter"), {}, "cpu")
