@@ -161,7 +161,7 @@ class _FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        formula = _formula(func._overloadpacket)
         if formula is not None:
             try:
                 self.total += formula(*args, **kwargs, out_val=out)
@@ -170,6 +170,16 @@ class _FlopCounter(TorchDispatchMode):
                 # attention (fewer key/value heads, broadcast by the kernel) costs what the broadcast heads do.
                 self.total += formula(*_broadcast_heads(args), **_broadcast_heads(kwargs), out_val=out)
         return out
+
+
+def _formula(packet):
+    """torch's FLOP formula for ``packet``; an in-place op (``addmm_``, which torch's chunked fused cross-entropy
+    accumulates the head's gradient with) costs what its out-of-place form does."""
+    formula = flop_counter.flop_registry.get(packet)
+    name = getattr(packet, "__name__", "")
+    if formula is None and name.endswith("_") and not name.startswith("_"):
+        formula = flop_counter.flop_registry.get(getattr(torch.ops.aten, name[:-1], None))
+    return formula
 
 
 def _broadcast_heads(values):
