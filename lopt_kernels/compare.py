@@ -38,7 +38,7 @@ import torch
 
 from . import block_hooks, patching
 from .measure import measure_step, timed
-from .ops.linear_cross_entropy import linear_cross_entropy, shift_labels_of
+from .ops.linear_cross_entropy import linear_cross_entropy, resolve_implementation, shift_labels_of
 
 PRESETS = ("tiny", "cpu-1b", "llama3-8b", "qwen2.5-7b", "qwen3-4b", "gemma2-2b")
 METRICS = ("memory", "flops", "time")
@@ -255,10 +255,16 @@ def enable_checkpointing(model) -> None:
 def make_step(model, variant: Variant, batch: dict):
     """A closure running one forward + backward of ``variant``; returns (loss, task_loss, aux_loss)."""
     lm = patching._unwrap(model)
-    if variant.lopt_mode is None and variant.fused_ce:
-        backbone = lm.base_model
+    fused = variant.lopt_mode is None and variant.fused_ce
+    if fused:
         head = lm.get_output_embeddings()
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        if resolve_implementation("auto", head.weight.device, softcap) is None:
+            warnings.warn(f"lopt-kernels compare: {variant.name} runs the model's own loss: no fused cross-entropy "
+                          f"honours final-logit soft-capping ({softcap}) on {head.weight.device.type}", stacklevel=2)
+            fused = False
+    if fused:
+        backbone = lm.base_model
 
         def step():
             hidden = backbone(input_ids=batch["input_ids"], use_cache=False).last_hidden_state

@@ -137,3 +137,22 @@ def test_console_script_entry_point():
     result = subprocess.run([sys.executable, "-m", "lopt_kernels.cli", "compare", "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "--config" in result.stdout and "lopt+ckpt" in result.stdout
+
+
+def test_compare_fused_variants_fall_back_where_no_fused_loss_honours_the_soft_cap():
+    """``e2e+fce`` on a soft-capped model (Gemma2, the ``gemma2-2b`` preset) on CPU: torch's fused op has no soft
+    cap, and the variant raised ValueError, ending the whole compare run; it now runs the model's own loss, saying
+    so once, as ``patch`` does."""
+    import torch
+
+    from lopt_kernels.compare import VARIANTS, make_step
+    from tiny_models import batch, tiny_model
+
+    model = tiny_model("gemma2")
+    b = batch()
+    with pytest.warns(UserWarning, match="e2e\\+fce runs the model's own loss.*soft-capping"):
+        step = make_step(model, VARIANTS["e2e+fce"], b)
+    loss, _, _ = step()
+    model.zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(loss, model(**b, use_cache=False).loss)
