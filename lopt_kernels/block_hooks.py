@@ -287,6 +287,7 @@ def backbone_post_hook(state: PatchState):
             run.grad_was_enabled = None
         _restore_checkpointing(state)
         run.tapes.clear()
+        run.outside_inputs = {}  # tensors of this forward's graph: the held gradients keep what the backward needs
         if run.active:
             # eager blocks' held gradients enter the graph in the causal LM's post-hook, after the task loss
             # (see boundary/eager.py), so that the caller's backward hands them over first
@@ -333,7 +334,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
             kwargs = dict(kwargs)
             hidden, rest = kwargs.pop("hidden_states"), ()
         if is_start and block == 0:
-            run.mode = resolve_mode(state, hidden, eager.trainable_inputs(rest, kwargs))
+            run.mode = resolve_mode(state, hidden, _trainable_outside_inputs(run, rest, kwargs))
             if run.mode == "eager":
                 _use_non_reentrant_checkpointing(state)
         if run.mode == "eager":
@@ -370,12 +371,19 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
     return hook
 
 
+def _trainable_outside_inputs(run: PassState, rest: tuple, kwargs: dict) -> list:
+    """The tensors requiring grad among a layer call's other arguments whose gradient reaches something that learns
+    (not only the placeholder leaf ``enable_input_require_grads`` makes of the embedding output)."""
+    placeholder = _embedding_output(run)
+    return [t for t in eager.trainable_inputs(rest, kwargs) if eager.input_gradient_needed(t, placeholder)]
+
+
 def _note_outside_inputs(run: PassState, tape, first_call: bool, rest: tuple, kwargs: dict) -> None:
     """Eager blocks: the trainable tensors a layer reads besides its hidden states that come from outside the
     bottom blocks (a PEFT prefix in the KV cache, per-layer inputs), so that the local backward hands their
     gradients over too. Outside means present at the first bottom layer's call, or a view of such a tensor (a
     per-layer slice): cache entries the bottom layers wrote since are their own local graph's."""
-    found = eager.trainable_inputs(rest, kwargs)
+    found = _trainable_outside_inputs(run, rest, kwargs)
     if first_call:
         run.outside_inputs = {id(t if t._base is None else t._base): t for t in found}
     known = {id(t) for t in tape.extras}

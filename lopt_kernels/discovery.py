@@ -263,6 +263,9 @@ def kv_sharing_pairs(config, num_layers: int) -> list[tuple[int, int]]:
     except ValueError:  # a property that checks the layer types (Gemma3n): the count below still applies
         modes = None
     shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    sources = getattr(config, "kv_source_layers", None)
+    if isinstance(sources, (list, tuple)) and len(sources) == num_layers:  # explicit: layer i reads layer sources[i]
+        return [(src, i) for i, src in enumerate(sources) if isinstance(src, int) and 0 <= src < i]
     if not isinstance(types, (list, tuple)) or len(types) != num_layers:
         return []
     if not isinstance(modes, (list, tuple)) or len(modes) != num_layers:
@@ -271,10 +274,11 @@ def kv_sharing_pairs(config, num_layers: int) -> list[tuple[int, int]]:
         first = num_layers - shared
         modes = [None] * first + ["reuse"] * shared
     pairs = []
-    for consumer, mode in enumerate(modes):
-        if mode != "reuse":
+    reuses = [isinstance(mode, str) and mode.startswith("reuse") for mode in modes]
+    for consumer, reuse in enumerate(reuses):
+        if not reuse:
             continue
-        same_type = [i for i in range(consumer) if types[i] == types[consumer] and modes[i] != "reuse"]
+        same_type = [i for i in range(consumer) if types[i] == types[consumer] and not reuses[i]]
         stores = [i for i in same_type if modes[i] == "store"]
         if stores or same_type:
             pairs.append(((stores or same_type)[-1], consumer))

@@ -64,7 +64,14 @@ class StateHook:
             self._fn = self.factory(self.state, *self.args)
         return self._fn(*args, **kwargs)
 
+    def __getstate__(self):  # pickling (torch.save(model)): the built closure is rebuilt on first call
+        return {**self.__dict__, "_fn": None}
+
     def __deepcopy__(self, memo):
+        if id(self.state.causal_lm) not in memo:
+            # a hooked submodule copied on its own (PEFT's modules_to_save copies of the head): it shares the
+            # model's state, as a closure would, instead of carrying a hidden copy of the whole model
+            return self
         state = copy.deepcopy(self.state, memo)  # the copy's state: its modules are the copied model's
         if id(self) in memo:  # copied meanwhile, through the state's own references to its hooks
             return memo[id(self)]
@@ -96,6 +103,12 @@ class PatchState:
     layer_hooks: dict = field(default_factory=dict)  # layer -> (our forward pre-hook, our forward hook or None)
     checkpoint_bodies: list = field(default_factory=list)  # layers whose checkpointed call runs without our hooks
     embedding_hooks: dict = field(default_factory=dict)  # "input" / "head" -> (the module hooked, its hook's handle)
+
+    def __getstate__(self):
+        """Copies and pickles start with no forward in flight: the per-forward bookkeeping holds this forward's
+        graph tensors (not deep-copyable) and weak references (not picklable)."""
+        return {**self.__dict__, "current": PassState(), "task_request": None, "saved_checkpoint_funcs": {},
+                "checkpoint_bodies": []}
 
     def notice_once(self, key: str, message: str) -> None:
         if key not in self.notices:

@@ -55,8 +55,9 @@ def item_share(count: torch.Tensor, num_items, device: torch.device) -> torch.Te
 _CASTS = ("float", "to", "contiguous")  # calls on the logits that leave the loss unchanged
 
 
-def _head_call(node) -> bool:
-    """Whether ``node`` is the output head applied to hidden states (``self.lm_head(...)``, possibly cast)."""
+def _head_call(node, head: str = "lm_head") -> bool:
+    """Whether ``node`` is the output head (the model's attribute ``head``) applied to hidden states
+    (``self.lm_head(...)``, possibly cast)."""
     while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CASTS:
         node = node.func.value
     if not isinstance(node, ast.Call):
@@ -65,7 +66,7 @@ def _head_call(node) -> bool:
     if isinstance(func, ast.Call):  # self.get_output_embeddings()(hidden)
         func = func.func
         return isinstance(func, ast.Attribute) and func.attr == "get_output_embeddings"
-    return isinstance(func, ast.Attribute) and func.attr == "lm_head"
+    return isinstance(func, ast.Attribute) and func.attr == head
 
 
 def _cast_of(node, names: set) -> bool:
@@ -81,12 +82,12 @@ def _tanh_of(node, names: set) -> bool:
             and getattr(node.func, "attr", getattr(node.func, "id", None)) == "tanh" and _cast_of(node.args[0], names))
 
 
-def _scale_attribute(node, names: set) -> tuple | None:
+def _scale_attribute(node, names: set, head: str = "lm_head") -> tuple | None:
     """For ``name * self.a.b`` / ``name / self.a.b`` (or the head call in place of ``name``): ``("a", "b")``."""
     if not (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div))):
         return None
     for operand, other in ((node.left, node.right), (node.right, node.left)):
-        if not (_cast_of(operand, names) or _head_call(operand)) or (isinstance(node.op, ast.Div) and operand is node.right):
+        if not (_cast_of(operand, names) or _head_call(operand, head)) or (isinstance(node.op, ast.Div) and operand is node.right):
             continue
         chain = []
         while isinstance(other, ast.Attribute):
@@ -98,7 +99,7 @@ def _scale_attribute(node, names: set) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=None)
-def logit_transforms_in_forward(cls) -> tuple:
+def logit_transforms_in_forward(cls, head: str = "lm_head") -> tuple:
     """The statements of ``cls.forward`` that change the output head's logits before the loss (a scale, a soft cap
     other than ``final_logit_softcapping``, a vocabulary slice), read from its source, as ``(text, scale)`` pairs:
     ``scale`` is the attribute path (from the model) of a plain multiplier or divisor, else None. Empty when the
@@ -108,29 +109,30 @@ def logit_transforms_in_forward(cls) -> tuple:
         source = textwrap.dedent(inspect.getsource(cls.forward))
         tree = ast.parse(source)
     except (OSError, TypeError, SyntaxError):
-        return (("(its forward's source could not be read to check)", None),)
+        return (("its forward's source, to check it for logit changes, could not be read", None),)
     statements = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))]
     head_vars = set()
     for node in statements:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        if len(targets) == 1 and isinstance(targets[0], ast.Name) and node.value is not None and _head_call(node.value):
+        if len(targets) == 1 and isinstance(targets[0], ast.Name) and node.value is not None and _head_call(node.value, head):
             head_vars.add(targets[0].id)
     found = []
     for node in statements:  # the head's output inside a larger expression
-        if node.value is not None and not _head_call(node.value) and any(_head_call(n) for n in ast.walk(node.value)):
-            found.append((ast.get_source_segment(source, node), _scale_attribute(node.value, head_vars)))
+        if node.value is not None and not _head_call(node.value, head) and any(_head_call(n, head)
+                                                                             for n in ast.walk(node.value)):
+            found.append((ast.get_source_segment(source, node), _scale_attribute(node.value, head_vars, head)))
     for node in statements:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         written = {t.id if isinstance(t, ast.Name) else getattr(t.value, "id", None)
                    for t in targets if isinstance(t, (ast.Name, ast.Subscript))}
-        if not written & head_vars or (node.value is not None and _head_call(node.value)):
+        if not written & head_vars or (node.value is not None and _head_call(node.value, head)):
             continue
         text = ast.get_source_segment(source, node) or ""
         if "final_logit_softcapping" in text or (node.value is not None and _cast_of(node.value, head_vars)):
             continue
         if "final_logit_softcapping" in source and _tanh_of(node.value, head_vars):
             continue  # the middle of ``logits / cap; tanh(logits); logits * cap``, which the fused loss applies
-        found.append((text, _scale_attribute(node.value, head_vars) if node.value is not None else None))
+        found.append((text, _scale_attribute(node.value, head_vars, head) if node.value is not None else None))
     return tuple(found)
 
 
@@ -162,7 +164,8 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
         return None, f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
     if transforms:
         return None, f"its config transforms logits ({', '.join(transforms)})"
-    for text, scale in logit_transforms_in_forward(type(lm)):
+    head_name = next((name for name, child in lm.named_children() if child is head), "lm_head")
+    for text, scale in logit_transforms_in_forward(type(lm), head_name):
         if scale is None or not _identity_scale(lm, scale):
             return None, f"its forward transforms the output head's logits before the loss ({text.splitlines()[0]})"
     if hasattr(config, "output_router_logits") and router_loss_coef(lm) is None:

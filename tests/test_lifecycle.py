@@ -250,3 +250,28 @@ def test_a_deep_copy_of_a_patched_model_trains_itself(fused_ce):
     model.train()
     model(**batch()).loss.backward()
     assert all(p.grad is not None for p in lopt_kernels.aux_decoders(model)[0].parameters())
+
+
+@pytest.mark.explicit_modes
+def test_deep_copies_after_a_step_and_of_one_hooked_module():
+    """A deep copy taken after a training step (PEFT prefix tuning: eager blocks note the prefix tensors, which
+    belong to that step's graph) works, and pickling a patched model that has run a forward too; a hooked
+    submodule copied on its own (PEFT's modules_to_save copies the head) shares the model's state instead of
+    carrying a hidden copy of the whole model."""
+    import io
+
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    lopt_kernels.patch(model, mode="auto")  # eager blocks: the prefix tensors are noted as outside inputs
+    model.train()
+    model(**batch()).loss.backward()
+    twin = copy.deepcopy(model)  # before: "Only Tensors created explicitly by the user ... support the deepcopy protocol"
+    twin.train()
+    twin(**batch()).loss.backward()
+    torch.save(model, io.BytesIO())  # before: a local closure (and a weak reference) could not be pickled
+
+    plain = lopt_kernels.patch(tiny_model("llama"), mode="auto")
+    layer = copy.deepcopy(plain.model.layers[0])
+    hooks = [h for h in layer._forward_pre_hooks.values() if hasattr(h, "state")]
+    assert hooks and all(h.state is lopt_kernels.patching._state_of(plain) for h in hooks)

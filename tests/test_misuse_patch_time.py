@@ -136,6 +136,35 @@ def test_per_layer_inputs_are_trained_in_auto_and_refused_by_activation_free():
     assert_grads_close(grads["auto"], grads["stored"])
 
 
+@pytest.mark.explicit_modes
+def test_frozen_per_layer_inputs_do_not_count_as_trainable():
+    """Gemma3n with LoRA and ``enable_input_require_grads`` (gradient checkpointing turns it on): the per-layer
+    inputs require grad only through the embedding output's placeholder, every parameter behind them is frozen, so
+    ``mode="activation_free"`` must train the model, not refuse it as having trainable per-layer inputs."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_gemma3n(4, 0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.enable_input_require_grads()
+    lopt_kernels.patch(model, mode="activation_free")
+    model.train()
+    model(**batch(pad_lengths=(0,)), use_cache=False).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and "layers.0." in n)
+
+
+def test_kv_sharing_pairs_follow_explicit_source_layers():
+    """A config naming each layer's key/value source (``kv_source_layers``, modes such as "reuse_but_indexer")
+    gives the pairs it names, not pairs guessed from the layer types."""
+    from types import SimpleNamespace
+
+    from lopt_kernels.discovery import kv_sharing_pairs
+
+    config = SimpleNamespace(kv_source_layers=[0, 1, 0, 1], layer_types=["full"] * 4,
+                             kv_sharing_modes=[None, None, "reuse_but_indexer", "reuse_but_indexer"])
+    assert kv_sharing_pairs(config, 4) == [(0, 2), (1, 3)]
+    modes_only = SimpleNamespace(layer_types=["a", "b", "a", "b"], kv_sharing_modes=["store", "store", "reuse_x", "reuse"])
+    assert kv_sharing_pairs(modes_only, 4) == [(0, 2), (1, 3)]
+
+
 def test_case7_parameter_shared_within_one_block_trains_like_the_reference():
     model = tiny_model("llama")
     layers = model.model.layers
