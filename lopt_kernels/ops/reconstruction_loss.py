@@ -46,7 +46,9 @@ per call: one fill of all per-program partials, the gradient coefficient, one su
 one multi-tensor copy that casts every gradient to the parameters' dtype. Chunk buffers (two ``m x h`` and two
 ``m x r`` in the matmul dtype, two fp32 row statistics when gradients are wanted) are the only working memory
 besides ``grad_y`` itself.
-``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores.
+``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores. With fp16
+matmuls, ``d_recon`` is stored times a power of two (on the device) that keeps it out of fp16's subnormals; the
+LayerNorm backward and the final parameter gradients divide it out exactly.
 
 Midpoint capture: the tensor handed to the top half of the model at the split point is a zero-copy
 view of the block output (no clone, no ``.contiguous()``), and this op receives ``y`` as that same
@@ -421,8 +423,10 @@ def _ln_backward_kernel(
     DW_PART, DB_PART,  # (G, h) fp32 per-program partial LayerNorm weight / bias gradients
     stride_part,  # row stride of the partials (one row per program)
     ROW_MASK,  # (m,) uint8: 1 where the row counts (read only if HAS_ROW_MASK)
+    DY_SCALE,  # (1,) fp32 factor for the rows of grad_y (read only if HAS_DY_SCALE): undoes d_recon's storage scale
     n_rows, n_cols, num_progs,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_ROW_MASK: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_ROW_MASK: tl.constexpr, HAS_DY_SCALE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -431,6 +435,8 @@ def _ln_backward_kernel(
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_H,), dtype=tl.float32)
     db = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    if HAS_DY_SCALE:
+        dy_scale = tl.load(DY_SCALE)
     num_tiles = tl.cdiv(n_rows, BLOCK_M)
     for tile in range(pid, num_tiles, num_progs):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -455,6 +461,8 @@ def _ln_backward_kernel(
         c1 = tl.sum(dxhat * xhat, axis=1) / n_cols
         c2 = tl.sum(dxhat, axis=1) / n_cols
         dy = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DY_SCALE:
+            dy = dy * dy_scale
         dy_ptrs = DY + rows64[:, None] * stride_dym + cols64[None, :] * stride_dyh
         tl.store(dy_ptrs, _round_bf16(dy, ROUND_BF16), mask=mask)
     part = pid.to(tl.int64) * stride_part + cols64
@@ -619,6 +627,15 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
     else:  # placeholders for pointers the disabled (constexpr) branches never touch
         mean = rstd = part_r = coef = loss_part
         part_h = (loss_part,) * 3
+    # fp16 matmuls: d_recon = coef * (recon - x) with coef ~ 2 / (N h) would sit in fp16's subnormals (precision
+    # lost). A power of two, on the device, brings coef to [1, 2); everything downstream of d_recon carries it,
+    # and the LN backward (grad_y) and the final parameter gradients drop it again, exactly.
+    rescale = compute_grads and mm_dtype == torch.float16
+    dy_scale = loss_part  # placeholder unless rescale
+    if rescale:
+        storage_scale = torch.exp2(-torch.floor(torch.log2(coef.abs().clamp_min(2.0**-120))))
+        coef = coef * storage_scale
+        dy_scale = storage_scale.reciprocal()
 
     has_mask = row_mask is not None
     mask_bytes = row_mask.view(torch.uint8) if has_mask else loss_part  # else a placeholder pointer
@@ -671,8 +688,9 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
         yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
         _ln_backward_kernel[(grid_h,)](
             d_normed, yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
-            part_h[0], part_h[1], stride_part, mask_c, m, h, grid_h,
-            BLOCK_M=bm_h, BLOCK_H=block_h, HAS_ROW_MASK=has_mask, ROUND_BF16=round_y, num_warps=warps_h,
+            part_h[0], part_h[1], stride_part, mask_c, dy_scale, m, h, grid_h,
+            BLOCK_M=bm_h, BLOCK_H=block_h, HAS_ROW_MASK=has_mask, HAS_DY_SCALE=rescale, ROUND_BF16=round_y,
+            num_warps=warps_h,
         )
 
     # the chunk buffers and their views: freed before the sums are allocated
@@ -683,7 +701,9 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
     # that casts every gradient to the parameters' dtype (fp32 accumulators are returned as they are).
     sums = partials.sum(0)
     loss = sums[stride_part - 32] / (counted * h)
-    if param_scale != 1.0:  # in fp32, before the cast to the parameters' dtype (one launch)
+    if rescale:  # the storage scale and param_scale, in fp32 before the cast to the parameters' dtype
+        torch._foreach_mul_([sums, acc_up, acc_down], (dy_scale * param_scale).reshape(()))
+    elif param_scale != 1.0:  # in fp32, before the cast to the parameters' dtype (one launch)
         torch._foreach_mul_([sums, acc_up, acc_down], param_scale)
     sources = {
         "norm_w": sums[:h], "norm_b": sums[seg_h : seg_h + h], "down_w": acc_down, "down_b": sums[3 * seg_h : 3 * seg_h + r],
