@@ -55,11 +55,17 @@ def item_share(count: torch.Tensor, num_items, device: torch.device) -> torch.Te
 _CASTS = ("float", "to", "contiguous")  # calls on the logits that leave the loss unchanged
 
 
+def _uncast(node):
+    """``node`` without the casts around it (``x.float().contiguous()`` -> ``x``)."""
+    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CASTS:
+        node = node.func.value
+    return node
+
+
 def _head_call(node, head: str = "lm_head") -> bool:
     """Whether ``node`` is the output head (the model's attribute ``head``) applied to hidden states
     (``self.lm_head(...)``, possibly cast)."""
-    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CASTS:
-        node = node.func.value
+    node = _uncast(node)
     if not isinstance(node, ast.Call):
         return False
     func = node.func
@@ -71,8 +77,7 @@ def _head_call(node, head: str = "lm_head") -> bool:
 
 def _cast_of(node, names: set) -> bool:
     """Whether ``node`` is one of ``names`` only cast (``logits.float()``)."""
-    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CASTS:
-        node = node.func.value
+    node = _uncast(node)
     return isinstance(node, ast.Name) and node.id in names
 
 

@@ -606,9 +606,10 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
     # Per-program fp32 partial sums, one row per program, zeroed by one fill: with gradients
     # [LN weight | LN bias | up bias | down bias | loss], each segment starting on a 128-byte boundary.
     seg_h, seg_r = _round_up(h, 32), _round_up(r, 32)
-    stride_part = 3 * seg_h + seg_r + 32 if compute_grads else 1
+    loss_col = 3 * seg_h + seg_r if compute_grads else 0
+    stride_part = loss_col + 32 if compute_grads else 1
     partials = torch.zeros((progs, stride_part), dtype=f32, device=device)
-    loss_part = partials[:, stride_part - 32 :] if compute_grads else partials
+    loss_part = partials[:, loss_col:]
     if compute_grads:
         part_h = [partials[:, i * seg_h :] for i in range(3)]  # LN weight, LN bias, up bias
         part_r = partials[:, 3 * seg_h :]  # down bias
@@ -628,14 +629,14 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
         mean = rstd = part_r = coef = loss_part
         part_h = (loss_part,) * 3
     # fp16 matmuls: d_recon = coef * (recon - x) with coef ~ 2 / (N h) would sit in fp16's subnormals (precision
-    # lost). A power of two, on the device, brings coef to [1, 2); everything downstream of d_recon carries it,
-    # and the LN backward (grad_y) and the final parameter gradients drop it again, exactly.
+    # lost). coef = mantissa * 2^exponent (on the device): d_recon is stored with the mantissa alone, everything
+    # downstream of it carries 2^-exponent, and the LN backward (grad_y) and the final parameter gradients multiply
+    # 2^exponent back in, exactly.
     rescale = compute_grads and mm_dtype == torch.float16
     dy_scale = loss_part  # placeholder unless rescale
     if rescale:
-        storage_scale = torch.exp2(-torch.floor(torch.log2(coef.abs().clamp_min(2.0**-120))))
-        coef = coef * storage_scale
-        dy_scale = storage_scale.reciprocal()
+        coef, exponent = torch.frexp(coef)
+        dy_scale = torch.ldexp(torch.ones_like(coef), exponent)
 
     has_mask = row_mask is not None
     mask_bytes = row_mask.view(torch.uint8) if has_mask else loss_part  # else a placeholder pointer
@@ -700,26 +701,23 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
     # Finishing in three launches: one sum over the programs' partial rows, the loss, and one multi-tensor copy
     # that casts every gradient to the parameters' dtype (fp32 accumulators are returned as they are).
     sums = partials.sum(0)
-    loss = sums[stride_part - 32] / (counted * h)
+    loss = sums[loss_col] / (counted * h)
     if rescale:  # the storage scale and param_scale, in fp32 before the cast to the parameters' dtype
         torch._foreach_mul_([sums, acc_up, acc_down], (dy_scale * param_scale).reshape(()))
     elif param_scale != 1.0:  # in fp32, before the cast to the parameters' dtype (one launch)
         torch._foreach_mul_([sums, acc_up, acc_down], param_scale)
-    sources = {
-        "norm_w": sums[:h], "norm_b": sums[seg_h : seg_h + h], "down_w": acc_down, "down_b": sums[3 * seg_h : 3 * seg_h + r],
-        "up_w": acc_up, "up_b": sums[2 * seg_h : 2 * seg_h + h],
-    }
-    grads, copy_to, copy_from = {}, [], []
-    for name, param in zip(sources, params):
-        src = sources[name]
-        if param.dtype == f32 and name in ("down_w", "up_w"):
-            grads[name] = src
-        else:
-            grads[name] = torch.empty(param.shape, dtype=param.dtype, device=device)
-            copy_to.append(grads[name])
-            copy_from.append(src)
+    sources = (sums[:h], sums[seg_h : seg_h + h], acc_down, sums[3 * seg_h : 3 * seg_h + r], acc_up,
+               sums[2 * seg_h : 2 * seg_h + h])  # in the parameters' order
+    grads, copy_to, copy_from = [], [], []
+    for src, param in zip(sources, params):
+        if param.dtype == f32 and (src is acc_up or src is acc_down):  # a whole buffer of its own: returned as is
+            grads.append(src)
+            continue
+        grads.append(torch.empty(param.shape, dtype=param.dtype, device=device))
+        copy_to.append(grads[-1])
+        copy_from.append(src)
     torch._foreach_copy_(copy_to, copy_from)
-    return loss, (grad_y, *grads.values())
+    return loss, (grad_y, *grads)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -297,7 +297,8 @@ class PipelineStage:
         # ... and indexes per-layer settings by its loop position: the stage's j-th layer is layer first + j
         config = text_config(self.lm)
         layer_types = getattr(config, "layer_types", None)
-        if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(self.all_layers):
+        per_layer_types = isinstance(layer_types, (list, tuple)) and len(layer_types) == len(self.all_layers)
+        if per_layer_types:
             first, end = self.ranges[self.rank]
             config.layer_types = type(layer_types)(layer_types[first:end])
         inputs = {"attention_mask": batch.get("attention_mask")}
@@ -322,7 +323,7 @@ class PipelineStage:
                                                 lce.shift_labels_of(batch["labels"]), bias=head.bias, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
-            if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(self.all_layers):
+            if per_layer_types:
                 config.layer_types = layer_types
             for h in handles:
                 h.remove()

@@ -845,4 +845,6 @@ def test_fp16_matmuls_keep_d_recon_out_of_the_subnormals():
         return [((g.float() - e).abs().max() / e.abs().max()).item() for g, e in zip(grads, ref_grads)]
 
     fused, torch_backend = errors("triton"), errors("torch")
+    print(f"fp16, N h = 2^20, error / largest entry: grad_y {fused[0]:.3g} (torch backend {torch_backend[0]:.3g}), "
+          f"norm weight {fused[1]:.3g} ({torch_backend[1]:.3g})")
     assert fused[0] <= 2.5 * torch_backend[0] and fused[1] <= 2.5 * torch_backend[1], (fused, torch_backend)
