@@ -14,6 +14,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import optimizer_watch
 from .boundary import activation_free, eager, stored
 from .boundary.common import BoundarySpec, hidden_of
 from .discovery import LoptPatchError
@@ -57,6 +58,40 @@ def _check_decoders(state: PatchState) -> None:
                 raise LoptPatchError(ADAPTED_DECODER_MESSAGE)
 
 
+FROZEN_DECODERS_MESSAGE = (
+    "lopt_kernels: the aux decoders are frozen (requires_grad=False) while the bottom blocks train, so the bottom "
+    "blocks learn against decoders fixed at their initialisation. {what} Call lopt_kernels.ensure_aux_trainable(model) "
+    "before building the optimiser (lopt_kernels.attach(trainer) does it for Trainer/TRL), or patch after "
+    "get_peft_model."
+)
+
+
+def _check_decoders_trainable(state: PatchState) -> None:
+    """Frozen decoders while the bottom blocks train: ``get_peft_model`` after ``patch`` freezes them. In one process
+    they are then made trainable (what ``ensure_aux_trainable`` does; an optimiser built without them is caught at its
+    first step, see optimizer_watch); under a data-parallel wrapper, whose reducer was built without them, this
+    raises; decoders frozen without PEFT (perhaps on purpose) get a warning."""
+    if any(p.requires_grad for p in state.decoders.parameters()):
+        return
+    bottom = _bottom_layers(state)
+    if not any(p.requires_grad for layer in bottom for p in layer.parameters()):
+        return
+    peft = any(hasattr(m, "base_layer") for layer in bottom for m in layer.modules())
+    if peft and not distributed():
+        for p in state.decoders.parameters():
+            p.requires_grad_(True)
+        state.notice_once("frozen_decoders", FROZEN_DECODERS_MESSAGE.format(
+            what="PEFT froze them (get_peft_model after patch): lopt_kernels made them trainable; an optimiser "
+                 "built before this, or from a requires_grad filter, does not hold them."))
+    elif peft:
+        raise LoptPatchError(FROZEN_DECODERS_MESSAGE.format(
+            what="PEFT froze them (get_peft_model after patch), and the data-parallel wrapper was built without "
+                 "them, so they cannot be made trainable now."))
+    else:
+        state.notice_once("frozen_decoders", FROZEN_DECODERS_MESSAGE.format(
+            what="If that is on purpose, ignore this warning."))
+
+
 def _is_cache(value) -> bool:
     return type(value).__name__.endswith("Cache") and hasattr(value, "update")
 
@@ -78,7 +113,7 @@ def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _autocast_state(device_type: str):
+def autocast_state(device_type: str):
     try:
         if torch.is_autocast_enabled(device_type):
             return (device_type, True, torch.get_autocast_dtype(device_type))
@@ -248,6 +283,8 @@ def backbone_pre_hook(state: PatchState):
         run = PassState(active=module.training and grad)
         if run.active:
             _check_decoders(state)
+            _check_decoders_trainable(state)
+            optimizer_watch.check_before_forward(state)
             # A KV cache the caller asked for is honoured by every layer; one the model builds by itself
             # (config.use_cache) is not kept by activation-free blocks, and then not returned (see the post-hook).
             run.cache_requested = bool(kwargs.get("use_cache")) or _cache_in(args, kwargs) is not None
@@ -292,6 +329,8 @@ def backbone_post_hook(state: PatchState):
             # eager blocks' held gradients enter the graph in the causal LM's post-hook, after the task loss
             # (see boundary/eager.py), so that the caller's backward hands them over first
             output = _without_bottom_router_gradients(state, output)
+            output = _bottom_records_cut(state, output, run.eager_inputs)
+        run.eager_inputs = {}
         if run.cache_skipped:
             return _drop_cache(output)
         return output
@@ -309,6 +348,54 @@ def _without_bottom_router_gradients(state: PatchState, output):
     bottom = state.block_starts[-1]
     output["router_logits"] = tuple(t.detach() if i < bottom and torch.is_tensor(t) else t
                                     for i, t in enumerate(logits))
+    return output
+
+
+BOTTOM_RECORD_MESSAGE = (
+    "lopt_kernels: a backward reached a hidden state or attention map recorded inside a non-final block "
+    "(output_hidden_states / output_attentions): LoPT trains those blocks by the aux loss alone, so in every mode "
+    "that term's gradient stops there and does not reach the bottom blocks. To train a block on such a term, train "
+    "the model unpatched (end to end)."
+)
+
+
+class _CutBottomRecord(torch.autograd.Function):
+    """A non-final block's recorded inner hidden state or attention map, as returned to the caller: its value with no
+    gradient into the block, one behaviour in every mode (eager has already freed the block's graph, activation-free
+    never built one, stored would otherwise train the block on it), and a warning when a backward reaches it.
+    ``anchor`` (an empty tensor requiring grad) gives the output a grad_fn in every mode."""
+
+    @staticmethod
+    def forward(ctx, value, anchor, notice):
+        ctx.notice = notice
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.notice()
+        return None, None, None
+
+
+def _bottom_records_cut(state: PatchState, output, eager_inputs: dict):
+    """The backbone output with its non-final blocks' recorded hidden states (layer outputs: entries 1 .. first
+    final-block layer of ``hidden_states``, whose entry 0 is the embeddings' output, block 0's input) and attention
+    maps (entries 0 .. first final-block layer - 1 of ``attentions``) cut by ``_CutBottomRecord``. An eager block 0
+    ran on a detached leaf, which may have been recorded as entry 0: the input it replaced is returned instead, so
+    that a loss on it trains the embeddings as in the other modes."""
+    if not hasattr(output, "get"):
+        return output
+    n, last_bottom = len(state.layers), state.block_starts[-1]
+    anchor, notice = None, lambda: state.notice_once("bottom_record", BOTTOM_RECORD_MESSAGE)
+    for key, size, bottom in (("hidden_states", n + 1, range(1, last_bottom + 1)), ("attentions", n, range(last_bottom))):
+        records = output.get(key)
+        if not isinstance(records, tuple) or len(records) != size:
+            continue
+        if anchor is None:
+            anchor = torch.empty(0, requires_grad=True)
+        output[key] = tuple(
+            _CutBottomRecord.apply(t.detach(), anchor, notice) if i in bottom and torch.is_tensor(t)
+            else eager_inputs.get(id(t), t) if key == "hidden_states" and i == 0 else t
+            for i, t in enumerate(records))
     return output
 
 
@@ -341,6 +428,8 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
             if is_start:
                 needs_grad = block == 0 and eager.input_gradient_needed(hidden, _embedding_output(run))
                 run.tapes[block] = eager.start_block(hidden, block_layers, input_needs_grad=needs_grad)
+                if block == 0:
+                    run.eager_inputs[id(run.tapes[block].leaf)] = hidden
             _note_outside_inputs(run, run.tapes[block], block == 0 and is_start, rest, kwargs)
             if not is_start:
                 return None
@@ -350,7 +439,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
             if cache is not None and cache.get_seq_length() > 0:
                 raise LoptPatchError(PREFILLED_CACHE_MESSAGE.format(n=cache.get_seq_length()))
         if is_start:
-            run.tapes[block] = activation_free.BlockTape(x=hidden, autocast=_autocast_state(hidden.device.type))
+            run.tapes[block] = activation_free.BlockTape(x=hidden, autocast=autocast_state(hidden.device.type))
             if run.mode == "activation_free":
                 run.grad_was_enabled = torch.is_grad_enabled()
                 torch.set_grad_enabled(False)

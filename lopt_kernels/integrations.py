@@ -32,6 +32,7 @@ import os
 import torch
 from torch import nn
 
+from .optimizer_watch import optimizer_param_ids
 from .patching import LoptPatchError, _state_of, _unwrap
 from .patching import label_count as _patch_label_count
 from .task_loss_hooks import item_share as _item_share
@@ -146,31 +147,6 @@ def _copy_decoders(state, loaded: dict, path: str) -> None:
                 target.to_local().copy_(src.to_local())
             else:
                 target.copy_(src.to(target.device, target.dtype))
-
-
-# DeepSpeed's optimiser wrappers keep the model's parameter objects in these lists of lists (their own
-# param_groups hold flattened partitions): ZeRO-1/2 ``bit16_groups``, ZeRO-3 and the fp16/bf16 wrappers
-# ``fp16_groups`` / ``bf16_groups``.
-_WRAPPED_GROUPS = ("bit16_groups", "fp16_groups", "bf16_groups")
-
-
-def _optimizer_param_ids(optimizer) -> set[int]:
-    """The ids of the parameter objects an optimiser updates, through the wrappers around it (accelerate's
-    ``AcceleratedOptimizer``, DeepSpeed's ZeRO and mixed-precision optimisers)."""
-    ids: set[int] = set()
-    seen: set[int] = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        for group in getattr(optimizer, "param_groups", None) or ():
-            ids.update(id(p) for p in group.get("params", ()))
-        for attr in _WRAPPED_GROUPS:
-            groups = getattr(optimizer, attr, None)
-            if isinstance(groups, (list, tuple)):
-                for group in groups:
-                    if isinstance(group, (list, tuple)):
-                        ids.update(id(p) for p in group)
-        optimizer = getattr(optimizer, "optimizer", None)
-    return ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +317,7 @@ class LoptCallback(_CallbackBase):
             self.resume_dir = None
         lopt = _require_patched(self.trainer.model, attached=True)
         if optimizer is not None:
-            in_optimizer = _optimizer_param_ids(optimizer)
+            in_optimizer = optimizer_param_ids(optimizer)
             missing = [p for p in lopt.decoders.parameters() if id(p) not in in_optimizer]
             if missing:
                 raise LoptPatchError(
@@ -372,7 +348,7 @@ def attach(trainer):
             "the LoPT hooks do not support; launch one process per GPU (torchrun / accelerate launch) instead."
         )
     if getattr(trainer, "optimizer", None) is not None:
-        in_optimizer = _optimizer_param_ids(trainer.optimizer)
+        in_optimizer = optimizer_param_ids(trainer.optimizer)
         if not all(id(p) in in_optimizer for p in state.decoders.parameters()):
             raise LoptPatchError(
                 "the trainer's optimiser was built without the aux decoders' parameters; build it after "

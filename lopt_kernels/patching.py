@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import block_hooks, task_loss_hooks
+from . import block_hooks, optimizer_watch, task_loss_hooks
 from .aux_decoder import AuxDecoder
 from .discovery import AUX_DECODERS_ATTR, LoptPatchError, text_config, unwrap_causal_lm, validate
 from .state import PatchState, StateHook
@@ -127,6 +127,7 @@ def patch(
     handles.append(lm.register_forward_hook(StateHook(task_loss_hooks.causal_lm_post_hook, state), with_kwargs=True,
                                             always_call=True))
     setattr(lm, _STATE_ATTR, state)
+    optimizer_watch.watch(state)
     return model
 
 

@@ -38,6 +38,7 @@ class PassState:
     cache_requested: bool = False  # the caller passed use_cache=True or a cache object
     cache_skipped: bool = False  # activation-free blocks left a cache the model built by itself unfilled
     outside_inputs: dict = field(default_factory=dict)  # eager: trainable layer inputs from outside the blocks
+    eager_inputs: dict = field(default_factory=dict)  # eager: id(the leaf block 0 runs on) -> the input it replaced
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TaskRequest:
     shift_labels: torch.Tensor
     num_items_in_batch: object
     hidden: torch.Tensor | None = None
+    autocast: tuple | None = None  # (device type, dtype) of an autocast the output head ran under (accelerate's AMP)
 
 
 class StateHook:
@@ -96,18 +98,22 @@ class PatchState:
     current: PassState = field(default_factory=PassState)
     forward_signature: inspect.Signature | None = None
     task_request: TaskRequest | None = None
-    fused_ce_impl: str | None = None  # resolved lazily on the first training forward
+    fused_ce_impl: str | None = None  # resolved on the first training forward, again when fused_ce_key changes
+    fused_ce_key: tuple | None = None  # what that decision depended on (see task_loss_hooks._fused_ce_inputs)
     notices: set = field(default_factory=set)
     bottom_fsdp2: bool | None = None  # whether FSDP2 shards the non-final blocks (checked on first use)
     saved_checkpoint_funcs: dict = field(default_factory=dict)  # layer -> its own checkpoint function, while swapped
     layer_hooks: dict = field(default_factory=dict)  # layer -> (our forward pre-hook, our forward hook or None)
     checkpoint_bodies: list = field(default_factory=list)  # layers whose checkpointed call runs without our hooks
     embedding_hooks: dict = field(default_factory=dict)  # "input" / "head" -> (the module hooked, its hook's handle)
+    decoders_in_optimizer: bool = False  # an optimiser that stepped holds every trainable decoder parameter
+    optimizer_without_decoders: bool = False  # one stepped this model's parameters without them (optimizer_watch)
 
     def __getstate__(self):
         """Copies and pickles start with no forward in flight: the per-forward bookkeeping holds this forward's
         graph tensors (not deep-copyable) and weak references (not picklable)."""
         return {**self.__dict__, "current": PassState(), "task_request": None, "saved_checkpoint_funcs": {},
+                "fused_ce_key": None, "decoders_in_optimizer": False, "optimizer_without_decoders": False,
                 "checkpoint_bodies": []}
 
     def notice_once(self, key: str, message: str) -> None:

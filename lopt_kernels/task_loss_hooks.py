@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import sys
 import textwrap
 
 import torch
@@ -182,16 +183,29 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
     return impl, None
 
 
+def _fused_ce_inputs(lm, device: torch.device) -> tuple:
+    """What ``fused_ce_choice`` depends on that can change after patching, as a tuple compared on every training
+    forward (a few attribute reads): the output head (``resize_token_embeddings``, PEFT adapting ``lm_head``), the
+    loss function (``model.loss_function = ...``), the config's logit transforms, the device."""
+    config = text_config(lm)
+    return (lm.get_output_embeddings(), type(lm.get_output_embeddings()), getattr(lm, "loss_function", None),
+            device.type, getattr(config, "final_logit_softcapping", None),
+            tuple(getattr(config, a, None) for a in _LOGIT_TRANSFORMS))
+
+
 def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
-    """The fused task-loss implementation for this model, or None (with a one-time notice) where the
-    model's own loss must run because no fused path reproduces it exactly."""
-    if state.fused_ce_impl is not None:
+    """The fused task-loss implementation for this model, or None (with a notice, once per reason) where the
+    model's own loss must run because no fused path reproduces it exactly. Decided anew whenever what the
+    decision depends on changed since the last training forward."""
+    key = _fused_ce_inputs(state.causal_lm, device)
+    if state.fused_ce_impl is not None and state.fused_ce_key is not None and len(key) == len(state.fused_ce_key) \
+            and all(a is b or a == b for a, b in zip(key, state.fused_ce_key)):
         return state.fused_ce_impl or None
     impl, reason = fused_ce_choice(state.causal_lm, state.settings.fused_ce, device)
     if reason:
-        state.notice_once("fused_ce", f"lopt_kernels: the fused task loss is off for this model because {reason}; "
-                                      "the model's own (logit-materialising) loss runs instead.")
-    state.fused_ce_impl = impl or ""
+        state.notice_once(f"fused_ce: {reason}", f"lopt_kernels: the fused task loss is off for this model because "
+                                                 f"{reason}; the model's own (logit-materialising) loss runs instead.")
+    state.fused_ce_impl, state.fused_ce_key = impl or "", key
     return impl
 
 
@@ -280,15 +294,52 @@ def follow_embeddings(state: PatchState) -> None:
         state.embedding_hooks[key] = (module, handle)
 
 
+REPLACED_FORWARD_MESSAGE = (
+    "lopt_kernels: the causal LM's forward was replaced on the instance ({name}), so the replacement computes the "
+    "task loss (LoPT's gradient boundary and aux term are unchanged); the fused task loss, which needs the model's "
+    "own forward, is off for this model and the loss materialises its logits."
+)
+
+
+def _transparent_wrapper_files() -> tuple[str, ...]:
+    """Source files of the forward wrappers known to call the wrapped forward with the same arguments and to leave
+    the loss alone: accelerate's output cast to fp32 and torch's autocast decorator (``Accelerator.prepare``)."""
+    names = ("accelerate.utils.operations", "torch.amp.autocast_mode")
+    return tuple(f for f in (getattr(sys.modules.get(n), "__file__", None) for n in names) if f)
+
+
+def wraps_class_forward(module: nn.Module) -> bool:
+    """Whether the forward set on ``module`` itself only wraps its class's forward through wrappers known to be
+    transparent (accelerate's mixed-precision ``prepare``: autocast, then outputs cast to fp32), so that the class's
+    forward still runs with the arguments the hooks saw. ``functools.wraps`` alone says nothing: TRL's fused-LM-head
+    forward wraps the class's forward that way and computes its own loss."""
+    fn, own, seen, files = module.__dict__.get("forward"), type(module).forward, set(), _transparent_wrapper_files()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if fn is own:
+            return True
+        if inspect.ismethod(fn):
+            fn = fn.__func__
+            continue
+        code = getattr(fn, "__code__", None)
+        origin = code.co_filename if code is not None else getattr(sys.modules.get(type(fn).__module__), "__file__", None)
+        if origin not in files:
+            return False
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
 def causal_lm_pre_hook(state: PatchState):
     def hook(module, args, kwargs):
         state.task_request = None
         follow_embeddings(state)
         if state.settings.fused_ce == "off" or not (module.training and torch.is_grad_enabled()) or args:
             return None
-        if "forward" in module.__dict__:
+        if "forward" in module.__dict__ and not wraps_class_forward(module):
             # The forward was replaced on the instance (TRL's fused LM head, Liger's fused linear CE): the
             # replacement owns the head and the loss, and may need the labels itself.
+            state.notice_once("replaced_forward", REPLACED_FORWARD_MESSAGE.format(
+                name=getattr(module.__dict__["forward"], "__qualname__", type(module.__dict__["forward"]).__name__)))
             return None
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
         if labels is None:
@@ -321,6 +372,8 @@ def output_head_pre_hook(state: PatchState):
         if hidden.shape[:-1] != request.shift_labels.shape:
             return None  # e.g. logits_to_keep sliced the positions: let the model compute its logits
         request.hidden = hidden
+        autocast = block_hooks.autocast_state(hidden.device.type)
+        request.autocast = autocast[::2] if autocast is not None else None
         # The head then runs on zero positions: the logits are never materialised.
         return (hidden[..., :0, :], *args[1:])
 
@@ -347,8 +400,14 @@ def causal_lm_post_hook(state: PatchState):
                 )
             if request.hidden is not None:
                 head = state.causal_lm.get_output_embeddings()
+                hidden, weight, bias = request.hidden, head.weight, head.bias
+                if request.autocast is not None and request.autocast[0] == hidden.device.type:
+                    # the head ran under autocast (accelerate's AMP): its logits were computed in that dtype
+                    dtype = request.autocast[1]
+                    hidden, weight = hidden.to(dtype), weight.to(dtype)
+                    bias = bias.to(dtype) if bias is not None else None
                 task = lce.linear_cross_entropy(
-                    request.hidden, head.weight, request.shift_labels, bias=head.bias,
+                    hidden, weight, request.shift_labels, bias=bias,
                     num_items_in_batch=request.num_items_in_batch,
                     softcap=getattr(text_config(state.causal_lm), "final_logit_softcapping", None),
                     impl=state.fused_ce_impl,
