@@ -228,7 +228,17 @@ def test_peft_adapter_on_the_head_after_a_step_trains(lopt_default_mode):
 # -- also: accelerate's mixed-precision prepare wraps forward on the instance ---------------------------------------
 
 
-def test_accelerate_bf16_prepare_keeps_the_fused_task_loss(lopt_default_mode):
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: an earlier test's Accelerator would refuse mixed_precision='bf16'."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_bf16_prepare_keeps_the_fused_task_loss(lopt_default_mode, fresh_accelerator_state):
     from accelerate import Accelerator
 
     b = batch()
