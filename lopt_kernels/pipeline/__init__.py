@@ -22,8 +22,10 @@ parameters after N steps equal single-process LoPT (eager) on the same data.
 """
 
 from .checkpoint import join_shards, load_training_state, save_checkpoint
-from .loop import average_gradients, train_pipeline
-from .stage import MessageCount, PipelineStage, StageTimeline, stage_layer_ranges
+from .loop import WEIGHTINGS, average_gradients, train_pipeline, window_weights
+from .placement import modules_before_layers, stage_layer_ranges
+from .stage import MessageCount, PipelineStage, StageTimeline
 
-__all__ = ["MessageCount", "PipelineStage", "StageTimeline", "average_gradients", "join_shards",
-           "load_training_state", "save_checkpoint", "stage_layer_ranges", "train_pipeline"]
+__all__ = ["WEIGHTINGS", "MessageCount", "PipelineStage", "StageTimeline", "average_gradients", "join_shards",
+           "load_training_state", "modules_before_layers", "save_checkpoint", "stage_layer_ranges", "train_pipeline",
+           "window_weights"]

@@ -22,11 +22,9 @@ def _adapter_key(name: str) -> str:
     return ADAPTER_PREFIX + name.replace(".default.", ".")
 
 
-def _inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
-    """LoRA layers from ``adapter_dir`` in ``lm`` (frozen base): this rank's from the adapter's (or a pipeline
-    checkpoint's) tensors; the rest stay on the meta device with the layers they adapt."""
-    from peft import PeftConfig, inject_adapter_in_model  # noqa: PLC0415
-    from safetensors import safe_open  # noqa: PLC0415
+def check_adapter(adapter_dir: str):
+    """The PEFT config of ``adapter_dir`` if the pipeline can train it (LoRA matrices only); a clear error if not."""
+    from peft import PeftConfig  # noqa: PLC0415
 
     config = PeftConfig.from_pretrained(adapter_dir)
     if getattr(config, "peft_type", None) is None or str(config.peft_type) not in ("LORA", "PeftType.LORA"):
@@ -40,6 +38,16 @@ def _inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
             f"{extras}: those would stay untrained and be left out of the joined adapter. Train it in one process "
             "(lopt_kernels.patch on the PEFT model), or save the adapter without them."
         )
+    return config
+
+
+def inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
+    """LoRA layers from ``adapter_dir`` in ``lm`` (frozen base): this rank's from the adapter's (or a pipeline
+    checkpoint's) tensors; the rest stay on the meta device with the layers they adapt."""
+    from peft import inject_adapter_in_model  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
+
+    config = check_adapter(adapter_dir)
     inject_adapter_in_model(config, lm)
     for p in lm.parameters():
         p.requires_grad_(False)
@@ -62,7 +70,7 @@ def _inject_adapter(lm, adapter_dir: str, index: dict, device) -> None:
                 raise LoptPatchError(f"{adapter_dir} has no LoRA tensor for {name} ({_adapter_key(name)})")
 
 
-def _safetensors_index(model_dir: str) -> dict[str, str]:
+def safetensors_index(model_dir: str) -> dict[str, str]:
     """Tensor name -> file, for a save_pretrained directory (one file or sharded) or a pipeline checkpoint
     (the ranks' shards)."""
     from safetensors import safe_open  # noqa: PLC0415
@@ -95,7 +103,7 @@ def save_checkpoint(stage, directory: str, optimizer, *, step: int, scheduler=No
     ``PipelineStage.from_pretrained(directory)`` and :func:`load_training_state` resume from it."""
     stage.save_shard(directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "step": step}, _state_file(directory, stage.rank, stage.world))
+                "step": step, "random_state": stage.random_state()}, _state_file(directory, stage.rank, stage.world))
 
 
 def load_training_state(stage, directory: str, optimizer, scheduler=None) -> int:
@@ -108,6 +116,8 @@ def load_training_state(stage, directory: str, optimizer, scheduler=None) -> int
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if state.get("random_state") is not None:  # dropout goes on drawing where the checkpointed run stopped
+        stage.set_random_state(state["random_state"])
     return int(state["step"])
 
 

@@ -4,7 +4,6 @@ backward."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,10 +16,11 @@ from ..aux_decoder import AuxDecoder
 from ..block_hooks import HooksOutsideCheckpoint
 from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of, local_loss_and_grads
-from ..discovery import LoptPatchError, find_layer_stack, resolve_boundaries, text_config
+from ..discovery import LoptPatchError, find_layer_stack, text_config
 from ..ops import linear_cross_entropy as lce
-from ..task_loss_hooks import fused_ce_choice
-from .checkpoint import DECODER_FILE, SHARD_PREFIX, _inject_adapter, _safetensors_index
+from ..task_loss_hooks import fused_ce_choice, item_share, label_count
+from .checkpoint import SHARD_PREFIX
+from .placement import StagePlan, check_ranks_agree
 
 
 @contextlib.contextmanager
@@ -65,46 +65,24 @@ class StageTimeline:
     spans: list = field(default_factory=list)
 
 
-def stage_layer_ranges(num_layers: int, world: int, boundaries=None) -> list[tuple[int, int]]:
-    """``[(first, end), ...]``, one contiguous layer range per rank."""
-    if world < 2:
-        raise LoptPatchError(f"a LoPT pipeline needs at least 2 ranks (one block each), got world size {world}")
-    if num_layers < world:
-        raise LoptPatchError(
-            f"the model has {num_layers} layers, fewer than the {world} pipeline stages; launch at most "
-            f"{num_layers} processes."
-        )
-    if boundaries is not None and len(boundaries) != world - 1:
-        raise LoptPatchError(
-            f"boundaries={list(boundaries)} places {len(boundaries) + 1} stages but the world size is {world}: give "
-            f"{world - 1} boundaries (the first layer of each stage after the first), or launch {len(boundaries) + 1} "
-            "processes."
-        )
-    bounds = resolve_boundaries(num_layers, None if boundaries is not None else world, boundaries)
-    starts = (0, *bounds, num_layers)
-    return [(starts[i], starts[i + 1]) for i in range(world)]
-
-
-def _check_ranks_agree(group, world: int, dtype: torch.dtype, num_layers: int, ranges) -> None:
-    """One clear error on every rank, before any compute, when the ranks were started inconsistently."""
-    mine = {"dtype": str(dtype), "num_layers": num_layers, "ranges": [list(r) for r in ranges]}
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
-    for key in mine:
-        values = {json.dumps(o[key]) for o in everyone}
-        if len(values) > 1:
-            raise LoptPatchError(
-                f"pipeline ranks disagree on {key}: {[o[key] for o in everyone]}; start every rank with the same "
-                "model, dtype and placement."
-            )
-
-
 def _fused_ce_impl(lm) -> str | None:
     """The last stage's fused linear cross-entropy, chosen as ``patch`` chooses it; None (the model's own loss)
     also for mixture-of-experts models, whose router term spans every stage's layers."""
     if hasattr(text_config(lm), "output_router_logits"):
         return None
     return fused_ce_choice(lm, "auto", lm.get_output_embeddings().weight.device)[0]
+
+
+def _stage_random_state(device: torch.device) -> tuple:
+    """(CPU, CUDA or None) generator states of a stream for this process's stage: seeded from the process's seed
+    (``torch.initial_seed()``, what ``torch.manual_seed`` set) and its global rank, so that identically seeded
+    ranks draw independent dropout masks and a relaunch with the same seeds draws the same ones."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    seed = (torch.initial_seed() * 1_000_003 + 7_919 * (rank + 1)) % (2**63 - 1)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
 
 
 # Batch entries besides input_ids, attention_mask and labels that a stage passes to the model's forward.
@@ -117,11 +95,16 @@ class PipelineStage:
     the input embeddings (rank 0) and the final norm and head (last rank)."""
 
     def __init__(self, lm: nn.Module, *, rank: int, world: int, ranges, lambda_aux: float, decoder: AuxDecoder | None,
-                 group=None, backend: str = "auto", adapter: str | None = None):
+                 group=None, backend: str = "auto", adapter: str | None = None, first_rank_modules=None,
+                 aux_mask: str = "all"):
         self.lm, self.rank, self.world, self.group, self.adapter = lm, rank, world, group, adapter
         self.ranges, self.lambda_aux, self.decoder, self.backend = ranges, float(lambda_aux), decoder, backend
+        self.aux_mask = aux_mask
         self.backbone, self.layers_attr, self.all_layers = find_layer_stack(lm)
         self._layers_prefix = next(n for n, m in lm.named_modules() if m is self.all_layers)
+        input_embeddings = next(n for n, m in lm.named_modules() if m is lm.get_input_embeddings())
+        # modules outside the layer stack that the first rank runs (see placement.modules_before_layers)
+        self.first_rank_modules = list(first_rank_modules or [input_embeddings])
         first, end = ranges[rank]
         self.own_layers = nn.ModuleList(self.all_layers[first:end])
         self.is_first, self.is_last = rank == 0, rank == world - 1
@@ -134,107 +117,57 @@ class PipelineStage:
         self.fused_ce = _fused_ce_impl(lm) if self.is_last else None
         self.dtype = next(p.dtype for p in self.own_layers.parameters())
         self.device = next(p.device for p in self.own_layers.parameters())
+        self._random_state = _stage_random_state(self.device)
 
     # construction ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_dir: str, *, boundaries=None, lambda_aux: float = 10.0,
                         dtype: torch.dtype = torch.float32, device="cpu", group=None, backend: str = "auto",
                         aux_decoders: str | None = None, attn_implementation: str = "sdpa",
-                        gradient_checkpointing: bool = False, adapter: str | None = None):
+                        gradient_checkpointing: bool = False, adapter: str | None = None, aux_mask: str = "all"):
         """Build this rank's part of the model saved in ``model_dir`` (``save_pretrained`` output), reading only
         its own tensors. ``aux_decoders``: a directory holding ``lopt_aux_decoders.safetensors`` to start the
         decoders from (default: ``model_dir``'s, if present; otherwise a fresh, seeded initialisation).
         ``adapter``: a PEFT LoRA adapter directory (``save_pretrained`` of a PeftModel) to train instead of the
-        full model: the base weights are frozen, each rank trains its layers' LoRA weights and its decoder."""
-        from safetensors import safe_open  # noqa: PLC0415
-        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
-
+        full model: the base weights are frozen, each rank trains its layers' LoRA weights and its decoder.
+        ``aux_mask``: as ``patch``'s ("tokens": padding positions, from the batch's attention mask, are left out
+        of the aux loss). Every check runs before the ranks' agreement barrier, so that a model this cannot place
+        is refused with the same ``LoptPatchError`` on every rank."""
         if not dist.is_initialized():
             raise LoptPatchError("PipelineStage needs torch.distributed initialised (launch with torchrun)")
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        config = AutoConfig.from_pretrained(model_dir)
-        num_layers = config.get_text_config().num_hidden_layers
-        ranges = stage_layer_ranges(num_layers, world, boundaries)
-        _check_ranks_agree(group, world, dtype, num_layers, ranges)
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        backbone, attr, layers = find_layer_stack(lm)
-        first, end = ranges[rank]
-        inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
-        if out.weight is inp.weight:  # LoPT unties them (as patch does): the head trains on the last rank only
-            out.weight = nn.Parameter(torch.empty_like(inp.weight, device="meta"))
-        skip = {id(m) for i, layer in enumerate(layers) if not first <= i < end for m in layer.modules()}
-        if rank != 0:
-            skip.add(id(inp))
-        if rank != world - 1:
-            skip.add(id(out))
-        keep = [(name, m) for name, m in lm.named_modules() if id(m) not in skip]
-        for _, module in keep:
-            for key, p in list(module._parameters.items()):
-                if p is not None and p.is_meta:
-                    module._parameters[key] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
-            for key, b in list(module._buffers.items()):
-                if b is not None and b.is_meta:
-                    module._buffers[key] = torch.empty_like(b, device=device)
-        with torch.no_grad():
-            for _, module in keep:
-                lm._init_weights(module)  # non-persistent buffers (rotary frequencies), then overwritten below
-            index = _safetensors_index(model_dir)
-            params = {name: p for name, p in lm.named_parameters() if not p.is_meta}
-            buffers = {name: b for name, b in lm.named_buffers() if not b.is_meta}
-            by_file: dict[str, list] = {}
-            for name, tensor in {**params, **buffers}.items():
-                source = name
-                if source not in index and tensor is out.weight:  # a tied checkpoint: the head starts as the embeddings
-                    source = next((k for k in index if k.endswith("embed_tokens.weight")), name)
-                if source not in index:
-                    if name in params:
-                        raise LoptPatchError(f"{model_dir} has no tensor {name} (not a checkpoint of this model)")
-                    continue  # a non-persistent buffer, computed above
-                by_file.setdefault(index[source], []).append((source, tensor))
-            for path, items in by_file.items():  # each file opened once, only this rank's tensors read
-                with safe_open(path, "pt", device=str(device)) as f:
-                    for source, tensor in items:
-                        tensor.copy_(f.get_tensor(source).to(tensor.dtype))
-        if adapter is not None:
-            _inject_adapter(lm, adapter, index, device)
-        decoder = None
-        if rank != world - 1:
-            decoder = AuxDecoder(config.get_text_config().hidden_size, device=device, dtype=dtype)
-            path = os.path.join(aux_decoders or model_dir, DECODER_FILE)
-            prefix = f"lopt_aux_decoders.{rank}."
-            from_shard = aux_decoders is None and any(k.startswith(prefix) for k in index)
-            if from_shard:  # a pipeline checkpoint: this rank's decoder is in its shard
-                with safe_open(index[next(k for k in index if k.startswith(prefix))], "pt") as f:
-                    decoder.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
-            elif os.path.isfile(path):
-                from safetensors.torch import load_file  # noqa: PLC0415
-
-                saved = load_file(path)
-                decoder.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".")[0] == str(rank)})
-            elif aux_decoders is not None:
-                raise LoptPatchError(f"{path} does not exist")
-            else:  # the decoder's own initialisation, seeded per rank (the same on every launch)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(1234 + rank)
-                    decoder.reset_parameters()
+        plan, error = None, None
+        # the caller's random state is left as it was: ranks that build different parts must draw alike after
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            try:
+                plan = StagePlan.build(model_dir, rank, world, boundaries=boundaries, dtype=dtype, device=device,
+                                       attn_implementation=attn_implementation, adapter=adapter,
+                                       aux_decoders=aux_decoders, aux_mask=aux_mask)
+            except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
+                error = str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
+            mine = {"dtype": str(dtype)} if plan is None else plan.agreement()
+            check_ranks_agree(group, world, mine, error)
+            lm = plan.load()
+            decoder = plan.decoder() if rank != world - 1 else None
         lm.train()
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
-        return cls(lm, rank=rank, world=world, ranges=ranges, lambda_aux=lambda_aux, decoder=decoder, group=group,
-                   backend=backend, adapter=adapter)
+        return cls(lm, rank=rank, world=world, ranges=plan.ranges, lambda_aux=lambda_aux, decoder=decoder,
+                   group=group, backend=backend, adapter=adapter, first_rank_modules=plan.first_rank_modules,
+                   aux_mask=aux_mask)
 
     def owns(self, name: str, tensor: torch.Tensor) -> bool:
-        """Whether this rank trains and saves the model tensor ``name``: its layers'; the input embeddings on
-        rank 0; everything else outside the layer stack (final norm, head) on the last rank. Other ranks may
-        hold a copy they only run (rotary tables), never one they train."""
+        """Whether this rank trains and saves the model tensor ``name``: its layers'; on rank 0, the input
+        embeddings and every module outside the layer stack that runs before the first layer (learned positions,
+        an embedding norm); on the last rank everything else outside the stack (final norm, head). Other ranks
+        may hold a copy they only run, never one they train."""
         if tensor.is_meta:
             return False
         prefix = self._layers_prefix + "."
         if name.startswith(prefix):
             first, end = self.ranges[self.rank]
             return first <= int(name[len(prefix):].split(".")[0]) < end
-        if tensor is self.lm.get_input_embeddings().weight:
+        if any(name.startswith(module + ".") for module in self.first_rank_modules):
             return self.is_first
         return self.is_last
 
@@ -247,7 +180,7 @@ class PipelineStage:
         return params
 
     # one micro-batch ------------------------------------------------------------------------------
-    def _run_backbone(self, batch: dict, received: torch.Tensor | None):
+    def _run_backbone(self, batch: dict, received: torch.Tensor | None, num_items=None):
         """This stage's layers on ``received`` (or on the embeddings, rank 0), through the model's own forward so
         that masks and position embeddings are the model's; returns (stage input, stage output or the model
         output on the last rank)."""
@@ -312,6 +245,8 @@ class PipelineStage:
                 *ids.shape, self.hidden_size)  # a broadcast view: nothing allocated per micro-batch
         if self.is_last and not self.fused_ce:
             inputs["labels"] = batch["labels"]
+            if num_items is not None:
+                inputs["num_items_in_batch"] = num_items
         try:
             output = self.lm(**inputs, use_cache=False)
             task = output.loss if self.is_last else None
@@ -320,7 +255,8 @@ class PipelineStage:
             if self.is_last:
                 head = self.lm.get_output_embeddings()
                 task = lce.linear_cross_entropy(captured["head_input"], head.weight,
-                                                lce.shift_labels_of(batch["labels"]), bias=head.bias, impl=self.fused_ce)
+                                                lce.shift_labels_of(batch["labels"]), bias=head.bias,
+                                                num_items_in_batch=num_items, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
             if per_layer_types:
@@ -362,9 +298,17 @@ class PipelineStage:
             work.wait()
         self._pending_sends.clear()
 
-    def run_micro_batch(self, batch: dict, loss_weight: float) -> dict:
-        """Forward this stage on one micro-batch and accumulate its gradients, weighted by ``loss_weight``
-        (1 / accumulation steps for a mean over the window). Returns this stage's losses (float tensors)."""
+    def run_micro_batch(self, batch: dict, loss_weight: float, num_items_in_batch=None) -> dict:
+        """Forward this stage on one micro-batch and accumulate its gradients as ``patch`` accumulates those of
+        ``model(**batch, num_items_in_batch=...).loss * loss_weight``: with ``num_items_in_batch`` (the window's
+        label-token count, HF Trainer's and TRL's weighting) the task loss is the micro-batch's summed token loss
+        over it and the aux term is weighted by the micro-batch's share of it; without, both are micro-batch
+        means (weight them ``1 / grad_accum``). Returns this stage's losses as they enter the window's loss,
+        before ``loss_weight`` (float tensors). Dropout draws from this stage's own random stream."""
+        with self._own_random_state():
+            return self._run_micro_batch(batch, loss_weight, num_items_in_batch)
+
+    def _run_micro_batch(self, batch, loss_weight, num_items):
         span = self._span
         received = None
         if not self.is_first:
@@ -372,24 +316,57 @@ class PipelineStage:
                 received = self._receive(batch)
         if self.is_last:
             with span("forward"):
-                _, _, _, task = self._run_backbone(batch, received)
+                _, _, _, task = self._run_backbone(batch, received, num_items)
             with span("backward"):
                 (task * loss_weight).backward()
             return {"task_loss": task.detach().float()}
         with span("forward"):
-            x, leaf, y, _ = self._run_backbone(batch, received)
+            x, leaf, y, _ = self._run_backbone(batch, received, num_items)
         with span("send"):
             self._send(y)  # downstream first: the next stage starts while this one runs its local backward
         with span("local_backward"):
             spec = BoundarySpec(decoder=self.decoder, backend=self.backend, layerwise_rebuild=False,
-                                replay_guard=self)
+                                replay_guard=self, row_mask=self._row_mask(batch))
+            share = 1.0
+            if num_items is not None:  # the micro-batch's share of the window's label tokens, as patch weights it
+                share = float(item_share(label_count(batch), num_items, torch.device("cpu")))
             # the aux term's weight in the model's loss: lambda * mean over the world - 1 boundaries
-            weight = loss_weight * self.lambda_aux / (self.world - 1)
+            weight = share * (loss_weight * self.lambda_aux / (self.world - 1))
             if y.dtype == torch.float16:  # eager's path: gradients of a power-of-two-scaled sum, rescaled after
                 aux = self._local_backward_rescaled(spec, x, leaf, y, weight)
             else:  # the weight is known: straight into .grad, no second set of block gradients
                 aux = self._local_backward_weighted(spec, x, leaf, y, weight)
-        return {"aux_loss": aux.detach().float()}
+        return {"aux_loss": aux.detach().float() * share}
+
+    def random_state(self) -> list:
+        """This stage's random stream (CPU state, CUDA state or None), for a resumable checkpoint."""
+        return list(self._random_state)
+
+    def set_random_state(self, state) -> None:
+        cpu, cuda = state
+        self._random_state = (cpu.cpu(), None if cuda is None else cuda.cpu())
+
+    def _row_mask(self, batch: dict) -> torch.Tensor | None:
+        """``aux_mask="tokens"``: the non-padding positions (the batch's 2-D attention mask), flat; else None."""
+        mask = batch.get("attention_mask")
+        if self.aux_mask != "tokens" or not torch.is_tensor(mask) or mask.dim() != 2:
+            return None
+        return mask.reshape(-1).to(self.device) != 0
+
+    @contextlib.contextmanager
+    def _own_random_state(self):
+        """Run with this stage's random stream swapped in (and the caller's restored after): dropout masks
+        differ between ranks started with the same seed, and the caller's own draws (data shuffling, which
+        must agree across ranks) are untouched."""
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self._random_state[0])
+            if cuda:
+                torch.cuda.set_rng_state(self._random_state[1], self.device)
+            try:
+                yield
+            finally:
+                self._random_state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
 
     def _local_backward_weighted(self, spec, x, leaf, y, weight):
         aux, grads = local_loss_and_grads(spec, y.detach(), leaf.detach(), grad_scale=weight)

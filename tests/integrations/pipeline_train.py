@@ -41,16 +41,54 @@ def micro_batches(packed: bool = False):
         i += 1
 
 
-def mixed_dtypes(model_dir, out):
-    """Rank 1 started in bf16, the others in fp32: every rank must raise the same clear error before compute."""
+def refused(model_dir, out, mixed_dtypes: bool):
+    """Every rank must raise the same clear error before compute: ``mixed_dtypes``, rank 1 started in bf16 and
+    the others in fp32; otherwise a model (or checkpoint) that the stages cannot place."""
     import lopt_kernels  # noqa: PLC0415
 
     rank = dist.get_rank()
     try:
-        PipelineStage.from_pretrained(model_dir, dtype=torch.bfloat16 if rank == 1 else torch.float32)
+        PipelineStage.from_pretrained(model_dir, dtype=torch.bfloat16 if mixed_dtypes and rank == 1 else torch.float32)
     except lopt_kernels.LoptPatchError as exc:
         with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
             f.write(str(exc))
+    exit_distributed_worker()
+
+
+def families(parent, out, steps, ga):
+    """One stage per rank for every model directory under ``parent`` (one family each), trained in turn: SGD,
+    ``steps`` steps of ``ga`` padded micro-batches, token-weighted; each family's shards to ``out/<family>``."""
+    for name in sorted(os.listdir(parent)):
+        stage = PipelineStage.from_pretrained(os.path.join(parent, name),
+                                              attn_implementation="eager" if name.startswith("gemma") else "sdpa")
+        optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
+        train_pipeline(stage, micro_batches(), optimizer, grad_accum=int(ga), max_steps=int(steps), progress=False)
+        stage.save_shard(os.path.join(out, name))
+        dist.barrier()
+    exit_distributed_worker()
+
+
+def dropout(model_dir, out, steps, ga):
+    """A model with dropout, every rank seeded alike: the first micro-batch's dropout masks in this stage's first
+    layer, and the shards of two runs from the same seed (``run0``, ``run1``)."""
+    masks = []
+
+    def record(module, args, output):
+        if not masks:
+            masks.append(((output == 0) & (args[0] != 0)).flatten().tolist())
+
+    for run in range(2):
+        torch.manual_seed(0)
+        stage = PipelineStage.from_pretrained(model_dir)
+        drops = [m for m in stage.own_layers[0].modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        handle = drops[-1].register_forward_hook(record) if run == 0 else None
+        optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
+        train_pipeline(stage, micro_batches(), optimizer, grad_accum=int(ga), max_steps=int(steps), progress=False)
+        if handle is not None:
+            handle.remove()
+        stage.save_shard(os.path.join(out, f"run{run}"))
+    with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump({"mask": masks[0], "drawn": torch.rand(3).tolist()}, f)
     exit_distributed_worker()
 
 
@@ -92,10 +130,14 @@ def resume(model_dir, out, steps, ga):
 
 def main(model_dir, out, steps, ga, ckpt):
     dist.init_process_group("gloo")
-    if ckpt == "mixed-dtypes":
-        return mixed_dtypes(model_dir, out)
+    if ckpt in ("mixed-dtypes", "refused"):
+        return refused(model_dir, out, mixed_dtypes=ckpt == "mixed-dtypes")
     if ckpt == "resume":
         return resume(model_dir, out, steps, ga)
+    if ckpt == "families":
+        return families(model_dir, out, steps, ga)
+    if ckpt == "dropout":
+        return dropout(model_dir, out, steps, ga)
     data, group, dp_group = micro_batches(packed=ckpt == "packed"), None, None
     if ckpt == "dp":  # 2 pipeline replicas x 2 stages: pipelines {0, 1}, {2, 3}; data parallel {0, 2}, {1, 3}
         rank = dist.get_rank()
@@ -107,12 +149,14 @@ def main(model_dir, out, steps, ga, ckpt):
     dtype = torch.float16 if ckpt == "fp16" else torch.float32
     stage = PipelineStage.from_pretrained(model_dir, gradient_checkpointing=ckpt in ("1", "oldcall"), group=group,
                                           adapter=adapter, dtype=dtype,
-                                          attn_implementation="eager" if ckpt == "gemma2" else "sdpa")
+                                          attn_implementation="eager" if ckpt == "gemma2" else "sdpa",
+                                          aux_mask="tokens" if ckpt == "aux_tokens" else "all")
     if ckpt == "oldcall":  # transformers < 5.23's checkpointing of the layers' whole __call__, hooks included
         with_old_checkpoint_call(stage.own_layers)
     optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
     history = train_pipeline(stage, data, optimizer, grad_accum=int(ga), max_steps=int(steps),
-                             progress=False, data_parallel_group=dp_group)
+                             progress=False, data_parallel_group=dp_group,
+                             weighting="mean" if ckpt == "mean" else "tokens")
     if dp_group is not None and dist.get_rank() >= 2:  # replica 1 equals replica 0: only replica 0 writes
         exit_distributed_worker()
     stage.save_shard(os.path.join(out, "shards"))

@@ -25,7 +25,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _model_dir(path, k, lora=False, family="llama", **config):
+def _model_dir(path, k, lora=False, family="llama", aux_mask="all", **config):
     from tiny_models import tiny_model
 
     model = tiny_model(family, **config)
@@ -36,31 +36,39 @@ def _model_dir(path, k, lora=False, family="llama", **config):
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                  init_lora_weights=False))
         model.save_pretrained(path / "adapter")
-    lopt_kernels.patch(model, num_blocks=k, mode="eager")
+    lopt_kernels.patch(model, num_blocks=k, mode="eager", aux_mask=aux_mask)
     save_aux_decoders(model, str(path))  # the pipeline starts its decoders from these
     return model
 
 
-def _single_process(model, steps, ga, packed=False):
-    """Single-process LoPT over the same micro-batches (``ga`` per optimiser step, a mean over them)."""
+def _single_process(model, steps, ga, packed=False, weighting="tokens"):
+    """Single-process LoPT over the same micro-batches, ``ga`` per optimiser step: "tokens", as HF Trainer runs
+    it (``num_items_in_batch``: the window's label-token count); "mean", as the LoPT reference (``loss / ga``)."""
     import pipeline_train
+
+    from lopt_kernels.task_loss_hooks import label_count
 
     optimizer = torch.optim.SGD(model.parameters(), lr=pipeline_train.LR)
     data = pipeline_train.micro_batches(packed)
     for _ in range(steps):
-        for _ in range(ga):
+        window = [next(data) for _ in range(ga)]
+        num_items = int(sum(label_count(b) for b in window))
+        for b in window:
             # no cache, as the stages run: with one, transformers skips its packed-sequence mask for position ids
-            (model(**next(data), use_cache=False).loss / ga).backward()
+            if weighting == "tokens":
+                model(**b, use_cache=False, num_items_in_batch=num_items).loss.backward()
+            else:
+                (model(**b, use_cache=False).loss / ga).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return model
 
 
-def _launch(k, model_dir, out, ckpt):
+def _launch(k, model_dir, out, ckpt, steps=STEPS):
     ckpt = ckpt if isinstance(ckpt, str) else ("1" if ckpt else "0")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "--nnodes=1",
            f"--master_port={_free_port()}", "--master_addr=127.0.0.1", os.path.join(HERE, "pipeline_train.py"),
-           str(model_dir), str(out), str(STEPS), str(GA), ckpt]
+           str(model_dir), str(out), str(steps), str(GA), ckpt]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -68,46 +76,34 @@ def _launch(k, model_dir, out, ckpt):
 
 
 @pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (3, "oldcall"), (2, "dp"), (3, "lora"),
-                                     (2, "fp16"), (2, "gemma2"), (2, "packed")],
+                                     (2, "fp16"), (2, "gemma2"), (2, "packed"), (2, "mean"), (3, "aux_tokens")],
                          ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "3-ckpt-old_call", "2x2_data_parallel", "3-lora",
-                              "2-fp16", "2-gemma2_5_layers", "2-packed"])
+                              "2-fp16", "2-gemma2_5_layers", "2-packed", "2-mean_weighting", "3-aux_mask_tokens"])
 def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
     """k stages (k processes); "dp": 2 pipeline replicas x 2 stages on 4 processes against one process on
     the global batch (both replicas' micro-batches in each step). "gemma2": 5 layers alternating sliding and full
     attention, so stage 1 starts at an odd layer (before, its layers took the layer types of the stage's own
     positions: sliding and full swapped); "packed": padding-free packed rows (before, the stages dropped the
-    position ids)."""
+    position ids). Micro-batches are weighted by their label tokens (HF Trainer's num_items_in_batch), except
+    "mean" (each micro-batch's mean loss / GA, the LoPT reference's); "aux_tokens": aux_mask="tokens"."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from lopt_kernels.pipeline import join_shards
 
     config = {"family": "gemma2", "num_hidden_layers": 5} if ckpt == "gemma2" else {}
-    model = _model_dir(tmp_path / "model", k, lora=ckpt == "lora", **config)
+    model = _model_dir(tmp_path / "model", k, lora=ckpt == "lora", aux_mask="tokens" if ckpt == "aux_tokens" else "all",
+                       **config)
     if ckpt == "fp16":  # the pipeline's fp16 path (eager's power-of-two-scaled local backward), against fp16 LoPT
         model = model.half()
     _launch(4 if ckpt == "dp" else k, tmp_path / "model", tmp_path, ckpt)
-    expected = _single_process(model, STEPS, GA * 2 if ckpt == "dp" else GA, packed=ckpt == "packed")
+    expected = _single_process(model, STEPS, GA * 2 if ckpt == "dp" else GA, packed=ckpt == "packed",
+                               weighting="mean" if ckpt == "mean" else "tokens")
     if ckpt == "lora":
         return _check_lora(tmp_path, expected, k)
 
-    joined = AutoModelForCausalLM.from_pretrained(join_shards(str(tmp_path / "shards"), str(tmp_path / "final")))
-    got = joined.state_dict()
-    want = {n: p for n, p in expected.named_parameters() if not n.startswith("lopt_aux_decoders.")}
-    assert set(got) == set(want), set(got) ^ set(want)
-    worst = max((got[n] - p).abs().max().item() for n, p in want.items())
-    print(f"pipeline k={k} ckpt={ckpt}: max |param - single process| = {worst:.3e}")
     tolerance = {"rtol": 2e-3, "atol": 1e-3} if ckpt == "fp16" else {"rtol": 1e-5, "atol": 1e-6}
-    for n, p in want.items():
-        torch.testing.assert_close(got[n].to(p.dtype), p.detach(), **tolerance, msg=n)
-    decoders = {}
-    for f in (tmp_path / "shards").iterdir():
-        if f.suffix == ".safetensors":
-            decoders.update((k_, v) for k_, v in load_file(str(f)).items() if k_.startswith("lopt_aux_decoders."))
-    want_dec = {n: p for n, p in expected.named_parameters() if n.startswith("lopt_aux_decoders.")}
-    assert set(decoders) == set(want_dec)
-    for n, p in want_dec.items():
-        torch.testing.assert_close(decoders[n], p.detach(), **tolerance, msg=n)
+    _assert_pipeline_matches(tmp_path / "shards", tmp_path / "final", expected, tolerance, f"k={k} ckpt={ckpt}")
 
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(k)]
     for r, rec in enumerate(records):
@@ -121,6 +117,107 @@ def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
     assert len(last) == STEPS and all(len(h["aux_loss"]) == k - 1 and min(h["aux_loss"]) > 0 for h in last)
 
 
+def _assert_pipeline_matches(shards, final, expected, tolerance, label):
+    """The joined shards (a standard HF checkpoint) and the shards' aux decoders equal ``expected``'s parameters."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lopt_kernels.pipeline import join_shards
+
+    joined = AutoModelForCausalLM.from_pretrained(join_shards(str(shards), str(final)))
+    got = joined.state_dict()
+    want = {n: p for n, p in expected.named_parameters() if not n.startswith("lopt_aux_decoders.")}
+    assert set(got) == set(want), set(got) ^ set(want)
+    worst = max((got[n] - p).abs().max().item() for n, p in want.items())
+    print(f"pipeline {label}: max |param - single process| = {worst:.3e}")
+    for n, p in want.items():
+        torch.testing.assert_close(got[n].to(p.dtype), p.detach(), **tolerance, msg=f"{label}: {n}")
+    decoders = {}
+    for f in shards.iterdir():
+        if f.suffix == ".safetensors":
+            decoders.update((k_, v) for k_, v in load_file(str(f)).items() if k_.startswith("lopt_aux_decoders."))
+    want_dec = {n: p for n, p in expected.named_parameters() if n.startswith("lopt_aux_decoders.")}
+    assert set(decoders) == set(want_dec)
+    for n, p in want_dec.items():
+        torch.testing.assert_close(decoders[n], p.detach(), **tolerance, msg=f"{label}: {n}")
+
+
+def _moe_config(**extra):
+    import transformers as tf
+
+    return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, vocab_size=97, hidden_size=40,
+                            intermediate_size=72, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+
+
+def _tiny(name):
+    """The model of one ``FAMILY_CASES`` entry, seeded."""
+    import transformers as tf
+
+    from tiny_models import tiny_model
+
+    if name == "mixtral":
+        torch.manual_seed(0)
+        return tf.AutoModelForCausalLM.from_config(_moe_config(), attn_implementation="sdpa").train()
+    family, config = FAMILY_CASES[name]
+    return tiny_model(family, **config)
+
+
+# Every family the patch parity tests cover: name -> (tiny_models family, config overrides).
+FAMILY_CASES = {
+    "gemma2": ("gemma2", {}), "gpt2_tied": ("gpt2", {}), "gpt2_untied": ("gpt2", {"tie_word_embeddings": False}),
+    "gpt_neox": ("gpt_neox", {}), "llama": ("llama", {}), "mistral": ("mistral", {}), "mixtral": (None, {}),
+    "phi3": ("phi3", {}), "qwen2_tied": ("qwen2", {}), "qwen3": ("qwen3", {}),
+}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
+    """3 steps of 2 padded, token-weighted micro-batches, k stages, every family in one launch: the parameters and
+    decoders equal single-process LoPT. GPT-2's learned positions (transformer.wpe) run on rank 0 and are trained
+    there (before, the last rank owned them and never stepped them); tied GPT-2 starts its untied head from
+    transformer.wte (before, the last rank raised 'has no tensor lm_head.weight')."""
+    steps, expected = 3, {}
+    for name in FAMILY_CASES:
+        model = _tiny(name)
+        model.save_pretrained(tmp_path / "models" / name)
+        lopt_kernels.patch(model, num_blocks=k, mode="eager")
+        save_aux_decoders(model, str(tmp_path / "models" / name))
+        expected[name] = model
+    _launch(k, tmp_path / "models", tmp_path / "out", "families", steps=steps)
+    for name, model in expected.items():
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _single_process(model, steps, GA)
+        _assert_pipeline_matches(tmp_path / "out" / name, tmp_path / "final" / name, model,
+                                 {"rtol": 1e-5, "atol": 1e-6}, f"k={k} {name}")
+        if name.startswith("gpt2"):  # the learned positions train (their gradient comes from rank 0's block)
+            assert not torch.equal(initial["transformer.wpe.weight"], model.transformer.wpe.weight)
+
+
+def test_dropout_draws_from_a_stream_per_rank_and_reproduces(tmp_path):
+    """GPT-2 with dropout, every rank seeded alike: each stage draws from its own stream (seeded by the process's
+    seed and its rank), so ranks' masks differ (before, both stages' first layers drew identical masks); a rerun
+    from the same seed gives the same parameters; the caller's own random state is left as it was. Exact
+    equality with single-process LoPT holds without dropout only: one process draws every layer's masks from one
+    stream in order, which ranks running side by side cannot reproduce."""
+    from safetensors.torch import load_file
+
+    from tiny_models import tiny_model
+
+    model = tiny_model("gpt2", num_hidden_layers=4, resid_pdrop=0.3, attn_pdrop=0.3, embd_pdrop=0.3)
+    model.save_pretrained(tmp_path / "model")
+    _launch(2, tmp_path / "model", tmp_path, "dropout", steps=2)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(records[0]["mask"]) == len(records[1]["mask"]) and any(records[0]["mask"])
+    assert records[0]["mask"] != records[1]["mask"]
+    torch.manual_seed(0)
+    assert records[0]["drawn"] == records[1]["drawn"] == torch.rand(3).tolist()
+    for shard in sorted((tmp_path / "run0").glob("*.safetensors")):
+        first, second = load_file(str(shard)), load_file(str(tmp_path / "run1" / shard.name))
+        for n, v in first.items():
+            torch.testing.assert_close(second[n], v, rtol=0, atol=0, msg=n)
+
+
 def test_ranks_on_mixed_dtypes_are_refused_on_every_rank(tmp_path):
     from tiny_models import tiny_model
 
@@ -129,6 +226,39 @@ def test_ranks_on_mixed_dtypes_are_refused_on_every_rank(tmp_path):
     for r in range(2):
         err = (tmp_path / f"rank{r}.err").read_text()
         assert "disagree on dtype" in err and "torch.bfloat16" in err, err
+
+
+def _drop_tensor(model_dir, name):
+    from safetensors.torch import load_file, save_file
+
+    path = str(model_dir / "model.safetensors")
+    tensors = load_file(path)
+    del tensors[name]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, match", [
+    ("router_loss", "output_router_logits"),
+    ("missing_head", "has no tensor lm_head.weight"),
+])
+def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
+    """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
+    router loss (a function of every stage's layers), and a checkpoint missing a tensor only the last rank reads
+    (before, that rank raised after the agreement check and rank 0 died on a closed connection)."""
+    import transformers as tf
+
+    from tiny_models import tiny_model
+
+    if case == "router_loss":
+        torch.manual_seed(0)
+        tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
+    else:
+        tiny_model("llama").save_pretrained(tmp_path / "model")
+        _drop_tensor(tmp_path / "model", "lm_head.weight")
+    _launch(2, tmp_path / "model", tmp_path, "refused")
+    errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and match in errors[0], errors
+    assert errors[0].startswith(f"pipeline rank {0 if case == 'router_loss' else 1} cannot place the model"), errors
 
 
 @pytest.mark.parametrize("num_layers, world, boundaries, match", [
@@ -209,11 +339,11 @@ def test_an_adapter_with_modules_to_save_is_refused(tmp_path):
     it is now refused before training, naming the fix."""
     from peft import LoraConfig, get_peft_model
 
-    from lopt_kernels.pipeline.checkpoint import _inject_adapter
+    from lopt_kernels.pipeline.checkpoint import inject_adapter
     from tiny_models import tiny_model
 
     peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"],
                                                                 modules_to_save=["lm_head"]))
     peft_model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(lopt_kernels.LoptPatchError, match="modules_to_save"):
-        _inject_adapter(tiny_model("llama"), str(tmp_path / "adapter"), {}, "cpu")
+        inject_adapter(tiny_model("llama"), str(tmp_path / "adapter"), {}, "cpu")

@@ -1,0 +1,289 @@
+"""Where a pipeline stage's tensors live: its layer range, the modules outside the layer stack that the first rank
+runs and trains (found by running the model, not by name), the checkpoint tensors it reads, and every check that
+must pass on every rank before any compute."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..aux_decoder import AuxDecoder
+from ..discovery import AUX_MASKS, LoptPatchError, find_layer_stack, resolve_boundaries, text_config
+from .checkpoint import DECODER_FILE, check_adapter, inject_adapter, safetensors_index
+
+
+def stage_layer_ranges(num_layers: int, world: int, boundaries=None) -> list[tuple[int, int]]:
+    """``[(first, end), ...]``, one contiguous layer range per rank."""
+    if world < 2:
+        raise LoptPatchError(f"a LoPT pipeline needs at least 2 ranks (one block each), got world size {world}")
+    if num_layers < world:
+        raise LoptPatchError(
+            f"the model has {num_layers} layers, fewer than the {world} pipeline stages; launch at most "
+            f"{num_layers} processes."
+        )
+    if boundaries is not None and len(boundaries) != world - 1:
+        raise LoptPatchError(
+            f"boundaries={list(boundaries)} places {len(boundaries) + 1} stages but the world size is {world}: give "
+            f"{world - 1} boundaries (the first layer of each stage after the first), or launch {len(boundaries) + 1} "
+            "processes."
+        )
+    bounds = resolve_boundaries(num_layers, None if boundaries is not None else world, boundaries)
+    starts = (0, *bounds, num_layers)
+    return [(starts[i], starts[i + 1]) for i in range(world)]
+
+
+def check_ranks_agree(group, world: int, mine: dict, error: str | None) -> None:
+    """One clear error on every rank, before any compute: a rank that could not place the model (``error``)
+    or ranks started inconsistently (``mine`` differs: dtype, layers, placement, the modules before the layers)."""
+    everyone = [None] * world
+    dist.all_gather_object(everyone, {"error": error, **mine}, group=group)
+    failed = [(r, o["error"]) for r, o in enumerate(everyone) if o["error"]]
+    if failed:
+        rank, message = failed[0]
+        raise LoptPatchError(f"pipeline rank {rank} cannot place the model: {message}")
+    for key in mine:
+        values = {json.dumps(o[key]) for o in everyone}
+        if len(values) > 1:
+            raise LoptPatchError(
+                f"pipeline ranks disagree on {key}: {[o[key] for o in everyone]}; start every rank with the same "
+                "model, dtype and placement."
+            )
+
+
+class _ReachedFirstLayer(Exception):
+    """Raised by the probe's hook on the first decoder layer: what ran before it is known."""
+
+
+def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) -> list[str]:
+    """Names of the modules whose forward completes before the first decoder layer runs (learned positions,
+    an embedding LayerNorm, dropout, rotary tables: what the first rank runs besides the input embeddings),
+    found by running the model's own forward on two positions of ``inputs_embeds`` until that layer starts.
+    Needs those modules materialised (values do not matter); the layers may stay on the meta device."""
+    names = {id(m): n for n, m in lm.named_modules()}
+    finished: list[str] = []
+
+    def note(module, args, output):
+        if id(module) in names and names[id(module)] not in finished:
+            finished.append(names[id(module)])
+
+    def stop(module, args, kwargs):
+        raise _ReachedFirstLayer
+
+    handles = [nn.modules.module.register_module_forward_hook(note),
+               first_layer.register_forward_pre_hook(stop, with_kwargs=True)]
+    embeds = torch.zeros(1, 2, text_config(lm).hidden_size, device=device, dtype=dtype)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            lm(inputs_embeds=embeds, use_cache=False)
+        raise LoptPatchError(f"{type(lm).__name__}: its forward never reached the first decoder layer")
+    except _ReachedFirstLayer:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return finished
+
+
+class WeightMapping:
+    """transformers' checkpoint conversions for one model (keys renamed since the checkpoint was written, experts
+    stored one tensor each but fused in the model): which model tensor a checkpoint key loads into, and the
+    loading of a subset of keys. The identity where this transformers has no conversion API."""
+
+    def __init__(self, renamings: list, converters: list, meta_state: dict, base_model_prefix: str | None):
+        self.renamings, self.converters = renamings, converters
+        self.meta_state, self.base_model_prefix = meta_state, base_model_prefix
+
+    @classmethod
+    def of(cls, lm: nn.Module) -> "WeightMapping":
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415
+            from transformers.core_model_loading import WeightConverter  # noqa: PLC0415
+        except ImportError:
+            return cls([], [], {}, None)
+        transforms = list(get_model_conversion_mapping(lm) or [])
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        return cls(renamings, converters, lm.state_dict(keep_vars=True), getattr(lm, "base_model_prefix", None))
+
+    @property
+    def converts(self) -> bool:
+        return bool(self.renamings or self.converters)
+
+    def target(self, key: str, lm: nn.Module) -> str:
+        """The model tensor the checkpoint tensor ``key`` loads into (a fused one for converted keys)."""
+        if not self.converts:
+            return key
+        from transformers.core_model_loading import rename_source_key  # noqa: PLC0415
+
+        return rename_source_key(key, self.renamings, self.converters, self.base_model_prefix, self.meta_state)[0]
+
+    def load(self, lm: nn.Module, slices: dict, dtype: torch.dtype, device) -> None:
+        """Load the checkpoint tensors ``slices`` (key -> safetensors slice) into ``lm``, converted as
+        transformers' ``from_pretrained`` converts them."""
+        if not self.converts:
+            state = lm.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for key, value in slices.items():
+                    state[key].copy_(value[:].to(device))
+            return
+        from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model  # noqa: PLC0415
+        from transformers.modeling_utils import LoadStateDictConfig  # noqa: PLC0415
+
+        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(lm), dtype=dtype,
+                                     device_map={"": torch.device(device)})
+        info = convert_and_load_state_dict_in_model(lm, slices, config)[0]
+        problems = [*info.error_msgs, *map(str, info.conversion_errors.items()), *map(str, info.mismatched_keys)]
+        if problems:
+            raise LoptPatchError(f"reading this stage's tensors failed: {problems[:3]}")
+
+
+ROUTER_LOSS_MESSAGE = (
+    "{model_dir}: the config sets output_router_logits=True, whose load-balancing loss is a function of every "
+    "layer's router logits at once, so no stage can compute it from its own layers. Train this mixture-of-experts "
+    "model in one process (lopt_kernels.patch), or set output_router_logits=False for the pipeline."
+)
+
+
+@dataclass
+class StagePlan:
+    """This rank's part of the model, built on the meta device with its own modules allocated (not yet read),
+    and where each of its tensors comes from in the checkpoint. ``build`` runs every check; ``load`` reads."""
+
+    model_dir: str
+    rank: int
+    world: int
+    ranges: list
+    lm: nn.Module
+    device: object
+    dtype: torch.dtype
+    adapter: str | None
+    aux_decoders: str | None
+    index: dict  # checkpoint tensor name -> file
+    sources: dict  # this rank's tensor name -> the checkpoint keys it is read from
+    copies: dict  # a tied checkpoint: this rank's untied head (or embedding) -> the other's checkpoint keys
+    mapping: "WeightMapping"
+    first_rank_modules: list  # modules outside the layer stack that rank 0 runs and trains
+
+    @classmethod
+    def build(cls, model_dir: str, rank: int, world: int, *, boundaries, dtype, device, attn_implementation: str,
+              adapter: str | None, aux_decoders: str | None, aux_mask: str) -> "StagePlan":
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+        if aux_mask not in AUX_MASKS:
+            raise LoptPatchError(f"aux_mask must be one of {AUX_MASKS}, got {aux_mask!r}")
+        config = AutoConfig.from_pretrained(model_dir)
+        if getattr(config.get_text_config(), "output_router_logits", False):
+            raise LoptPatchError(ROUTER_LOSS_MESSAGE.format(model_dir=model_dir))
+        ranges = stage_layer_ranges(config.get_text_config().num_hidden_layers, world, boundaries)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        _, _, layers = find_layer_stack(lm)
+        inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+        module_names = {id(m): n for n, m in lm.named_modules()}
+        embedding_name, head_name = module_names[id(inp)] + ".weight", module_names[id(out)] + ".weight"
+        tied = out.weight is inp.weight
+        if tied:  # LoPT unties them (as patch does): the head trains on the last rank only
+            out.weight = nn.Parameter(torch.empty_like(inp.weight, device="meta"))
+        first, end = ranges[rank]
+        skip = {id(m) for i, layer in enumerate(layers) if not first <= i < end for m in layer.modules()}
+        if rank != 0:
+            skip.add(id(inp))
+        if rank != world - 1:
+            skip.add(id(out))
+        keep = [m for m in lm.modules() if id(m) not in skip]
+        for module in keep:
+            for key, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    module._parameters[key] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+            for key, b in list(module._buffers.items()):
+                if b is not None and b.is_meta:
+                    module._buffers[key] = torch.empty_like(b, device=device)
+        with torch.no_grad():
+            for module in keep:
+                lm._init_weights(module)  # non-persistent buffers (rotary frequencies); the rest is read in load
+        first_rank_modules = [module_names[id(inp)], *modules_before_layers(lm, layers[0], device, dtype)]
+        index = safetensors_index(model_dir)
+        mapping = WeightMapping.of(lm)
+        mine = {n: t for n, t in lm.state_dict(keep_vars=True).items() if not t.is_meta}
+        sources: dict[str, list] = {}  # this rank's tensor name -> the checkpoint keys it is read from
+        for key in index:
+            target = mapping.target(key, lm)
+            if target in mine:
+                sources.setdefault(target, []).append(key)
+        # a tied checkpoint stores one of the two: the untied head (or embedding) starts from the other
+        tied_source = {head_name: embedding_name, embedding_name: head_name} if tied else {}
+        copies = {}  # this rank's tensor name -> the model tensor name whose checkpoint keys it is read from
+        for name in mine:
+            if name in sources:
+                continue
+            other = tied_source.get(name)
+            if other is not None:
+                keys = [k for k in index if mapping.target(k, lm) == other]
+                if len(keys) == 1:  # an embedding is one tensor in every checkpoint format
+                    copies[name] = keys
+                    continue
+            if isinstance(mine[name], nn.Parameter):
+                raise LoptPatchError(f"{model_dir} has no tensor {name} (not a checkpoint of this model)")
+            # else a non-persistent buffer, computed above
+        if adapter is not None:
+            check_adapter(adapter)
+        if rank != world - 1 and aux_decoders is not None \
+                and not os.path.isfile(os.path.join(aux_decoders, DECODER_FILE)):
+            raise LoptPatchError(f"{os.path.join(aux_decoders, DECODER_FILE)} does not exist")
+        return cls(model_dir, rank, world, ranges, lm, device, dtype, adapter, aux_decoders, index, sources, copies,
+                   mapping, first_rank_modules)
+
+    def agreement(self) -> dict:
+        """What every rank must agree on."""
+        return {"dtype": str(self.dtype), "num_layers": len(find_layer_stack(self.lm)[2]),
+                "ranges": [list(r) for r in self.ranges], "first_rank_modules": self.first_rank_modules}
+
+    def load(self) -> nn.Module:
+        """Read this rank's tensors (only those) and its LoRA adapter; returns the model."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with contextlib.ExitStack() as stack:
+            files = {path: stack.enter_context(safe_open(path, "pt", device="cpu")) for path in set(self.index.values())}
+
+            def read(keys):
+                return {k: files[self.index[k]].get_slice(k) for k in keys}
+
+            self.mapping.load(self.lm, read([k for keys in self.sources.values() for k in keys]), self.dtype,
+                              self.device)
+            state = self.lm.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for name, (key,) in self.copies.items():
+                    state[name].copy_(files[self.index[key]].get_tensor(key))
+        if self.adapter is not None:
+            inject_adapter(self.lm, self.adapter, self.index, self.device)
+        return self.lm
+
+    def decoder(self) -> AuxDecoder:
+        """This rank's aux decoder: from a pipeline checkpoint's shard, ``aux_decoders`` (or the model
+        directory's) decoder file, or a fresh initialisation seeded per rank (the same on every launch)."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        decoder = AuxDecoder(text_config(self.lm).hidden_size, device=self.device, dtype=self.dtype)
+        path = os.path.join(self.aux_decoders or self.model_dir, DECODER_FILE)
+        prefix = f"lopt_aux_decoders.{self.rank}."
+        if self.aux_decoders is None and any(k.startswith(prefix) for k in self.index):  # a pipeline checkpoint
+            with safe_open(self.index[next(k for k in self.index if k.startswith(prefix))], "pt") as f:
+                decoder.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        elif os.path.isfile(path):
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            saved = load_file(path)
+            decoder.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items()
+                                     if k.split(".")[0] == str(self.rank)})
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1234 + self.rank)
+                decoder.reset_parameters()
+        return decoder
