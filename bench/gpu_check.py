@@ -1,31 +1,39 @@
-"""The whole GPU check in one command, within 10 minutes, one JSON out (so a GPU session never improvises).
+"""The whole GPU check in one command, one JSON out, within one device call (so a GPU session never improvises).
 
     python bench/gpu_check.py --out gpu_check.json        # on the GPU machine, from the repository root
 
-In order, each with its own time limit (the sum stays under 10 minutes):
-1. versions: python, torch, triton, transformers, liger-kernel, CUDA device;
-2. the kernel tests natively (``tests/ops``, Triton on CUDA tensors, no interpreter);
-3. ``bench/test_bench_reconstruction_loss.py`` at rows 16384, bf16, h 4096 and h 8192 (fused Triton vs eager vs
-   ``torch.compile``: times, peak memory, the modelled HBM bytes per row), with issue 11's GPU targets checked:
-   fused <= 0.6x eager time and <= 0.25x eager peak memory, <= 1.3x torch.compile's time, achieved bandwidth;
-4. ``bench/recon_profile.py``: where the fused op's time goes (per-kernel device time, host time per call, host
-   syncs, device idle time inside a step) and the op timed both ways (synchronised steps, interleaved with eager and
-   torch.compile, and ``do_bench``), through its autograd Function and called directly;
-5. ``lopt-kernels compare --config cpu-1b`` on the device (its JSON);
-6. ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16);
-7. ``bench/recon_sweep.py``: the fused op's chunk rows, partial-sum programs per SM and widest CTA, timed side by
-   side with eager and torch.compile at the same shapes (which settings the defaults should be).
-A stage that fails or runs out of time is recorded as such and the next one still runs; no stage starts past
-``--budget`` seconds, and the JSON is rewritten after every stage, so a run cut short keeps what finished.
+The figures that matter first. In order, each stage a process group of its own with its own time limit (killed
+whole when it runs out; the limits before the last stage add up to 450 s, under ``--budget``, default 480 s, which
+leaves a 600 s device call room to start; the last stage gets what is left):
+1. ``versions``: python, torch, triton, transformers, liger-kernel, the CUDA device, and the fused op's matmul
+   probes (``mm(out_dtype=)``, in-place ``addmm(out_dtype=)``), printed first;
+2. ``recon_h4096`` and ``recon_h8192`` (``bench/recon_check.py``, one process per size, so ``torch.compile`` is
+   specialised to it): the fused op's numerics at the benchmark shape (rows 16384, bf16, r = h / 4) against an
+   fp32 reference; fused (through its autograd Function), eager, ``torch.compile`` (``dynamic=False``) and the
+   op's six matmuls alone, timed as synchronised interleaved steps and with ``do_bench``; peak memory; the
+   targets (fused <= 0.8x compile and <= 1.3x the six matmuls, peak <= 0.25x eager);
+3. ``kernel_tests``: ``tests/ops`` natively (Triton on CUDA tensors), the sm_90 compile test deselected (CI runs it);
+4. ``recon_profile``: where the fused op's time goes (per-kernel device time, host time and syncs per call, device
+   idle time in a step) at h 4096;
+5. ``reconstruction_h4096``: the pytest benchmark (``bench/test_bench_reconstruction_loss.py``), next to
+   ``recon_check``'s figures for the same shape, which tells whether its timing differs from them;
+6. ``compare_cpu_1b``: ``lopt-kernels compare --config cpu-1b`` on the device (its JSON);
+7. ``step_bench``: ``bench/test_bench_step.py`` (every ``compare`` variant at cpu-1b, 2 x 4096, bf16, LoRA r=16);
+8. ``recon_sweep``: chunk rows, partial-sum programs per SM and widest CTA, at h 4096 (what the defaults should be).
+A stage that fails or runs out of time is recorded as such (with what its script had written) and the next one
+still runs; no stage starts past the budget, and the JSON is rewritten after every stage. It runs on torch,
+Triton and transformers versions other than CI's: a stage whose script needs what a version lacks fails alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,22 +46,27 @@ _DEADLINE = [float("inf")]
 
 
 def _run(name, cmd, timeout, env=None, results=None):
+    """Run ``cmd`` as a process group of its own for at most ``timeout`` seconds (less if the budget ends first);
+    on time-out the whole group is killed (compile workers and all) and what it printed is kept."""
     timeout = min(timeout, _DEADLINE[0] - time.perf_counter())
     if timeout < 10:
         results[name] = {"rc": None, "skipped": "out of budget", "cmd": " ".join(cmd)}
         print(f"[{name}] skipped: out of budget", flush=True)
         return results[name]
     started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-        record = {"rc": proc.returncode, "tail": (proc.stdout + proc.stderr)[-6000:]}
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        record = {"rc": None, "timed_out": True, "tail": out[-6000:]}
-    record.update(cmd=" ".join(cmd), seconds=round(time.perf_counter() - started, 1))
+        out, _ = proc.communicate(timeout=timeout)
+        record = {"rc": proc.returncode, "tail": out[-6000:]}
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        record = {"rc": None, "timed_out": True, "tail": (out or "")[-6000:]}
+    record.update(cmd=" ".join(cmd), seconds=round(time.perf_counter() - started, 1), limit_s=round(timeout, 1))
     results[name] = record
-    print(f"[{name}] rc={record['rc']} in {record['seconds']} s", flush=True)
+    print(f"[{name}] rc={record['rc']} in {record['seconds']} s (limit {record['limit_s']} s)", flush=True)
     return record
 
 
@@ -71,6 +84,13 @@ def _versions():
     if out["cuda"]:
         out["device"] = torch.cuda.get_device_name(0)
         out["capability"] = list(torch.cuda.get_device_capability(0))
+        try:  # which fp32-accumulating matmul path the fused op takes on this runtime
+            from lopt_kernels.ops import reconstruction_loss as rl  # noqa: PLC0415
+
+            out["probes"] = {"mm_out_dtype": rl._mm_has_out_dtype("cuda"),
+                             "addmm_out_dtype_in_place_bf16": rl._addmm_has_out_dtype_in_place("cuda", torch.bfloat16)}
+        except Exception as exc:  # noqa: BLE001 - recorded
+            out["probes"] = f"failed ({type(exc).__name__}: {exc})"
     return out
 
 
@@ -102,11 +122,17 @@ def _reconstruction_targets(bench_json: str) -> dict:
     return out
 
 
+# (stage, time limit in seconds), in the order they run: the limits before the sweep add up to 450 s, under the
+# default budget; the sweep gets what is left of it
+STAGES = (("recon", 80 + 90), ("tests", 80), ("profile", 70), ("bench", 50), ("compare", 40), ("step", 40),
+          ("sweep", 600))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check.json")
-    p.add_argument("--skip", default="", help="comma-separated stages to skip: tests,recon,profile,compare,step,sweep")
-    p.add_argument("--budget", type=float, default=570.0, help="seconds after which no stage starts or runs on")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip: " + ",".join(s for s, _ in STAGES))
+    p.add_argument("--budget", type=float, default=480.0, help="seconds after which no stage starts or runs on")
     args = p.parse_args(argv)
     _DEADLINE[0] = time.perf_counter() + args.budget
     skip = set(filter(None, args.skip.split(",")))
@@ -121,35 +147,38 @@ def main(argv=None):
     native = {"TRITON_INTERPRET": "0"}
     py = sys.executable
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
-    if "tests" not in skip:
-        _run("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops"], 150, native, results)
-        save()
-    if "recon" not in skip:
-        results["reconstruction"] = {}
-        for hidden in (4096, 8192):
-            path = os.path.join(tmp, f"recon_{hidden}.json")
-            record = _run(f"reconstruction_h{hidden}", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                                                        "bench/test_bench_reconstruction_loss.py", "--benchmark-only",
-                                                        f"--benchmark-json={path}"],
-                          120, {**native, "LOPT_BENCH_ROWS": "16384", "LOPT_BENCH_HIDDEN": str(hidden)}, results)
-            if record["rc"] == 0 and os.path.isfile(path):
-                results["reconstruction"][hidden] = _reconstruction_targets(path)
-            save()
 
-    def script_stage(name, script):  # a bench script writing one JSON, kept also when it timed out part-way
+    def script_stage(name, cmd, limit):  # a script writing one JSON, kept also when it timed out part-way
         path = os.path.join(tmp, f"{name}.json")
-        _run(name, [py, script, "--out", path], 150, native, results)
+        _run(name, [py, *cmd, "--out", path], limit, native, results)
         if os.path.isfile(path):
             with open(path) as f:
                 results[name]["json"] = json.load(f)
         save()
 
+    limits = dict(STAGES)
+    if "recon" not in skip:
+        script_stage("recon_h4096", ["bench/recon_check.py", "--hidden", "4096"], 80)
+        script_stage("recon_h8192", ["bench/recon_check.py", "--hidden", "8192"], limits["recon"] - 80)
+    if "tests" not in skip:
+        _run("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops", "-k", "not sm90"],
+             limits["tests"], native, results)
+        save()
     if "profile" not in skip:
-        script_stage("recon_profile", "bench/recon_profile.py")
+        script_stage("recon_profile", ["bench/recon_profile.py", "--hidden", "4096", "--no-compile"], limits["profile"])
+    if "bench" not in skip:
+        path = os.path.join(tmp, "recon_4096.json")
+        record = _run("reconstruction_h4096", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                                               "bench/test_bench_reconstruction_loss.py", "--benchmark-only",
+                                               f"--benchmark-json={path}"],
+                      limits["bench"], {**native, "LOPT_BENCH_ROWS": "16384", "LOPT_BENCH_HIDDEN": "4096"}, results)
+        if record["rc"] == 0 and os.path.isfile(path):
+            results["reconstruction"] = {4096: _reconstruction_targets(path)}
+        save()
     if "compare" not in skip:
         path = os.path.join(tmp, "compare.json")
         record = _run("compare_cpu_1b", [py, "-m", "lopt_kernels.cli", "compare", "--config", "cpu-1b", "--device",
-                                         "cuda", "--json", path], 120, native, results)
+                                         "cuda", "--json", path], limits["compare"], native, results)
         if record["rc"] == 0 and os.path.isfile(path):
             with open(path) as f:
                 results["compare_cpu_1b"]["json"] = json.load(f)
@@ -157,14 +186,14 @@ def main(argv=None):
     if "step" not in skip:
         path = os.path.join(tmp, "step.json")
         _run("step_bench", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "bench/test_bench_step.py",
-                            "--benchmark-only", f"--benchmark-json={path}"], 150, native, results)
+                            "--benchmark-only", f"--benchmark-json={path}"], limits["step"], native, results)
         if os.path.isfile(path):
             with open(path) as f:
                 results["step_bench"]["rows"] = [{"name": b["name"], "median_s": b["stats"]["median"],
                                                   **b.get("extra_info", {})} for b in json.load(f)["benchmarks"]]
         save()
     if "sweep" not in skip:
-        script_stage("recon_sweep", "bench/recon_sweep.py")
+        script_stage("recon_sweep", ["bench/recon_sweep.py", "--hidden", "4096", "--no-compile"], limits["sweep"])
     print(f"wrote {args.out}")
 
 

@@ -57,7 +57,8 @@ def variants(y, x, params, backend: str, compile_baseline: bool) -> dict:
         "eager": autograd(eager_loss),
     }
     if compile_baseline:
-        steps["compiled"] = autograd(torch.compile(eager_loss))
+        torch._dynamo.reset()  # nothing compiled for another shape: no automatic dynamic shapes
+        steps["compiled"] = autograd(torch.compile(eager_loss, dynamic=False))
     return steps
 
 

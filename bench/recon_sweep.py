@@ -102,7 +102,8 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_gr
 
     baselines = {"eager": eager_loss}
     if compile_baseline:
-        baselines["compiled"] = torch.compile(eager_loss)
+        torch._dynamo.reset()  # nothing compiled for another shape: no automatic dynamic shapes
+        baselines["compiled"] = torch.compile(eager_loss, dynamic=False)
     for name, loss_fn in baselines.items():
         step = autograd_step(loss_fn)
         step()  # compiles outside the measurement

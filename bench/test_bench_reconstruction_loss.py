@@ -74,7 +74,7 @@ _compiled_loss = None
 def compiled_loss(*args):
     global _compiled_loss
     if _compiled_loss is None:
-        _compiled_loss = torch.compile(eager_loss)
+        _compiled_loss = torch.compile(eager_loss, dynamic=False)  # one shape per process: static, as tuned
     return _compiled_loss(*args)
 
 

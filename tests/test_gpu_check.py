@@ -78,3 +78,48 @@ def test_recon_profile_runs_under_the_interpreter(tmp_path):
     for record in result["variants"].values():
         assert record["step_ms"] > 0 and record["host_ms"] > 0 and record["syncs"] == 0 and record["kernels"]
     assert any("reconstruction_loss_and_grads" in row["name"] for row in result["variants"]["fused"]["kernels"])
+
+
+def test_recon_check_runs_under_the_interpreter(tmp_path):
+    """bench/recon_check.py (gpu_check's first stages) end to end on a tiny shape (CPU, Triton interpreter): the
+    numerics against the fp32 reference within tolerance, every variant and the six matmuls timed, the targets
+    written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "check.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recon_check.py"), "--out", str(out),
+                           "--no-compile", "--rows", "20", "--hidden", "24", "--rounds", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["numerics"]["ok"] and set(result["numerics"]["gradients"]) == {
+        "y", "norm_weight", "norm_bias", "down_weight", "down_bias", "up_weight", "up_bias"}
+    assert set(result["timing"]) == {"fused", "eager", "gemms"}
+    assert "fused/gemms time (step_ms)" in result["targets"] and result["targets"]["numerics within tolerance"]["ok"]
+
+
+def test_a_stage_that_runs_out_of_time_is_killed_with_its_children(tmp_path):
+    """A stage past its limit is killed as a process group (a compile worker it started dies with it) and
+    recorded as timed out with what it printed, in about its limit."""
+    import sys
+    import time
+
+    gpu_check = _gpu_check()
+    marker = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(marker)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)")
+    results = {}
+    started = time.perf_counter()
+    record = gpu_check._run("sleepy", [sys.executable, "-c", script], 11, results=results)
+    assert time.perf_counter() - started < 30
+    assert record["timed_out"] and "started" in record["tail"] and results["sleepy"] is record
+    child = int(marker.read_text())
+    time.sleep(0.5)
+    try:  # gone, or a zombie nobody has reaped yet (a container's init may not reap)
+        with open(f"/proc/{child}/stat") as f:
+            assert f.read().split(") ")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        pass
