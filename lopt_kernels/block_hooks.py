@@ -92,6 +92,19 @@ def _check_decoders_trainable(state: PatchState) -> None:
             what="If that is on purpose, ignore this warning."))
 
 
+def _run_block_ends_after_fsdp2(state: PatchState) -> None:
+    """Re-register the hook on each non-final block's last layer so that it runs after FSDP2's post-forward hook
+    (``fully_shard`` after ``patch`` registered FSDP2's after it): the eager local backward then starts from an
+    output FSDP2 has hooked for its backward (unshard, reduce-scatter), as any backward does."""
+    for layer, (_, post) in state.layer_hooks.items():
+        if post is None:
+            continue
+        for i, handle in enumerate(state.handles):
+            if layer._forward_hooks.get(handle.id) is post:
+                handle.remove()
+                state.handles[i] = layer.register_forward_hook(post, with_kwargs=True)
+
+
 def _is_cache(value) -> bool:
     return type(value).__name__.endswith("Cache") and hasattr(value, "update")
 
@@ -145,34 +158,32 @@ def held_gradient_bytes(state: PatchState) -> int:
 
 def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> str:
     """The boundary mode of this training forward. ``auto``: eager (no recomputation) when the gradients it
-    would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models),
-    activation-free otherwise (a full fine-tune, where holding half the model's gradients through the top
-    half's work costs more memory than recomputing the bottom half costs time); activation-free under FSDP2.
-    ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden states (per-layer
-    inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager."""
+    would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models;
+    under FSDP2 the held gradients are sharded, 1/world of that), activation-free otherwise (a full fine-tune,
+    where holding half the model's gradients through the top half's work costs more memory than recomputing the
+    bottom half costs time). ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden
+    states (per-layer inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager
+    (stored under FSDP2, whose eager backward would accumulate them unscaled)."""
     mode = state.settings.mode
-    if outside_inputs and (mode == "activation_free" or (mode == "auto" and state.bottom_fsdp2)):
+    refused = ("activation_free", "eager") if state.bottom_fsdp2 else ("activation_free",)
+    if outside_inputs and (mode in refused or (mode == "auto" and state.bottom_fsdp2)):
         raise LoptPatchError(
-            f"mode={mode!r} cannot train this model: its bottom layers read {len(outside_inputs)} trainable tensor(s) "
-            "besides their hidden states (per-layer inputs such as Gemma3n's per_layer_inputs, a trainable prefix in the "
-            "KV cache), and the activation-free "
-            "rebuild would leave their aux-loss gradient out. Patch with mode='eager' or mode='stored' (under FSDP2: "
-            "mode='stored'), or freeze what produces them."
-        )
-    if mode == "eager" and state.bottom_fsdp2:
-        raise LoptPatchError(
-            "mode='eager' does not run under FSDP2 (fully_shard): its local backward runs inside the forward, "
-            "before FSDP2 can reduce-scatter the bottom blocks' gradients. Patch with mode='activation_free' "
-            "(same gradients, tested under FSDP2) or mode='auto'."
+            f"mode={mode!r} cannot train this model{' under FSDP2' if state.bottom_fsdp2 else ''}: its bottom layers "
+            f"read {len(outside_inputs)} trainable tensor(s) besides their hidden states (per-layer inputs such as "
+            "Gemma3n's per_layer_inputs, a trainable prefix in the KV cache), whose aux-loss gradient "
+            f"{'it' if mode != 'auto' else 'the mode auto would pick'} would leave out. Patch with "
+            f"{'mode=' + repr('stored') if state.bottom_fsdp2 else 'mode=' + repr('eager') + ' or mode=' + repr('stored')}, "
+            "or freeze what produces them."
         )
     if mode != "auto":
         return mode
-    if state.bottom_fsdp2:
-        return "activation_free"
     if outside_inputs:
         return "eager"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
-    return "eager" if held_gradient_bytes(state) <= activations else "activation_free"
+    held = held_gradient_bytes(state)
+    if state.bottom_fsdp2:
+        held /= max(torch.distributed.get_world_size(), 1) if distributed() else 1
+    return "eager" if held <= activations else "activation_free"
 
 
 def _use_non_reentrant_checkpointing(state: PatchState) -> None:
@@ -290,6 +301,8 @@ def backbone_pre_hook(state: PatchState):
             run.cache_requested = bool(kwargs.get("use_cache")) or _cache_in(args, kwargs) is not None
             if state.bottom_fsdp2 is None:  # once: sharding happens before training starts
                 state.bottom_fsdp2 = _fsdp2_sharded(_bottom_layers(state))
+                if state.bottom_fsdp2:
+                    _run_block_ends_after_fsdp2(state)
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
             _hoist_hooks_out_of_checkpoint(state)
@@ -498,6 +511,7 @@ def layer_post_hook(state: PatchState, block: int):
             # FSDP2 reduces gradients from hooks on the unsharded parameters' accumulation, so the
             # rebuild must accumulate; DDP's reducer needs them from the outer backward instead.
             accumulate_into_grad=bool(state.bottom_fsdp2) or not distributed(),
+            sharded_grads=bool(state.bottom_fsdp2),
             on_missing_aux=lambda: state.notice_once("missing_aux", MISSING_AUX_MESSAGE),
         )
         if run.mode == "eager":

@@ -28,6 +28,8 @@ class BoundarySpec:
     # held); False: they return through the Function, so that each parameter's AccumulateGrad runs once
     # in the caller's backward, as DDP's reducer requires. (activation-free mode only)
     accumulate_into_grad: bool = True
+    # eager mode under FSDP2: the local backward is an ordinary one whose gradients FSDP2 reduce-scatters, held sharded
+    sharded_grads: bool = False
     # Called when a backward reaches the hand-off but the loss holds no aux term (the block stays untrained).
     on_missing_aux: Callable[[], None] | None = None
 

@@ -179,7 +179,10 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     layer_params = [p for p in params if id(p) not in decoder_ids]
     wrt = layer_params + tape.extras + ([tape.leaf] if tape.leaf.requires_grad else [])
     grad_x, extra_grads = None, [None] * len(tape.extras)
-    if wrt and y.requires_grad:
+    if spec.sharded_grads and wrt and y.requires_grad:
+        local, grad_x = _fsdp2_local_backward(spec, tape, y, box, layer_params)
+        by_id.update((id(p), g) for p, g in zip(layer_params, local))
+    elif wrt and y.requires_grad:
         guard = spec.replay_guard
         guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
         try:
@@ -193,6 +196,53 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     held = [by_id.get(id(p)) for p in params] + extra_grads + [grad_x]
     unscaled = frozenset(i for i, p in enumerate(params) if id(p) in decoder_ids)
     return aux, params, held, scale, unscaled
+
+
+def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, box: list, layer_params: list):
+    """The block's local backward under FSDP2: an ordinary backward, for which FSDP2 unshards the block's layers
+    and from whose post-backward hooks it reduce-scatters their gradients into the sharded ``.grad`` (gradient sync
+    forced on for the block: each micro-batch's local gradients are reduced once, now); the sharded gradients are
+    then taken out of ``.grad`` (the ones accumulated before are put back) and returned, with the block input's
+    gradient (or None). FSDP2's end-of-backward callback is not queued (it would reshard the root's parameters in
+    the middle of its forward): what it does for the block's groups is done here."""
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # noqa: PLC0415
+
+    states = [m._get_fsdp_state() for layer in tape.layers for m in layer.modules() if isinstance(m, FSDPModule)]
+    groups = [g for state in states for g in state._fsdp_param_groups]
+    ctx, comm = states[0]._state_ctx, states[0]._comm_ctx
+    saved_sync, saved_queued = [g.reduce_grads for g in groups], ctx.post_backward_final_callback_queued
+    saved_grads, leaf_grad = [p.grad for p in layer_params], tape.leaf.grad
+    for p in layer_params:
+        p.grad = None
+    tape.leaf.grad = None
+    for g in groups:
+        g.reduce_grads = True
+    ctx.post_backward_final_callback_queued = True
+    guard = spec.replay_guard
+    guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
+    try:
+        torch.autograd.backward(_GradientSeed.apply(y, box))
+        for g in reversed(groups):
+            if g._training_state != TrainingState.POST_BACKWARD:  # a layer whose inputs needed no gradient
+                g.post_backward()
+            g._training_state = TrainingState.IDLE
+        for state in states:
+            state._training_state = TrainingState.IDLE
+        for rs in comm.reduce_scatter_states:  # the sharded gradients are read on this stream later
+            if rs.event is not None:
+                torch.accelerator.current_stream(y.device).wait_event(rs.event) if y.device.type != "cpu" else None
+        comm.reduce_scatter_states.clear()
+    finally:
+        guard.replaying = False
+        ctx.post_backward_final_callback_queued = saved_queued
+        for g, sync in zip(groups, saved_sync):
+            g.reduce_grads = sync
+    local = [p.grad for p in layer_params]
+    for p, g in zip(layer_params, saved_grads):
+        p.grad = g
+    grad_x, tape.leaf.grad = tape.leaf.grad, leaf_grad
+    return local, grad_x
 
 
 @dataclass
