@@ -233,6 +233,9 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
             if rs.event is not None:
                 torch.accelerator.current_stream(y.device).wait_event(rs.event) if y.device.type != "cpu" else None
         comm.reduce_scatter_states.clear()
+        # the block's backward is done: the caller's backward must not prefetch (all-gather) its layers again
+        done = {id(g) for g in groups}
+        comm.post_forward_order[:] = [g for g in comm.post_forward_order if id(g) not in done]
     finally:
         guard.replaying = False
         ctx.post_backward_final_callback_queued = saved_queued
