@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..discovery import LoptPatchError
 from .common import (BoundarySpec, accumulate_gathered, block_params, is_zero3, local_loss_and_grads,
                      zero3_anchor)
 
@@ -205,13 +206,20 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
     then taken out of ``.grad`` (the ones accumulated before are put back) and returned, with the block input's
     gradient (or None). FSDP2's end-of-backward callback is not queued (it would reshard the root's parameters in
     the middle of its forward): what it does for the block's groups is done here."""
-    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
-    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # noqa: PLC0415
+    try:  # FSDP2's own state (torch 2.13's layout)
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # noqa: PLC0415
 
-    states = [m._get_fsdp_state() for layer in tape.layers for m in layer.modules() if isinstance(m, FSDPModule)]
-    groups = [g for state in states for g in state._fsdp_param_groups]
-    ctx, comm = states[0]._state_ctx, states[0]._comm_ctx
-    saved_sync, saved_queued = [g.reduce_grads for g in groups], ctx.post_backward_final_callback_queued
+        states = [m._get_fsdp_state() for layer in tape.layers for m in layer.modules() if isinstance(m, FSDPModule)]
+        groups = [g for state in states for g in state._fsdp_param_groups]
+        ctx, comm = states[0]._state_ctx, states[0]._comm_ctx
+        saved_sync, saved_queued = [g.reduce_grads for g in groups], ctx.post_backward_final_callback_queued
+        comm.post_forward_order, comm.reduce_scatter_states  # noqa: B018 - present, or refused below
+    except (ImportError, AttributeError, IndexError) as exc:
+        raise LoptPatchError(
+            f"mode='eager' under FSDP2 needs FSDP2 internals this torch lays out otherwise ({type(exc).__name__}: {exc}), and "
+            "fully_shard on the bottom blocks' layers; patch with mode='activation_free' (or upgrade torch)."
+        ) from exc
     saved_grads, leaf_grad = [p.grad for p in layer_params], tape.leaf.grad
     for p in layer_params:
         p.grad = None

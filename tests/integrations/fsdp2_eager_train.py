@@ -3,8 +3,9 @@ over gloo: 3 optimiser steps of 2 accumulated micro-batches (gradient sync off o
 ``set_requires_gradient_sync``), token-weighted as HF Trainer does, for full fine-tuning and LoRA, with and without
 checkpointing; each variant's parameters (gathered) equal one process without FSDP2 on the same global batches
 -> OUT/<variant>_ok. Also: ``mode='auto'`` picks eager under FSDP2 for LoRA (held sharded gradients smaller than the
-bottom blocks' activations) -> OUT/auto_lora_eager_ok, and a bf16 MixedPrecisionPolicy with fp32 reduction trains
-within bf16's rounding of one fp32 process -> OUT/mixed_precision_ok."""
+bottom blocks' activations) -> OUT/auto_lora_eager_ok, a bf16 MixedPrecisionPolicy with fp32 reduction trains
+within bf16's rounding of one fp32 process -> OUT/mixed_precision_ok, and LoRA with CPUOffloadPolicy equals one
+process -> OUT/cpu_offload_ok."""
 
 import os
 import sys
@@ -15,7 +16,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 import lopt_kernels  # noqa: E402
 from helpers import exit_distributed_worker  # noqa: E402
@@ -64,9 +65,11 @@ def one_process(variant, world):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def sharded(variant, mesh, mode="eager", mp_policy=None):
+def sharded(variant, mesh, mode="eager", mp_policy=None, offload=False):
     model = _model(variant, mode)
     kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     for layer in model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -111,6 +114,10 @@ def main(out):
     if rank == 0:
         _compare(got, one_process("full", world), 0.0, 2e-2 * LR, "mixed precision")
         open(os.path.join(out, "mixed_precision_ok"), "w").close()
+    got = train_sharded(sharded("lora", mesh, offload=True), rank, world)
+    if rank == 0:
+        _compare(got, one_process("lora", world), 1e-5, 1e-7, "cpu offload")
+        open(os.path.join(out, "cpu_offload_ok"), "w").close()
     exit_distributed_worker()
 
 
