@@ -217,8 +217,8 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
         comm.post_forward_order, comm.reduce_scatter_states  # noqa: B018 - present, or refused below
     except (ImportError, AttributeError, IndexError) as exc:
         raise LoptPatchError(
-            f"mode='eager' under FSDP2 needs FSDP2 internals this torch lays out otherwise ({type(exc).__name__}: {exc}), and "
-            "fully_shard on the bottom blocks' layers; patch with mode='activation_free' (or upgrade torch)."
+            "mode='eager' under FSDP2 needs fully_shard on the bottom blocks' layers and FSDP2 internals that this "
+            f"torch lays out otherwise ({type(exc).__name__}: {exc}); patch with mode='activation_free'."
         ) from exc
     saved_grads, leaf_grad = [p.grad for p in layer_params], tape.leaf.grad
     for p in layer_params:
