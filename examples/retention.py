@@ -1,37 +1,44 @@
-"""Retention: what does LoPT keep that end-to-end post-training loses?
+"""Retention: does LoPT forget less than end-to-end post-training, at the same learning?
 
-Post-trains one causal LM on narrow task data with the same budget (same batches in the same order, same
-steps and tokens, same AdamW and constant learning rate) end-to-end and with LoPT, over several seeds, and
-measures the task (held-out loss, exact-match accuracy) and the general text the model knew before
-(perplexity on held-out general text, before and after).
+A learning-forgetting Pareto protocol (as in Biderman et al. 2024, "LoRA Learns Less and Forgets Less"):
+every method is post-trained on narrow task data at several learning rates and seeds, with the same budget
+(the same batches in the same order, the same steps and tokens, AdamW, constant learning rate), and each run
+is placed by its task performance against its forgetting, both measured on held-out data. A method is better
+only where its Pareto front (the learning rates no other learning rate of the same method beats on both axes)
+dominates another's beyond the seed noise; otherwise the verdict is "neither".
 
     python examples/retention.py                          # embedded default: no download (built once, cached)
     python examples/retention.py --model ./my-model --task-data task.jsonl --general-data wiki.jsonl \\
-        --steps 500 --lr 1e-5 --local-lr 1e-5 --num-blocks 2,4 --seeds 3 --lora 16
+        --steps 500 --lrs 1e-5,3e-5,1e-4,3e-4 --lora-lrs 1e-4,3e-4,1e-3,3e-3 --methods e2e,lopt-k2,lora --seeds 3
 
-Embedded default: a small Llama pretrained here on the prose of the standard library's pydoc_data topics
-(a byte-level BPE trained with `tokenizers`, digits split), the held-out topics as general text, and
-2-digit addition ("47+58=" -> "105", 6000 distinct problems) as the task; built once under --cache-dir.
+Embedded default: an 8-layer Llama (2 M parameters) pretrained here on the prose of the standard library's
+pydoc_data topics (a byte-level BPE trained with `tokenizers`, digits split), the held-out topics as the
+general (pretraining-distribution) text, and 2-digit addition ("47+58=" -> "105", 6000 distinct problems)
+as the narrow task: digits and "+"/"=" are rare in the prose, so learning the format pulls the output
+distribution away from it and end-to-end fine-tuning measurably forgets. Built once under --cache-dir;
+the pretraining curve (held-out loss included) and its compute are stored with the model
+(lopt_retention_spec.json) and copied into the JSON. Larger: --d-model, --layers, --pretrain-steps,
+--steps, --general-max-tokens, --device cuda (nothing is CPU-specific).
 
 Data: jsonl/json (one JSON object a line) or parquet. Task rows are {"prompt", "completion"} (loss on the
 completion and its EOS; exact match of the greedy completion) or {"text"} (loss on every token; no exact
 match). The last --task-eval-size rows (after a fixed shuffle) are held out. General rows are {"text"};
 a .txt file is read as plain text.
 
-Methods: `e2e` trains every parameter with --lr. `lopt-k<K>` patches the model with
+Methods (--methods): `e2e` trains every parameter. `lopt-k<K>` patches the model with
 lopt_kernels.patch(num_blocks=K, lambda_aux=...), backpropagates `outputs.loss` (task + lambda_aux * aux)
-and uses lopt_kernels.param_groups: the final block, final norm and head at --lr, the earlier blocks,
-embeddings and aux decoders at --local-lr. Both use torch.optim.AdamW(weight_decay=0) and no schedule.
-With --lora R both train rank-R LoRA adapters on every linear layer of a frozen base (PEFT).
+and uses lopt_kernels.param_groups: the final block, final norm and head at the swept lr, the earlier blocks,
+embeddings and aux decoders at lr * --local-lr-ratio. `lora` trains rank --lora-rank adapters on every linear
+layer of a frozen base (PEFT); `lora+lopt-k<K>` is LoRA patched with LoPT. Full-model methods sweep --lrs,
+LoRA methods --lora-lrs. All use torch.optim.AdamW(weight_decay=0) and no schedule.
 
-Retention ratio = general perplexity before / general perplexity after post-training (= exp(-increase of
-the general loss in nats)): 1.0 keeps everything, lower loses more (above 1: general text improved).
-`forgetting_avoided` = 1 - (LoPT's increase of the general loss) / (e2e's, same seed): the share of
-end-to-end's forgetting that LoPT avoids (1: all of it, 0: none, negative: LoPT forgets more).
+Every metric, the front and the verdict are defined at the end of --help (the JSON's "definitions" repeats them).
 
-Output: a table (mean +- std over seeds) on stdout, --json (every run: metrics and loss curves; the
-summary; these definitions) and --plot (task metric against general perplexity, one point per run; the
-task-loss curves). Bad input: one line on stderr and exit code 2, as `lopt-kernels compare`.
+Output: a table (one row per method and lr, mean ± std over seeds), the fronts and verdicts on stdout,
+--json (every run with its loss curves, the points, fronts and verdicts, these definitions, the pretraining
+record; rewritten after every run, so a stopped sweep leaves its partial state) and --plot (task against each
+forgetting measure, error bars = seed std, fronts drawn). Bad input: one line on stderr and exit code 2,
+as `lopt-kernels compare`.
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,23 +58,34 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import retention_data  # noqa: E402
+import retention_protocol  # noqa: E402
 
 DEFINITIONS = {
-    "retention_ratio": "general perplexity before / general perplexity after post-training "
-                       "(exp of minus the increase of the general loss); 1 = nothing lost, lower = more lost",
-    "forgetting_avoided": "1 - (this method's increase of the general loss) / (e2e's increase, same seed): the "
-                          "share of end-to-end's forgetting avoided; 1 = all, 0 = none, < 0 = forgets more",
     "task_loss": "mean cross-entropy per completion token (EOS included) on the held-out task rows",
     "exact_match": "share of held-out task rows whose greedy completion (up to EOS or newline, stripped) "
                    "equals the reference completion",
-    "general_ppl": "exp(mean cross-entropy per token) on the general text, EOS-joined, in windows of --eval-seq",
+    "general_loss_rise": "forgetting: mean next-token cross-entropy (nats) on the held-out general text after "
+                         "post-training minus before; > 0 = forgot",
+    "flips_lost": "forgetting: held-out general-text token positions predicted right before (top-1: the argmax "
+                  "of the logits is the actual next token) and wrong after (1 -> 0)",
+    "flips_gained": "held-out general-text positions wrong before and right after (0 -> 1)",
+    "flips_lost_share": "flips_lost / positions right before",
+    "general_top1_after": "share of held-out general-text positions predicted right (top-1) after post-training",
+    "general_ppl_after": "exp(mean cross-entropy per token) on the general text, EOS-joined, in windows of "
+                         "--eval-seq",
+    "retention_ratio": "general perplexity before / after (= exp(-general_loss_rise)); 1 = nothing lost",
     "train_seconds": "wall time of the training steps (forward, backward, optimizer), the memory-measured step "
                      "excluded",
     "peak_memory_mib": "CUDA: max_memory_allocated over training. CPU: live tensor bytes at the peak of a "
                        "training step (parameters, optimizer state, gradients, activations, temporaries), "
                        "counted by lopt_kernels.measure on step 2",
+    "front": "a method's Pareto front: the learning rates that no other learning rate of the same method beats "
+             "on both the task metric and the forgetting measure (seed means)",
+    "verdict": "'A dominates B': every point of B's front is dominated by a point of A's front: no worse on "
+               "either axis beyond the noise margin (noise_z standard errors of the difference of the seed means, "
+               "per axis) and better on at least one beyond it; 'neither' when the fronts cross or agree within "
+               "noise",
 }
-
 
 class RetentionError(Exception):
     """A bad input: reported in one line with exit code 2."""
@@ -205,18 +222,26 @@ def batches(rows: list[dict], batch_size: int, steps: int, seed: int, pad_id: in
 
 
 @torch.no_grad()
-def general_ppl(model, ids: torch.Tensor, seq: int, batch: int, device) -> float:
+def general_eval(model, ids: torch.Tensor, seq: int, batch: int, device) -> tuple[float, torch.Tensor]:
+    """Mean next-token cross-entropy (nats) on ``ids`` in windows of ``seq`` (+1 for the target) and, per target
+    position, whether the top-1 prediction (argmax of the logits) is the actual next token."""
     model.eval()
     usable = (len(ids) - 1) // seq * seq
     windows = ids[: usable + 1]
-    nll, count = 0.0, 0
+    nll, count, right = 0.0, 0, []
     starts = list(range(0, usable, seq)) or [0]
     for i in range(0, len(starts), batch):
         chunk = torch.stack([windows[s: s + seq + 1] if usable else ids for s in starts[i: i + batch]]).to(device)
         logits = model(input_ids=chunk[:, :-1]).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
-        count += chunk[:, 1:].numel()
-    return math.exp(nll / count)
+        target = chunk[:, 1:]
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
+        count += target.numel()
+        right.append((logits.argmax(-1) == target).flatten().cpu())
+    return nll / count, torch.cat(right)
+
+
+def general_ppl(model, ids: torch.Tensor, seq: int, batch: int, device) -> float:
+    return math.exp(general_eval(model, ids, seq, batch, device)[0])
 
 
 @torch.no_grad()
@@ -255,17 +280,29 @@ def task_metrics(model, rows: list[dict], tokenizer, batch: int, device) -> dict
     return {"task_loss": nll / max(count, 1), "exact_match": exact}
 
 
-def prepare(base, method: str, k: int | None, args, seed: int):
+def parse_method(name: str) -> tuple[bool, int | None]:
+    """``e2e`` / ``lopt-k<K>`` / ``lora`` / ``lora+lopt-k<K>`` -> (LoRA?, K or None)."""
+    if name in ("e2e", "lora"):
+        return name == "lora", None
+    lora = name.startswith("lora+")
+    rest = name[len("lora+"):] if lora else name
+    if rest.startswith("lopt-k") and rest[len("lopt-k"):].isdigit() and int(rest[len("lopt-k"):]) >= 2:
+        return lora, int(rest[len("lopt-k"):])
+    raise RetentionError(f"--methods: unknown method {name!r} (e2e, lopt-k<K>, lora, lora+lopt-k<K>; K >= 2)")
+
+
+def prepare(base, method: str, lr: float, args, seed: int):
     """A fresh copy of the base model for one run (LoRA-wrapped, LoPT-patched) and its AdamW."""
+    lora, k = parse_method(method)
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
-    if args.lora:
+    if lora:
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
-                                                           target_modules="all-linear"))
-    if method == "e2e":
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                           lora_dropout=0.0, target_modules="all-linear"))
+    if k is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
     else:
         import lopt_kernels
 
@@ -273,8 +310,8 @@ def prepare(base, method: str, k: int | None, args, seed: int):
             lopt_kernels.patch(model, num_blocks=k, lambda_aux=args.lambda_aux, mode=args.mode)
         except lopt_kernels.LoptPatchError as exc:
             raise RetentionError(f"--model {args.model!r} cannot be patched for LoPT (k={k}): {exc}") from None
-        groups = lopt_kernels.param_groups(model, lr=args.lr, local_lr=args.local_lr)
-    return model, torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
+        groups = lopt_kernels.param_groups(model, lr=lr, local_lr=lr * args.local_lr_ratio)
+    return model, torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
 
 def _cpu_peak_bytes(step, model, optimizer) -> int:
@@ -288,8 +325,9 @@ def _cpu_peak_bytes(step, model, optimizer) -> int:
     return mem.params + state + mem.step_peak
 
 
-def train_run(base, method, k, seed, data, args, device, progress) -> dict:
-    model, optimizer = prepare(base, method, k, args, seed)
+def train_run(base, method, lr, seed, data, args, device, progress) -> dict:
+    model, optimizer = prepare(base, method, lr, args, seed)
+    lopt = parse_method(method)[1] is not None
     model.train()
     losses, aux, step_times, peak, tokens = [], [], [], None, 0
     measured = min(1, args.steps - 1) if device.type == "cpu" else None  # step 2: optimizer state exists
@@ -302,8 +340,8 @@ def train_run(base, method, k, seed, data, args, device, progress) -> dict:
         def fwd_bwd():
             out = model(**batch)
             out.loss.backward()  # LoPT: task + lambda_aux * aux (README)
-            record["task"] = (out.task_loss if method != "e2e" else out.loss).item()
-            record["aux"] = out.lopt_aux_loss.item() if method != "e2e" else None
+            record["task"] = (out.task_loss if lopt else out.loss).item()
+            record["aux"] = out.lopt_aux_loss.item() if lopt else None
 
         started = time.perf_counter()
         if step == measured:
@@ -323,12 +361,16 @@ def train_run(base, method, k, seed, data, args, device, progress) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
     model.eval()
     metrics = task_metrics(model, data["eval"], data["tokenizer"], args.eval_batch, device)
-    ppl = general_ppl(model, data["general"], args.eval_seq, args.eval_batch, device)
-    run = {"method": method, "num_blocks": k, "seed": seed, **metrics, "general_ppl_after": ppl,
-           "retention_ratio": data["ppl_before"] / ppl, "train_seconds": sum(step_times),
-           "train_tokens": tokens,
+    loss, right = general_eval(model, data["general"], args.eval_seq, args.eval_batch, device)
+    flips = retention_protocol.count_flips(data["right_before"].tolist(), right.tolist())
+    run = {"method": method, "lr": lr, "local_lr": lr * args.local_lr_ratio if lopt else None, "seed": seed,
+           **metrics, "general_loss_after": loss, "general_loss_rise": loss - data["loss_before"],
+           "general_ppl_after": math.exp(loss), "retention_ratio": math.exp(data["loss_before"] - loss),
+           "general_top1_after": flips["right_after"] / flips["n"], "flips_lost": flips["lost"],
+           "flips_gained": flips["gained"], "flips_lost_share": flips["lost_share"],
+           "train_seconds": sum(step_times), "train_tokens": tokens,
            "peak_memory_mib": None if peak is None else peak / 2**20, "task_loss_curve": losses}
-    if method != "e2e":
+    if lopt:
         run["aux_loss_curve"] = aux
     del model, optimizer
     return run
@@ -369,74 +411,79 @@ class Progress:
 # ------------------------------------------------------------------------------------------------ report
 
 METRICS = (("task_loss", "task loss", "{:.3f}"), ("exact_match", "exact match", "{:.3f}"),
-           ("general_ppl_after", "general ppl after", "{:.2f}"), ("retention_ratio", "retention", "{:.3f}"),
-           ("forgetting_avoided", "forgetting avoided", "{:.2f}"), ("train_seconds", "train s", "{:.1f}"),
-           ("peak_memory_mib", "peak MiB", "{:.2f}"))
+           ("general_loss_rise", "gen. loss rise", "{:.3f}"), ("flips_lost", "flips 1->0", "{:.0f}"),
+           ("flips_gained", "flips 0->1", "{:.0f}"), ("retention_ratio", "retention", "{:.3f}"),
+           ("train_seconds", "train s", "{:.1f}"), ("peak_memory_mib", "peak MiB", "{:.2f}"))
+FORGETTING = (("general_loss_rise", "general loss rise (nats, held-out)"),
+              ("flips_lost", "held-out general positions flipped right -> wrong"))
 
 
-def summarise(runs: list[dict], methods: list[str]) -> dict:
-    e2e = {r["seed"]: r for r in runs if r["method"] == "e2e"}
-    for r in runs:
-        base = e2e.get(r["seed"])
-        if base is not None and r["method"] != "e2e":
-            lost = math.log(base["general_ppl_after"] / base["general_ppl_before"])
-            mine = math.log(r["general_ppl_after"] / r["general_ppl_before"])
-            r["forgetting_avoided"] = 1 - mine / lost if abs(lost) > 1e-9 else None
-    summary = {}
-    for m in methods:
-        mine = [r for r in runs if r["method"] == m]
-        summary[m] = {}
-        for key, _, _ in METRICS:
-            vals = [r[key] for r in mine if r.get(key) is not None]
-            if vals:
-                summary[m][key] = {"mean": statistics.fmean(vals),
-                                   "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
-    return summary
+def summarise(runs: list[dict], task_metric: str, z: float) -> dict:
+    """Per forgetting measure: the protocol (points per method and lr, fronts, verdicts) on --task-metric."""
+    higher = task_metric == "exact_match"
+    extra = [k for k, _, _ in METRICS]
+    return {forget: retention_protocol.protocol(runs, task_metric, forget, higher, z, extra)
+            for forget, _ in FORGETTING}
 
 
-def format_table(summary: dict, before: dict) -> str:
-    cols = [(key, title, fmt) for key, title, fmt in METRICS if any(key in s for s in summary.values())]
-    head = ["method"] + [t for _, t, _ in cols]
-    rows = [["before"] + [(fmt.format(before[k]) if before.get(k) is not None else "") for k, _, fmt in cols]]
-    for m, s in summary.items():
-        rows.append([m] + [f"{fmt.format(s[k]['mean'])} ± {fmt.format(s[k]['std'])}" if k in s else "-"
-                           for k, _, fmt in cols])
+def format_table(points: list[dict], before: dict) -> str:
+    cols = [(key, title, fmt) for key, title, fmt in METRICS if any(p[key]["n"] for p in points)]
+    head = ["method", "lr", "seeds"] + [t for _, t, _ in cols]
+    rows = [["before", "", ""] + [(fmt.format(before[k]) if before.get(k) is not None else "") for k, _, fmt in cols]]
+    for p in points:
+        rows.append([p["method"], f"{p['lr']:g}", str(len(p["seeds"]))]
+                    + [f"{fmt.format(p[k]['mean'])} ± {fmt.format(p[k]['std'])}" if p[k]["n"] else "-"
+                       for k, _, fmt in cols])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(head)] + [line(r) for r in rows])
 
 
-def write_plot(path: str, runs: list[dict], methods: list[str], before: dict, title: str) -> None:
+def format_fronts(protocols: dict, task_metric: str) -> str:
+    out = []
+    for forget, proto in protocols.items():
+        out.append(f"Pareto fronts, {task_metric} vs {forget} (lr: task, forgetting; seed means):")
+        for m, front in proto["fronts"].items():
+            sign = 1 if proto["task_higher_is_better"] else -1
+            out.append(f"  {m}: " + "; ".join(f"{p['lr']:g}: {sign * p['task']:.3f}, {p['forget']:.3g}" for p in front))
+        out.append(f"verdicts (noise margin {proto['noise_z']:g} standard errors):")
+        for pair, v in proto["verdicts"].items():
+            a, b = pair.split(" vs ")
+            if v != "dominated" and (v == "dominates" or a < b):  # each pair once
+                out.append(f"  {pair}: {v}")
+    return "\n".join(out)
+
+
+def write_plot(path: str, protocols: dict, methods: list[str], task_metric: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    use_em = all(r["exact_match"] is not None for r in runs)
-    key, label = ("exact_match", "exact-match accuracy (held-out task)") if use_em else ("task_loss", "task loss (held-out)")
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.2 * len(protocols), 5))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    for m in methods:
-        mine = [r for r in runs if r["method"] == m]
-        left.scatter([r["general_ppl_after"] for r in mine], [r[key] for r in mine], color=colors[m], label=m, s=40)
-        for r in mine:
-            left.annotate(f"s{r['seed']}", (r["general_ppl_after"], r[key]), fontsize=7, xytext=(3, 3),
-                          textcoords="offset points")
-            curve = r["task_loss_curve"]
-            w = max(1, len(curve) // 30)
-            smooth = [statistics.fmean(curve[max(0, i - w + 1): i + 1]) for i in range(len(curve))]
-            right.plot(range(1, len(curve) + 1), smooth, color=colors[m], alpha=0.8,
-                       label=m if r is mine[0] else None)
-    left.axvline(before["general_ppl_after"], color="gray", ls="--", lw=1, label="general ppl before")
-    left.set_xlabel("general perplexity after post-training (held-out)")
-    left.set_ylabel(label)
-    left.set_title("task vs general text, one point per run")
-    left.legend(fontsize=8)
-    right.set_yscale("log")
-    right.set_xlabel("step")
-    right.set_ylabel("training task loss (moving mean)")
-    right.set_title("task-loss curves")
-    right.legend(fontsize=8)
+    for ax, (forget, proto) in zip(axes, protocols.items()):
+        sign = 1 if proto["task_higher_is_better"] else -1
+        for m in methods:
+            pts = [p for p in proto["points"] if p["method"] == m]
+            if not pts:
+                continue
+            ax.errorbar([p["forget"]["mean"] for p in pts], [sign * p["task"]["mean"] for p in pts],
+                        xerr=[p["forget"]["std"] for p in pts], yerr=[p["task"]["std"] for p in pts], fmt="o",
+                        color=colors[m], alpha=0.45, ms=4, capsize=2)
+            for p in pts:
+                ax.annotate(f"{p['lr']:g}", (p["forget"]["mean"], sign * p["task"]["mean"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points", color=colors[m])
+            front = proto["fronts"][m]
+            ax.plot([p["forget"] for p in front], [sign * p["task"] for p in front], "-o", color=colors[m], label=m,
+                    lw=1.6, ms=5)
+        ax.set_xlabel(dict(FORGETTING)[forget] + " (lower: forgets less)")
+        ax.set_ylabel({"exact_match": "exact match, held-out task (higher: learns more)",
+                       "task_loss": "task loss, held-out (lower: learns more)"}[task_metric])
+        if not proto["task_higher_is_better"]:
+            ax.invert_yaxis()  # up = learns more, on both metrics
+        ax.set_title(f"fronts: {forget}; error bars = seed std, labels = lr", fontsize=9)
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -445,33 +492,44 @@ def write_plot(path: str, runs: list[dict], methods: list[str], before: dict, ti
 
 # ------------------------------------------------------------------------------------------------ main
 
+DEFAULT_METHODS = "e2e,lopt-k2,lopt-k4,lora,lora+lopt-k2"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retention.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="retention.py", description=__doc__, epilog=_definitions_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local Hugging Face causal LM directory with its tokenizer "
                    "(default: the embedded small Llama, built once)")
     p.add_argument("--task-data", help="narrow post-training data, .jsonl/.json/.parquet (default: 2-digit addition)")
     p.add_argument("--general-data", help="held-out general text, .jsonl/.json/.parquet/.txt "
                    "(default: held-out pydoc_data topics)")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default 600)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated: e2e, lopt-k<K>, lora, lora+lopt-k<K> "
+                   f"(default {DEFAULT_METHODS})")
+    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3", help="learning rates swept by the full-model methods "
+                   "(AdamW lr: every parameter for e2e; the final block, final norm and head for LoPT; "
+                   "default 1e-4,3e-4,1e-3,3e-3)")
+    p.add_argument("--lora-lrs", default="3e-4,1e-3,3e-3,1e-2", help="learning rates swept by the LoRA methods "
+                   "(default 3e-4,1e-3,3e-3,1e-2)")
+    p.add_argument("--local-lr-ratio", type=float, default=1.0, help="LoPT: lr of the earlier blocks, embeddings and "
+                   "aux decoders = this x lr (default 1)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
     p.add_argument("--batch-size", type=int, default=32, help="task rows per step (default 32)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW lr: every parameter for e2e; the final block, "
-                   "final norm and head for LoPT (default 3e-4)")
-    p.add_argument("--local-lr", type=float, default=None, help="LoPT: lr of the earlier blocks, embeddings and aux "
-                   "decoders (default: --lr)")
-    p.add_argument("--num-blocks", default="2", help="LoPT block counts to run, comma-separated, e.g. 2,4 (default 2)")
     p.add_argument("--lambda-aux", type=float, default=10.0)
     p.add_argument("--mode", default="auto", help="lopt_kernels.patch mode (default auto)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1; a seed fixes the data order "
-                   "(same for every method) and the aux-decoder and LoRA init (default 3)")
-    p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank on every linear layer, frozen base "
-                   "(default 0: full fine-tune)")
+                   "(same for every method and lr) and the aux-decoder and LoRA init (default 3)")
+    p.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank on every linear layer, frozen "
+                   "base, alpha 2R (default 8)")
+    p.add_argument("--task-metric", choices=("exact_match", "task_loss"), default=None,
+                   help="task axis of the fronts (default exact_match for prompt/completion data, else task_loss)")
+    p.add_argument("--noise-z", type=float, default=2.0, help="noise margin of the front verdicts, in standard "
+                   "errors of the difference of seed means (default 2; 0: plain dominance on the means)")
     p.add_argument("--task-eval-size", type=int, default=256, help="held-out task rows (default 256, at most half)")
     p.add_argument("--max-length", type=int, default=256, help="task rows are cut to this many tokens")
     p.add_argument("--eval-seq", type=int, default=128, help="general-text window (default 128)")
     p.add_argument("--eval-batch", type=int, default=64)
-    p.add_argument("--general-max-tokens", type=int, default=50_000, help="general text used, in tokens (0: all)")
+    p.add_argument("--general-max-tokens", type=int, default=16_384, help="general text used, in tokens (0: all; "
+                   "default 16384)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", dest="json_path", default="retention.json", help="JSON output (default retention.json)")
     p.add_argument("--plot", dest="plot_path", default="retention.png", help="PNG output ('' for none)")
@@ -479,31 +537,48 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", default=None, help="where it is built once (default: "
                    "$XDG_CACHE_HOME/lopt_kernels/retention or ~/.cache/lopt_kernels/retention)")
     spec = retention_data.PretrainSpec()
-    d.add_argument("--pretrain-steps", type=int, default=spec.steps)
-    d.add_argument("--d-model", type=int, default=spec.d_model)
-    d.add_argument("--layers", type=int, default=spec.layers)
-    d.add_argument("--vocab", type=int, default=spec.vocab)
+    d.add_argument("--pretrain-steps", type=int, default=spec.steps, help=f"default {spec.steps}")
+    d.add_argument("--d-model", type=int, default=spec.d_model, help=f"default {spec.d_model}")
+    d.add_argument("--layers", type=int, default=spec.layers, help=f"default {spec.layers}")
+    d.add_argument("--vocab", type=int, default=spec.vocab, help=f"default {spec.vocab}")
     d.add_argument("--task-digits", type=int, default=2, help="operand digits of the default addition task (default 2)")
     d.add_argument("--task-rows", type=int, default=6000, help="distinct problems in the default task (default 6000)")
     d.add_argument("--smoke", action="store_true", help="tiny everything (model, data, steps) for CI: seconds")
     return p
 
 
-def _check(args) -> list[int]:
+def _definitions_text() -> str:
+    import textwrap
+
+    out = ["definitions (per run, then the protocol over runs; the JSON's \"definitions\" repeats them):"]
+    for key, text in DEFINITIONS.items():
+        out.append(textwrap.fill(text, 116, initial_indent=f"  {key:<19}", subsequent_indent=" " * 21))
+    return "\n".join(out)
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RetentionError(f"{flag} {text!r}: comma-separated numbers, e.g. 1e-4,3e-4") from None
+    if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
+        raise RetentionError(f"{flag} {text!r}: each must be a positive number")
+    return vals
+
+
+def _check(args) -> list[str]:
     for flag in ("steps", "batch_size", "seeds", "task_eval_size", "max_length", "eval_seq", "eval_batch",
-                 "pretrain_steps", "d_model", "layers", "vocab", "task_digits", "task_rows"):
+                 "pretrain_steps", "d_model", "layers", "vocab", "task_digits", "task_rows", "lora_rank"):
         if getattr(args, flag) < 1:
             raise RetentionError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.lora < 0:
-        raise RetentionError(f"--lora must be >= 0, got {args.lora}")
     if args.general_max_tokens < 0:
         raise RetentionError(f"--general-max-tokens must be >= 0, got {args.general_max_tokens}")
-    try:
-        ks = [int(k) for k in args.num_blocks.split(",") if k.strip()]
-    except ValueError:
-        raise RetentionError(f"--num-blocks {args.num_blocks!r}: comma-separated integers, e.g. 2,4") from None
-    if not ks or any(k < 2 for k in ks):
-        raise RetentionError(f"--num-blocks {args.num_blocks!r}: each must be >= 2")
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    if not methods:
+        raise RetentionError("--methods is empty")
+    for m in methods:
+        parse_method(m)
+    args.lr_list, args.lora_lr_list = _floats(args.lrs, "--lrs"), _floats(args.lora_lrs, "--lora-lrs")
     if args.device not in (None, "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise RetentionError(f"--device {args.device!r} is not available here")
     if args.plot_path:
@@ -511,12 +586,12 @@ def _check(args) -> list[int]:
             import matplotlib  # noqa: F401
         except ImportError:
             raise RetentionError("--plot needs matplotlib: pip install matplotlib (or --plot '')") from None
-    return ks
+    return methods
 
 
 def run(args) -> dict:
     started = time.perf_counter()
-    ks = _check(args)
+    methods = _check(args)
     if args.smoke:
         spec = retention_data.SMOKE
         args.d_model, args.layers, args.vocab, args.pretrain_steps = spec.d_model, spec.layers, spec.vocab, spec.steps
@@ -548,57 +623,80 @@ def run(args) -> dict:
     n_eval = min(args.task_eval_size, len(rows) // 2)
     data = {"eval": [rows[i] for i in order[:n_eval]], "train": [rows[i] for i in order[n_eval:]],
             "general": general, "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id}
-    methods = [("e2e", None)] + [(f"lopt-k{k}", k) for k in ks]
-    for name, k in methods[1:]:  # refuse a model LoPT cannot patch before training anything
-        prepare(base, name, k, args, 0)
+    lrs = {m: (args.lora_lr_list if parse_method(m)[0] else args.lr_list) for m in methods}
+    for m in methods:  # refuse a model LoPT cannot patch before training anything
+        if parse_method(m)[1] is not None:
+            prepare(base, m, lrs[m][0], args, 0)
+    task_metric = args.task_metric or ("exact_match" if any(r["prompt_ids"] is not None for r in data["eval"])
+                                       else "task_loss")
+    if task_metric == "exact_match" and not any(r["prompt_ids"] is not None for r in data["eval"]):
+        raise RetentionError("--task-metric exact_match needs prompt/completion task rows")
 
     before = task_metrics(base, data["eval"], tokenizer, args.eval_batch, device)
-    before["general_ppl_after"] = data["ppl_before"] = general_ppl(base, general, args.eval_seq, args.eval_batch, device)
-    before["retention_ratio"] = 1.0
+    data["loss_before"], data["right_before"] = general_eval(base, general, args.eval_seq, args.eval_batch, device)
+    before.update(general_loss=data["loss_before"], general_ppl_after=math.exp(data["loss_before"]),
+                  general_top1=float(data["right_before"].float().mean()), general_positions=len(data["right_before"]),
+                  general_right=int(data["right_before"].sum()), retention_ratio=1.0, general_loss_rise=0.0)
     n_params = sum(p.numel() for p in base.parameters())
-    title = (f"{model_name or Path(args.model).name} ({n_params / 1e6:.1f} M params), {args.steps} steps x {args.batch_size} rows, "
-             f"lr {args.lr:g}, local lr {args.local_lr if args.local_lr is not None else args.lr:g}"
-             f"{f', LoRA r={args.lora}' if args.lora else ', full fine-tune'}, {args.seeds} seeds, {device.type}")
+    n_layers = getattr(base.config, "num_hidden_layers", None)
+    title = (f"{model_name or Path(args.model).name} ({n_params / 1e6:.1f} M params, {n_layers} layers), "
+             f"{args.steps} steps x {args.batch_size} rows, {args.seeds} seeds, {device.type}")
     print(f"retention: {title}", flush=True)
     print(f"before post-training: task loss {before['task_loss']:.3f}"
           + ("" if before["exact_match"] is None else f", exact match {before['exact_match']:.3f}")
-          + f", general ppl {data['ppl_before']:.2f} ({len(data['train'])} training / {n_eval} held-out task rows, "
-          f"{len(general)} general tokens)", flush=True)
-    runs = []
-    progress = Progress(len(methods) * args.seeds * args.steps, len(methods) * args.seeds)
-    try:
-        for seed in range(args.seeds):
-            for name, k in methods:
-                progress.start(f"{name} seed {seed}")
-                run = train_run(base, name, k, seed, data, args, device, progress)
-                run["general_ppl_before"] = data["ppl_before"]
-                runs.append(run)
-                progress.finished(f"{name} seed {seed}", run)
-    finally:
-        progress.close()
-    names = [m for m, _ in methods]
-    summary = summarise(runs, names)
-    table = format_table(summary, before)
-    print(table)
-    wall = time.perf_counter() - started
-    tokens = sum(int(sum(t != -100 for t in r["labels"][1:])) for r in data["train"])
+          + f", general loss {data['loss_before']:.3f} (ppl {before['general_ppl_after']:.2f}, top-1 "
+          f"{before['general_top1']:.3f} of {before['general_positions']} positions); {len(data['train'])} training "
+          f"/ {n_eval} held-out task rows", flush=True)
+    pretraining = None
+    spec_file = Path(args.model) / "lopt_retention_spec.json"
+    if spec_file.is_file():
+        pretraining = json.loads(spec_file.read_text())
+    n_runs = sum(len(lrs[m]) for m in methods) * args.seeds
+    progress = Progress(n_runs * args.steps, n_runs)
     result = {
         "command": "python examples/retention.py " + " ".join(sys.argv[1:]),
-        "title": title, "definitions": DEFINITIONS,
+        "title": title, "definitions": DEFINITIONS, "task_metric": task_metric, "methods": methods, "lrs": lrs,
         "settings": {k: v for k, v in vars(args).items()}, "device": device.type, "model_parameters": n_params,
+        "model_layers": n_layers, "pretraining": pretraining,
         "train_rows": len(data["train"]), "eval_rows": n_eval, "general_tokens": len(general),
-        "train_label_tokens_per_epoch": tokens, "torch_threads": torch.get_num_threads(),
-        "before": before, "summary": summary, "runs": runs,
-        "build_seconds": round(built, 1), "wall_seconds": round(wall, 1),
+        "torch_threads": torch.get_num_threads(), "before": before, "complete": False,
     }
+
+    def run_one(method, lr, seed):
+        progress.start(f"{method} lr {lr:g} seed {seed}")
+        return train_run(base, method, lr, seed, data, args, device, progress)
+
+    def on_done(r, i, total):
+        progress.finished(f"{r['method']} lr {r['lr']:g} seed {r['seed']}", r)
+        runs.append(r)
+        if args.json_path:  # partial state after every run
+            _write_json(args.json_path, {**result, "runs": runs, "wall_seconds": round(time.perf_counter() - started, 1)})
+
+    runs: list[dict] = []
+    try:
+        retention_protocol.sweep(methods, lrs, range(args.seeds), run_one, on_done)
+    finally:
+        progress.close()
+    protocols = summarise(runs, task_metric, args.noise_z)
+    print(format_table(protocols["general_loss_rise"]["points"], before))
+    print(format_fronts(protocols, task_metric))
+    wall = time.perf_counter() - started
+    result.update(protocols=protocols, runs=runs, complete=True, build_seconds=round(built, 1),
+                  wall_seconds=round(wall, 1))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=1))
+        _write_json(args.json_path, result)
         print(f"json: {args.json_path}")
     if args.plot_path:
-        write_plot(args.plot_path, runs, names, before, f"retention: {title}")
+        write_plot(args.plot_path, protocols, methods, task_metric, f"retention: {title}")
         print(f"plot: {args.plot_path}")
     print(f"wall time {wall:.0f} s" + (f" (of which building the embedded default {built:.0f} s)" if built else ""))
     return result
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 def _ffn(d: int) -> int:

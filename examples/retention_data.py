@@ -28,17 +28,17 @@ import torch
 
 EOS = "<|endoftext|>"
 HELD_OUT_EVERY = 8
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 @dataclass(frozen=True)
 class PretrainSpec:
     vocab: int = 1024
-    d_model: int = 192
-    layers: int = 4
+    d_model: int = 128
+    layers: int = 8
     heads: int = 4
     kv_heads: int = 2
-    ffn: int = 512
+    ffn: int = 384
     seq: int = 128
     batch: int = 16
     steps: int = 400
@@ -111,15 +111,39 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def pretrain(spec: PretrainSpec, tokenizer, texts: list[str], log=print):
-    """A small Llama trained on ``texts`` (concatenated, EOS-separated) for ``spec.steps`` AdamW steps,
-    cosine schedule with warm-up."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     ids = []
     for t in texts:
         ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
-    data = torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def held_out_loss(model, ids: torch.Tensor, seq: int, max_windows: int = 64) -> float:
+    """Mean next-token cross-entropy (nats) on up to ``max_windows`` consecutive windows of ``ids``."""
+    was = model.training
+    model.eval()
+    n = min(max_windows, (len(ids) - 1) // seq)
+    x = torch.stack([ids[i * seq: i * seq + seq + 1] for i in range(n)])
+    loss = 0.0
+    for i in range(0, n, 16):
+        chunk = x[i: i + 16]
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        loss += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+    model.train(was)
+    return loss / (n * seq)
+
+
+def pretrain(spec: PretrainSpec, tokenizer, texts: list[str], log=print, held_out: list[str] | None = None,
+             record: dict | None = None):
+    """A small Llama trained on ``texts`` (concatenated, EOS-separated) for ``spec.steps`` AdamW steps,
+    cosine schedule with warm-up. With ``held_out`` texts, their loss is measured at every log point (10 a run)
+    and, with ``record``, the curves (``train_loss``, ``held_out_loss`` as [step, loss]), ``tokens`` and
+    ``seconds`` are written into it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    data = _token_stream(tokenizer, texts)
+    held = _token_stream(tokenizer, held_out) if held_out else None
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.d_model, intermediate_size=spec.ffn,
                          num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                          num_key_value_heads=spec.kv_heads, max_position_embeddings=max(256, spec.seq),
@@ -144,8 +168,16 @@ def pretrain(spec: PretrainSpec, tokenizer, texts: list[str], log=print):
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % max(1, spec.steps // 10) == 0 or step == spec.steps - 1:
-            log(f"pretrain step {step + 1}/{spec.steps}: loss {loss.item():.3f} "
-                f"({time.perf_counter() - started:.0f} s)")
+            ho = held_out_loss(model, held, spec.seq) if held is not None and len(held) > spec.seq + 1 else None
+            if record is not None:
+                record.setdefault("train_loss", []).append([step + 1, loss.item()])
+                if ho is not None:
+                    record.setdefault("held_out_loss", []).append([step + 1, ho])
+            log(f"pretrain step {step + 1}/{spec.steps}: loss {loss.item():.3f}"
+                + ("" if ho is None else f", held-out {ho:.3f}") + f" ({time.perf_counter() - started:.0f} s)")
+    if record is not None:
+        record.update(tokens=spec.steps * spec.batch * spec.seq, seconds=round(time.perf_counter() - started, 1),
+                      parameters=sum(p.numel() for p in model.parameters()), threads=torch.get_num_threads())
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -169,11 +201,12 @@ def build_default(cache_dir, spec: PretrainSpec = PretrainSpec(), *, model: bool
     if model and not (paths["model"] / "config.json").exists():
         log(f"building the embedded default model in {paths['model']} (once; later runs load it)")
         tokenizer = train_tokenizer(train_texts, spec.vocab)
-        lm = pretrain(spec, tokenizer, train_texts, log=log)
+        record: dict = {}
+        lm = pretrain(spec, tokenizer, train_texts, log=log, held_out=held_texts, record=record)
         tmp = root / f"{spec.tag()}.tmp{os.getpid()}"
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "lopt_retention_spec.json").write_text(json.dumps(asdict(spec), indent=1))
+        (tmp / "lopt_retention_spec.json").write_text(json.dumps({**asdict(spec), "pretraining": record}, indent=1))
         tmp.replace(paths["model"])
         return {**paths, "built_seconds": time.perf_counter() - started}
     return {**paths, "built_seconds": 0.0}
