@@ -520,8 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(same for every method and lr) and the aux-decoder and LoRA init (default 3)")
     p.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank on every linear layer, frozen "
                    "base, alpha 2R (default 8)")
-    p.add_argument("--task-metric", choices=("exact_match", "task_loss"), default=None,
-                   help="task axis of the fronts (default exact_match for prompt/completion data, else task_loss)")
+    p.add_argument("--task-metric", choices=("task_loss", "exact_match"), default="task_loss",
+                   help="task axis of the fronts and verdicts (default task_loss: continuous, and informative where "
+                   "exact match is still near 0, as at the miniature's budget; exact_match needs prompt/completion "
+                   "rows). The JSON has the fronts on both when both exist")
     p.add_argument("--noise-z", type=float, default=2.0, help="noise margin of the front verdicts, in standard "
                    "errors of the difference of seed means (default 2; 0: plain dominance on the means)")
     p.add_argument("--task-eval-size", type=int, default=256, help="held-out task rows (default 256, at most half)")
@@ -533,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", dest="json_path", default="retention.json", help="JSON output (default retention.json)")
     p.add_argument("--plot", dest="plot_path", default="retention.png", help="PNG output ('' for none)")
+    p.add_argument("--from-json", default=None, metavar="PATH", help="train nothing: re-summarise the runs of an "
+                   "earlier --json (a finished or a stopped sweep) with this --task-metric and --noise-z, print the "
+                   "table, fronts and verdicts, and write --json and --plot")
     d = p.add_argument_group("embedded default (used without --model/--task-data/--general-data)")
     d.add_argument("--cache-dir", default=None, help="where it is built once (default: "
                    "$XDG_CACHE_HOME/lopt_kernels/retention or ~/.cache/lopt_kernels/retention)")
@@ -589,9 +594,39 @@ def _check(args) -> list[str]:
     return methods
 
 
+def resummarise(args) -> dict:
+    try:
+        result = json.loads(Path(args.from_json).read_text())
+        runs, before = result["runs"], result["before"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RetentionError(f"--from-json {args.from_json!r}: not a retention.py JSON ({type(exc).__name__})") from None
+    if not runs:
+        raise RetentionError(f"--from-json {args.from_json!r} has no finished runs")
+    methods = [m for m in result.get("methods", []) if any(r["method"] == m for r in runs)]
+    protocols = summarise(runs, args.task_metric, args.noise_z)
+    by_metric = {m: (protocols if m == args.task_metric else summarise(runs, m, args.noise_z))
+                 for m in ("task_loss", "exact_match") if all(r.get(m) is not None for r in runs)}
+    print(f"retention (from {args.from_json}, {len(runs)} runs{'' if result.get('complete') else ', partial'}): "
+          f"{result.get('title', '')}")
+    print(format_table(protocols["general_loss_rise"]["points"], before))
+    print(format_fronts(protocols, args.task_metric))
+    result.update(task_metric=args.task_metric, protocols=protocols, protocols_by_task_metric=by_metric,
+                  definitions=DEFINITIONS)
+    if args.json_path:
+        _write_json(args.json_path, result)
+        print(f"json: {args.json_path}")
+    if args.plot_path:
+        write_plot(args.plot_path, protocols, methods, args.task_metric, f"retention: {result.get('title', '')}"
+                   + ("" if result.get("complete") else f" (partial: {len(runs)} runs)"))
+        print(f"plot: {args.plot_path}")
+    return result
+
+
 def run(args) -> dict:
     started = time.perf_counter()
     methods = _check(args)
+    if args.from_json:
+        return resummarise(args)
     if args.smoke:
         spec = retention_data.SMOKE
         args.d_model, args.layers, args.vocab, args.pretrain_steps = spec.d_model, spec.layers, spec.vocab, spec.steps
@@ -627,8 +662,7 @@ def run(args) -> dict:
     for m in methods:  # refuse a model LoPT cannot patch before training anything
         if parse_method(m)[1] is not None:
             prepare(base, m, lrs[m][0], args, 0)
-    task_metric = args.task_metric or ("exact_match" if any(r["prompt_ids"] is not None for r in data["eval"])
-                                       else "task_loss")
+    task_metric = args.task_metric
     if task_metric == "exact_match" and not any(r["prompt_ids"] is not None for r in data["eval"]):
         raise RetentionError("--task-metric exact_match needs prompt/completion task rows")
 
@@ -678,11 +712,13 @@ def run(args) -> dict:
     finally:
         progress.close()
     protocols = summarise(runs, task_metric, args.noise_z)
+    by_metric = {m: (protocols if m == task_metric else summarise(runs, m, args.noise_z))
+                 for m in ("task_loss", "exact_match") if all(r.get(m) is not None for r in runs)}
     print(format_table(protocols["general_loss_rise"]["points"], before))
     print(format_fronts(protocols, task_metric))
     wall = time.perf_counter() - started
-    result.update(protocols=protocols, runs=runs, complete=True, build_seconds=round(built, 1),
-                  wall_seconds=round(wall, 1))
+    result.update(protocols=protocols, protocols_by_task_metric=by_metric, runs=runs, complete=True,
+                  build_seconds=round(built, 1), wall_seconds=round(wall, 1))
     if args.json_path:
         _write_json(args.json_path, result)
         print(f"json: {args.json_path}")

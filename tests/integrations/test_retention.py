@@ -37,12 +37,12 @@ def test_smoke_run_writes_table_fronts_json_and_plot(tmp_path):
                    "--task-eval-size", 16, "--general-max-tokens", 2000, "--json", out_json, "--plot", out_png)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "retention [20/20]" in proc.stderr  # progress: one line per finished run when stderr is not a terminal
-    assert "Pareto fronts, exact_match vs general_loss_rise" in proc.stdout
-    assert "Pareto fronts, exact_match vs flips_lost" in proc.stdout
+    assert "Pareto fronts, task_loss vs general_loss_rise" in proc.stdout
+    assert "Pareto fronts, task_loss vs flips_lost" in proc.stdout
     for method in methods:
         assert sum(line.startswith(method + " ") for line in proc.stdout.splitlines()) >= 2, proc.stdout
     result = json.loads(out_json.read_text())
-    assert result["complete"] and result["methods"] == methods and result["task_metric"] == "exact_match"
+    assert result["complete"] and result["methods"] == methods and result["task_metric"] == "task_loss"
     assert {"general_loss_rise", "flips_lost", "front", "verdict"} <= set(result["definitions"])
     before = result["before"]
     assert before["general_loss"] > 0 and before["general_positions"] > 0
@@ -70,7 +70,19 @@ def test_smoke_run_writes_table_fronts_json_and_plot(tmp_path):
         assert len(proto["points"]) == 10 and all(p["task"]["n"] == 2 for p in proto["points"])
         assert set(proto["fronts"]) == set(methods) and all(proto["fronts"][m] for m in methods)
         assert len(proto["verdicts"]) == 20 and set(proto["verdicts"].values()) <= {"dominates", "dominated", "neither"}
+        assert not proto["task_higher_is_better"] and all(p["task"]["mean"] < 0 for p in proto["points"])  # -loss
+        assert result["protocols_by_task_metric"]["task_loss"][forget] == proto
+        em = result["protocols_by_task_metric"]["exact_match"][forget]
+        assert em["task_higher_is_better"] and len(em["points"]) == 10
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:4] == b"\x89PNG"
+    # re-summarised from the JSON, on the other task metric, without training
+    again = _script("--from-json", out_json, "--task-metric", "exact_match", "--json", tmp_path / "em.json", "--plot",
+                    tmp_path / "em.png")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Pareto fronts, exact_match vs flips_lost" in again.stdout and "retention [" not in again.stderr
+    em = json.loads((tmp_path / "em.json").read_text())
+    assert em["runs"] == runs and em["protocols"] == result["protocols_by_task_metric"]["exact_match"]
+    assert (tmp_path / "em.png").stat().st_size > 10_000
 
 
 def test_help_defines_every_metric():
