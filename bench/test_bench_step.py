@@ -39,7 +39,7 @@ from lopt_kernels.compare import (
     write_plot,
 )
 from lopt_kernels.measure import measure_step
-from lopt_kernels.patching import _require_state
+from lopt_kernels.patching import require_state
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -111,14 +111,14 @@ def test_training_step(benchmark, variant):
     mem, flops = measure_step(step, model, DEVICE)
     model.zero_grad(set_to_none=False)
     benchmark.pedantic(run, setup=lambda: model.zero_grad(set_to_none=False), rounds=ROUNDS, warmup_rounds=0)
-    decoder_ids = {id(p) for p in _require_state(model).decoders.parameters()} if spec.lopt_mode else set()
+    decoder_ids = {id(p) for p in require_state(model).decoders.parameters()} if spec.lopt_mode else set()
     median = benchmark.stats.stats.median if getattr(benchmark, "stats", None) else float("nan")
     row = {"variant": variant, "step_peak_bytes": mem.step_peak, "grads_bytes": mem.grads,
            "params_bytes": mem.params, "flops": flops, "step_s": median,
            "trainable_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
                                   and (spec.lopt_mode is None or id(p) not in decoder_ids))}
     if spec.lopt_mode == "eager":  # gradients held from the bottom blocks' forward to the backward
-        row["held_bytes"] = held_gradient_bytes(_require_state(model))
+        row["held_bytes"] = held_gradient_bytes(require_state(model))
     _ROWS[variant] = row
     benchmark.extra_info.update(
         config=CONFIG, batch=BATCH, seq=SEQ, lora=LORA, device=DEVICE.type, dtype=str(DTYPE),

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import block_hooks, patching
+from .discovery import unwrap_causal_lm
 from .measure import measure_step, timed
 from .ops.linear_cross_entropy import linear_cross_entropy, resolve_implementation, shift_labels_of
 
@@ -245,7 +246,7 @@ def build_model(config, variant: Variant, *, dtype, device, lora: int, seed: int
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing under the name the installed transformers has:
     ``activation_checkpointing_enable`` (>= 5.24), else ``gradient_checkpointing_enable``."""
-    lm = patching._unwrap(model)
+    lm = unwrap_causal_lm(model)
     if hasattr(type(lm), "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -254,7 +255,7 @@ def enable_checkpointing(model) -> None:
 
 def make_step(model, variant: Variant, batch: dict):
     """A closure running one forward + backward of ``variant``; returns (loss, task_loss, aux_loss)."""
-    lm = patching._unwrap(model)
+    lm = unwrap_causal_lm(model)
     fused = variant.lopt_mode is None and variant.fused_ce
     if fused:
         head = lm.get_output_embeddings()
@@ -286,8 +287,8 @@ def make_step(model, variant: Variant, batch: dict):
 
 def _bottom_task_grad_max(model, batch) -> float:
     """Largest task-loss gradient reaching the bottom half (0.0 when the boundary holds)."""
-    state = patching._require_state(model)
-    _, bottom = patching._top_and_bottom(state)
+    state = patching.require_state(model)
+    _, bottom = patching.top_and_bottom_params(state)
     decoders = {id(p) for p in state.decoders.parameters()}
     params = [p for p in model.parameters() if id(p) in bottom and id(p) not in decoders and p.requires_grad]
     probe = model(**batch, use_cache=False)
@@ -322,13 +323,13 @@ def run_variant(variant: Variant, config, batch_fn, *, metrics, steps, device, d
     row = {"variant": variant.name}
     decoders = set()
     if variant.lopt_mode is not None:
-        decoders = {id(p) for p in patching._require_state(model).decoders.parameters()}
+        decoders = {id(p) for p in patching.require_state(model).decoders.parameters()}
     # the model's own trainable parameters (without LoPT's aux decoders): the gradients training keeps
     row["trainable_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()
                                  if p.requires_grad and id(p) not in decoders)
     if variant.lopt_mode == "eager":
         # gradients eager mode holds from the bottom blocks' forward to the backward (in the step peak)
-        row["held_bytes"] = block_hooks.held_gradient_bytes(patching._require_state(model))
+        row["held_bytes"] = block_hooks.held_gradient_bytes(patching.require_state(model))
     if "memory" in metrics or "flops" in metrics:
         mem, flops = measure_step(step, model, device, memory="memory" in metrics, flops="flops" in metrics,
                                   fake_mode=fake_mode)

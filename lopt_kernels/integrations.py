@@ -32,10 +32,10 @@ import os
 import torch
 from torch import nn
 
+from .discovery import unwrap_causal_lm
 from .optimizer_watch import optimizer_param_ids
-from .patching import LoptPatchError, _state_of, _unwrap
-from .patching import label_count as _patch_label_count
-from .task_loss_hooks import item_share as _item_share
+from .patching import LoptPatchError, state_of
+from .task_loss_hooks import item_share, label_count
 
 AUX_DECODERS_FILE = "lopt_aux_decoders.safetensors"
 _ATTACHED_ATTR = "_lopt_callback"
@@ -45,7 +45,7 @@ __all__ = ["AUX_DECODERS_FILE", "LoptCallback", "attach", "ensure_aux_trainable"
 
 
 def _require_patched(model, *, attached: bool = False):
-    state = _state_of(model)
+    state = state_of(model)
     if state is None:
         if attached:
             raise LoptPatchError(
@@ -170,17 +170,17 @@ def _ga_steps(trainer) -> int:
     return int(steps or trainer.args.gradient_accumulation_steps or 1)
 
 
-def aux_weight(trainer, label_count, num_items_in_batch) -> tuple[float | torch.Tensor, float]:
+def aux_weight(trainer, count, num_items_in_batch) -> tuple[float | torch.Tensor, float]:
     """``(w, post)``: the weight of a per-micro-batch mean inside the loss ``compute_loss`` returns, and
     the factor ``training_step`` applies afterwards (``1/GA`` or 1). ``w * post`` is the micro-batch's
     weight in its accumulation window, as the reference's ``loss / accumulation_steps`` has it."""
     scaled = _loss_is_scaled_for_ga(trainer, num_items_in_batch)
     if not scaled:
         return 1.0, 1.0 / _ga_steps(trainer)
-    if num_items_in_batch is not None and label_count is not None:
+    if num_items_in_batch is not None and count is not None:
         # Normalised by the window's label count: the micro-batch's share of it (item-weighted mean).
         n = num_items_in_batch.reshape(-1)[0] if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-        w = _item_share(label_count, n, label_count.device)  # 0, not NaN, for a window without labels
+        w = item_share(count, n, count.device)  # 0, not NaN, for a window without labels
         if getattr(trainer.args, "average_tokens_across_devices", False):
             tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
             w = w * (trainer.accelerator.num_processes // max(tp, 1))
@@ -361,7 +361,7 @@ def attach(trainer):
     trainer.callback_handler.callbacks.insert(0, callback)  # before the reporting integrations see the logs
 
     recorder = _ForwardRecorder()
-    lm = _unwrap(model)
+    lm = unwrap_causal_lm(model)
     handle = lm.register_forward_hook(recorder, with_kwargs=True)
 
     original_compute_loss = trainer.compute_loss
@@ -371,7 +371,7 @@ def attach(trainer):
         bound = signature.bind_partial(*args, **kwargs).arguments
         inputs = bound.get("inputs")
         num_items = bound.get("num_items_in_batch")
-        label_count = _patch_label_count(inputs)  # before compute_loss (it may pop the labels)
+        count = label_count(inputs)  # before compute_loss (it may pop the labels)
         lopt = _require_patched(trainer.model, attached=True)  # unpatched since attach: say so, never train silently
         hooks = lopt.causal_lm._forward_hooks
         if handle.id in hooks:  # after patch's own hook (which adds aux_loss), even if re-patched since
@@ -391,7 +391,7 @@ def attach(trainer):
         if not records:
             return result
         loss = result[0] if isinstance(result, tuple) else result
-        w, post = aux_weight(trainer, label_count, num_items)
+        w, post = aux_weight(trainer, count, num_items)
         lam = lopt.settings.lambda_aux
         auxes = [aux for aux, _ in records]
         missing = [aux for aux in auxes if not _reaches(loss, aux)]

@@ -15,10 +15,8 @@ from . import block_hooks, optimizer_watch, task_loss_hooks
 from .aux_decoder import AuxDecoder
 from .discovery import AUX_DECODERS_ATTR, LoptPatchError, text_config, unwrap_causal_lm, validate
 from .state import PatchState, StateHook
-from .task_loss_hooks import label_count
 
 _STATE_ATTR = "_lopt_state"
-_unwrap = unwrap_causal_lm  # kept for callers of the private name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -26,13 +24,13 @@ _unwrap = unwrap_causal_lm  # kept for callers of the private name
 # ----------------------------------------------------------------------------------------------
 
 
-def _state_of(model: nn.Module) -> PatchState | None:
-    return getattr(_unwrap(model), _STATE_ATTR, None)
+def state_of(model: nn.Module) -> PatchState | None:
+    return getattr(unwrap_causal_lm(model), _STATE_ATTR, None)
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``patch`` has been applied to ``model`` (or to the causal LM it wraps)."""
-    return _state_of(model) is not None
+    return state_of(model) is not None
 
 
 def _untie_embeddings(lm) -> bool:
@@ -133,7 +131,7 @@ def patch(
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove the hooks and aux decoders ``patch`` added; untied embeddings stay untied."""
-    state = _state_of(model)
+    state = state_of(model)
     if state is None:
         raise LoptPatchError(f"{type(model).__name__} is not patched by lopt_kernels; nothing to unpatch")
     lm = state.causal_lm
@@ -146,8 +144,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def _require_state(model) -> PatchState:
-    state = _state_of(model)
+def require_state(model) -> PatchState:
+    state = state_of(model)
     if state is None:
         raise LoptPatchError(f"{type(model).__name__} is not patched: call lopt_kernels.patch(model) first")
     return state
@@ -155,10 +153,10 @@ def _require_state(model) -> PatchState:
 
 def aux_decoders(model: nn.Module) -> list[AuxDecoder]:
     """The aux decoders in block order (one per non-final block)."""
-    return list(_require_state(model).decoders)
+    return list(require_state(model).decoders)
 
 
-def _top_and_bottom(state: PatchState) -> tuple[set[int], set[int]]:
+def top_and_bottom_params(state: PatchState) -> tuple[set[int], set[int]]:
     """Parameter ids trained by the task loss (final block, final norm, head) and by the local loss."""
     layers, backbone = state.layers, state.backbone
     bottom: set[int] = set()
@@ -196,8 +194,8 @@ def param_groups(model: nn.Module, lr: float, local_lr: float | None = None, wei
     embeddings and the aux decoders at ``local_lr`` (default ``lr``). Trainable parameters outside the causal LM
     (a PEFT prompt encoder) join the embeddings' group when they are virtual input tokens, the top group otherwise.
     With ``weight_decay > 0``, biases and norm weights (1-D tensors) get no decay, as in the HF Trainer."""
-    state = _require_state(model)
-    top, bottom = _top_and_bottom(state)
+    state = require_state(model)
+    top, bottom = top_and_bottom_params(state)
     outside_top, outside_bottom = _outside_causal_lm(model, state)
     top, bottom = top | outside_top, bottom | outside_bottom
     local = lr if local_lr is None else local_lr

@@ -140,7 +140,7 @@ def test_fp16_local_gradients_do_not_underflow():
 
 
 def _resolved_mode(model):
-    return patching._require_state(model).current.mode
+    return patching.require_state(model).current.mode
 
 
 def test_auto_is_eager_for_lora_style_training_and_activation_free_for_full_fine_tuning():

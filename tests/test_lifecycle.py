@@ -274,4 +274,4 @@ def test_deep_copies_after_a_step_and_of_one_hooked_module():
     plain = lopt_kernels.patch(tiny_model("llama"), mode="auto")
     layer = copy.deepcopy(plain.model.layers[0])
     hooks = [h for h in layer._forward_pre_hooks.values() if hasattr(h, "state")]
-    assert hooks and all(h.state is lopt_kernels.patching._state_of(plain) for h in hooks)
+    assert hooks and all(h.state is lopt_kernels.patching.state_of(plain) for h in hooks)

@@ -131,7 +131,7 @@ def test_per_layer_inputs_are_trained_in_auto_and_refused_by_activation_free():
         model(**b, use_cache=False).loss.backward()
         grads[mode] = named_grads(model)
         if mode == "auto":
-            assert lopt_kernels.patching._state_of(model).current.mode == "eager"
+            assert lopt_kernels.patching.state_of(model).current.mode == "eager"
     assert grads["stored"]["model.embed_tokens_per_layer.weight"].abs().max() > 0
     assert_grads_close(grads["auto"], grads["stored"])
 
@@ -261,5 +261,5 @@ def test_case14_boundaries_not_a_list_of_ints_refused(boundaries):
 def test_case14_boundaries_int_sequences_accepted(boundaries):
     model = tiny_model("llama")
     lopt_kernels.patch(model, boundaries=boundaries)
-    assert lopt_kernels.patching._state_of(model).settings.boundaries == tuple(int(b) for b in boundaries)
-    assert all(type(b) is int for b in lopt_kernels.patching._state_of(model).settings.boundaries)
+    assert lopt_kernels.patching.state_of(model).settings.boundaries == tuple(int(b) for b in boundaries)
+    assert all(type(b) is int for b in lopt_kernels.patching.state_of(model).settings.boundaries)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import lopt_kernels
-from lopt_kernels.patching import _state_of, _top_and_bottom
+from lopt_kernels.patching import state_of, top_and_bottom_params
 from tiny_models import batch, tiny_model
 
 
 def _top_grads(model):
-    top, _ = _top_and_bottom(_state_of(model))
+    top, _ = top_and_bottom_params(state_of(model))
     return {n: p.grad for n, p in model.named_parameters() if id(p) in top}
 
 

@@ -86,11 +86,6 @@ def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
     positions: sliding and full swapped); "packed": padding-free packed rows (before, the stages dropped the
     position ids). Micro-batches are weighted by their label tokens (HF Trainer's num_items_in_batch), except
     "mean" (each micro-batch's mean loss / GA, the LoPT reference's); "aux_tokens": aux_mask="tokens"."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from lopt_kernels.pipeline import join_shards
-
     config = {"family": "gemma2", "num_hidden_layers": 5} if ckpt == "gemma2" else {}
     model = _model_dir(tmp_path / "model", k, lora=ckpt == "lora", aux_mask="tokens" if ckpt == "aux_tokens" else "all",
                        **config)
