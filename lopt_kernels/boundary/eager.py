@@ -181,8 +181,11 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     wrt = layer_params + tape.extras + ([tape.leaf] if tape.leaf.requires_grad else [])
     grad_x, extra_grads = None, [None] * len(tape.extras)
     if spec.sharded_grads and wrt and y.requires_grad:
-        local, grad_x = _fsdp2_local_backward(spec, tape, y, box, layer_params)
-        by_id.update((id(p), g) for p, g in zip(layer_params, local))
+        sharded, local, grad_x = _fsdp2_local_backward(spec, tape, y, box, layer_params)
+        by_id.update((id(p), g) for p, g in zip(sharded, local))
+        # the held gradients belong to the sharded parameters, which the caller's backward accumulates into
+        swap = {id(p): q for p, q in zip(layer_params, sharded)}
+        params = [swap.get(id(p), p) for p in params]
     elif wrt and y.requires_grad:
         guard = spec.replay_guard
         guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
@@ -201,11 +204,13 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
 
 def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, box: list, layer_params: list):
     """The block's local backward under FSDP2: an ordinary backward, for which FSDP2 unshards the block's layers
-    and from whose post-backward hooks it reduce-scatters their gradients into the sharded ``.grad`` (gradient sync
-    forced on for the block: each micro-batch's local gradients are reduced once, now); the sharded gradients are
-    then taken out of ``.grad`` (the ones accumulated before are put back) and returned, with the block input's
-    gradient (or None). FSDP2's end-of-backward callback is not queued (it would reshard the root's parameters in
-    the middle of its forward): what it does for the block's groups is done here."""
+    and from whose post-backward hooks it reduces their gradients into the sharded parameters' ``.grad`` (gradient
+    sync and, under HSDP, the replicas' all-reduce forced on for the block: each micro-batch's local gradients are
+    reduced once, now). The sharded gradients are then taken out of ``.grad`` (the ones accumulated before are put
+    back). Returns ``(sharded, grads, grad_x)``: for each of ``layer_params`` its sharded parameter (itself where the
+    layer was resharded after its forward; the unsharded module attribute otherwise) and that one's reduced
+    gradient, and the block input's gradient (or None). FSDP2's end-of-backward callback is not queued (it would
+    reshard the root's parameters in the middle of its forward): what it does for the block's groups is done here."""
     try:  # FSDP2's own state (torch 2.13's layout)
         from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
         from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState  # noqa: PLC0415
@@ -213,19 +218,26 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
         states = [m._get_fsdp_state() for layer in tape.layers for m in layer.modules() if isinstance(m, FSDPModule)]
         groups = [g for state in states for g in state._fsdp_param_groups]
         ctx, comm = states[0]._state_ctx, states[0]._comm_ctx
-        saved_sync, saved_queued = [g.reduce_grads for g in groups], ctx.post_backward_final_callback_queued
+        saved_sync = [(g.reduce_grads, g.all_reduce_grads) for g in groups]
+        saved_queued = ctx.post_backward_final_callback_queued
+        to_sharded = {}
+        for fsdp_param in (fp for g in groups for fp in g.fsdp_params):
+            to_sharded[id(fsdp_param.sharded_param)] = fsdp_param.sharded_param
+            if hasattr(fsdp_param, "_unsharded_param"):
+                to_sharded[id(fsdp_param._unsharded_param)] = fsdp_param.sharded_param
         comm.post_forward_order, comm.reduce_scatter_states  # noqa: B018 - present, or refused below
     except (ImportError, AttributeError, IndexError) as exc:
         raise LoptPatchError(
             "mode='eager' under FSDP2 needs fully_shard on the bottom blocks' layers and FSDP2 internals that this "
             f"torch lays out otherwise ({type(exc).__name__}: {exc}); patch with mode='activation_free'."
         ) from exc
-    saved_grads, leaf_grad = [p.grad for p in layer_params], tape.leaf.grad
-    for p in layer_params:
+    sharded = [to_sharded.get(id(p), p) for p in layer_params]
+    saved_grads, leaf_grad = [p.grad for p in sharded], tape.leaf.grad
+    for p in sharded:
         p.grad = None
     tape.leaf.grad = None
     for g in groups:
-        g.reduce_grads = True
+        g.reduce_grads = g.all_reduce_grads = True
     ctx.post_backward_final_callback_queued = True
     guard = spec.replay_guard
     guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
@@ -237,23 +249,26 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
             g._training_state = TrainingState.IDLE
         for state in states:
             state._training_state = TrainingState.IDLE
-        for rs in comm.reduce_scatter_states:  # the sharded gradients are read on this stream later
-            if rs.event is not None:
-                torch.accelerator.current_stream(y.device).wait_event(rs.event) if y.device.type != "cpu" else None
+        if y.device.type != "cpu":  # the sharded gradients are read on this stream later
+            for rs in comm.reduce_scatter_states:
+                if rs.event is not None:
+                    torch.accelerator.current_stream(y.device).wait_event(rs.event)
         comm.reduce_scatter_states.clear()
+        for g in groups:  # waits for the post-reduce work (division, cast into .grad), as the callback would
+            g.finalize_backward()
         # the block's backward is done: the caller's backward must not prefetch (all-gather) its layers again
         done = {id(g) for g in groups}
         comm.post_forward_order[:] = [g for g in comm.post_forward_order if id(g) not in done]
     finally:
         guard.replaying = False
         ctx.post_backward_final_callback_queued = saved_queued
-        for g, sync in zip(groups, saved_sync):
-            g.reduce_grads = sync
-    local = [p.grad for p in layer_params]
-    for p, g in zip(layer_params, saved_grads):
+        for g, (reduce, all_reduce) in zip(groups, saved_sync):
+            g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+    local = [p.grad for p in sharded]
+    for p, g in zip(sharded, saved_grads):
         p.grad = g
     grad_x, tape.leaf.grad = tape.leaf.grad, leaf_grad
-    return local, grad_x
+    return sharded, local, grad_x
 
 
 @dataclass

@@ -5,7 +5,8 @@ checkpointing; each variant's parameters (gathered) equal one process without FS
 -> OUT/<variant>_ok. Also: ``mode='auto'`` picks eager under FSDP2 for LoRA (held sharded gradients smaller than the
 bottom blocks' activations) -> OUT/auto_lora_eager_ok, a bf16 MixedPrecisionPolicy with fp32 reduction trains
 within bf16's rounding of one fp32 process -> OUT/mixed_precision_ok, and LoRA with CPUOffloadPolicy equals one
-process -> OUT/cpu_offload_ok."""
+process -> OUT/cpu_offload_ok; layers not resharded after their forward (full, and LoRA in auto mode) and HSDP
+equal one process -> OUT/no_reshard_full_ok, OUT/no_reshard_lora_ok, OUT/hsdp_ok."""
 
 import os
 import sys
@@ -65,13 +66,13 @@ def one_process(variant, world):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def sharded(variant, mesh, mode="eager", mp_policy=None, offload=False):
+def sharded(variant, mesh, mode="eager", mp_policy=None, offload=False, reshard=True):
     model = _model(variant, mode)
     kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     for layer in model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers:
-        fully_shard(layer, **kwargs)
+        fully_shard(layer, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
@@ -118,6 +119,20 @@ def main(out):
     if rank == 0:
         _compare(got, one_process("lora", world), 1e-5, 1e-7, "cpu offload")
         open(os.path.join(out, "cpu_offload_ok"), "w").close()
+    # layers kept unsharded after their forward: the reduced gradients land on the sharded parameters, not on the
+    # module attributes the backward ran with (before: held None, the raw local gradient left in .grad, ~100x off)
+    for variant, mode in (("full", "eager"), ("lora", "auto")):
+        got = train_sharded(sharded(variant, mesh, mode=mode, reshard=False), rank, world)
+        if rank == 0:
+            _compare(got, one_process(variant, world), 1e-5, 1e-7, f"no reshard after forward, {variant}")
+            open(os.path.join(out, f"no_reshard_{variant}_ok"), "w").close()
+    # HSDP (replicas x shards): set_requires_gradient_sync(False) also turns the replicas' all-reduce off, which the
+    # block's local backward needs on (before: its gradient was added into the next micro-batch's, mis-weighted)
+    hsdp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    got = train_sharded(sharded("full", hsdp), rank, world)
+    if rank == 0:
+        _compare(got, one_process("full", world), 1e-5, 1e-7, "hsdp")
+        open(os.path.join(out, "hsdp_ok"), "w").close()
     exit_distributed_worker()
 
 

@@ -62,11 +62,11 @@ def test_fsdp2_eager_trains_as_one_process(tmp_path, lopt_default_mode, nproc):
     backward (unshard, reduce-scatter), their sharded gradients held until the caller's backward scales them in.
     3 steps x 2 accumulated micro-batches (sync off on the first), full fine-tune and LoRA, with and without
     checkpointing, equal one process; auto picks eager for LoRA; bf16 mixed precision trains within its rounding;
-    CPUOffloadPolicy (LoRA) equals one process.
+    CPUOffloadPolicy (LoRA), layers kept unsharded after their forward, and HSDP equal one process.
     (Before, eager under FSDP2 was refused.)"""
     if lopt_default_mode != "eager":
         pytest.skip("the script names its modes itself")
     _torchrun("fsdp2_eager_train.py", str(tmp_path), nproc=nproc)
     for name in ("full_ok", "full_ckpt_ok", "lora_ok", "lora_ckpt_ok", "auto_lora_eager_ok", "mixed_precision_ok",
-                 "cpu_offload_ok"):
+                 "cpu_offload_ok", "no_reshard_full_ok", "no_reshard_lora_ok", "hsdp_ok"):
         assert (tmp_path / name).exists(), name
