@@ -17,8 +17,10 @@ general (pretraining-distribution) text, and 2-digit addition ("47+58=" -> "105"
 as the narrow task: digits and "+"/"=" are rare in the prose, so learning the format pulls the output
 distribution away from it and end-to-end fine-tuning measurably forgets. Built once under --cache-dir;
 the pretraining curve (held-out loss included) and its compute are stored with the model
-(lopt_retention_spec.json) and copied into the JSON. Larger: --d-model, --layers, --pretrain-steps,
---steps, --general-max-tokens, --device cuda (nothing is CPU-specific).
+(lopt_retention_spec.json) and copied into the JSON. Cost on one CPU thread: pretraining 6 minutes (once),
+the default sweep (5 methods x 4 lrs x 3 seeds = 60 runs) about 20 minutes; `--methods e2e,lopt-k2 --seeds 1`
+is a 3-minute look (with one seed the verdicts have no noise margin). Larger: --d-model, --layers, --pretrain-steps, --steps,
+--general-max-tokens, --device cuda (nothing is CPU-specific).
 
 Data: jsonl/json (one JSON object a line) or parquet. Task rows are {"prompt", "completion"} (loss on the
 completion and its EOS; exact match of the greedy completion) or {"text"} (loss on every token; no exact
