@@ -67,17 +67,22 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
     Needs those modules materialised (values do not matter); the layers may stay on the meta device."""
     names = {id(m): n for n, m in lm.named_modules()}
     finished: list[str] = []
+    started: dict[int, nn.Module] = {}
 
     def note(module, args, output):
         if id(module) in names and names[id(module)] not in finished:
             finished.append(names[id(module)])
 
+    def start(module, args):
+        started.setdefault(id(module), module)
+
     def stop(module, args, kwargs):
         raise _ReachedFirstLayer
 
     handles = [nn.modules.module.register_module_forward_hook(note),
+               nn.modules.module.register_module_forward_pre_hook(start),
                first_layer.register_forward_pre_hook(stop, with_kwargs=True)]
-    embeds = torch.zeros(1, 2, text_config(lm).hidden_size, device=device, dtype=dtype)
+    embeds = torch.zeros(1, 2, lm.get_input_embeddings().weight.shape[-1], device=device, dtype=dtype)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             lm(inputs_embeds=embeds, use_cache=False)
@@ -87,6 +92,16 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
     finally:
         for h in handles:
             h.remove()
+    # a module still running when the first layer starts (the backbone) may use its own parameters before the
+    # layers, after them, or both: no rank can own those
+    unplaceable = [f"{names[i]}.{key}" for i, m in started.items() if names.get(i) not in finished and i in names
+                   for key, p in m.named_parameters(recurse=False) if p is not None]
+    if unplaceable:
+        raise LoptPatchError(
+            f"{type(lm).__name__} keeps parameters directly on a module that runs around its decoder layers "
+            f"({', '.join(unplaceable)}): the pipeline cannot tell which stage uses them. Train it with "
+            "lopt_kernels.patch in one process."
+        )
     return finished
 
 

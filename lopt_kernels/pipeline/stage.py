@@ -112,8 +112,9 @@ class PipelineStage:
         self.timeline = StageTimeline()
         self.replaying = False  # set while a checkpointed layer recomputes inside the local backward
         self._pending_sends: list = []
-        hidden = text_config(lm).hidden_size
-        self.hidden_size = hidden
+        self.hidden_size = text_config(lm).hidden_size  # what travels between stages
+        # what the model's forward takes as inputs_embeds (OPT-350m projects a narrower embedding in)
+        self.embedding_dim = lm.get_input_embeddings().weight.shape[-1]
         self.fused_ce = _fused_ce_impl(lm) if self.is_last else None
         self.dtype = next(p.dtype for p in self.own_layers.parameters())
         self.device = next(p.device for p in self.own_layers.parameters())
@@ -147,8 +148,12 @@ class PipelineStage:
                 error = str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
             mine = {"dtype": str(dtype)} if plan is None else plan.agreement()
             check_ranks_agree(group, world, mine, error)
-            lm = plan.load()
-            decoder = plan.decoder() if rank != world - 1 else None
+            try:  # reading can still fail on one rank (a tensor of the wrong shape, a decoder file for fewer stages)
+                lm = plan.load()
+                decoder = plan.decoder() if rank != world - 1 else None
+            except Exception as exc:  # noqa: BLE001 - as above: every rank raises, none waits on a dead peer
+                error = str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
+            check_ranks_agree(group, world, {}, error)
         lm.train()
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
@@ -227,13 +232,14 @@ class PipelineStage:
             saved_funcs[layer] = func
             layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, *hooks, bodies)
         setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
-        # ... and indexes per-layer settings by its loop position: the stage's j-th layer is layer first + j
+        # ... and indexes per-layer settings by its loop position (layer_types, layer_rope_theta, layers_block_type:
+        # any config list with one entry per layer): the stage's j-th layer is layer first + j
         config = text_config(self.lm)
-        layer_types = getattr(config, "layer_types", None)
-        per_layer_types = isinstance(layer_types, (list, tuple)) and len(layer_types) == len(self.all_layers)
-        if per_layer_types:
-            first, end = self.ranges[self.rank]
-            config.layer_types = type(layer_types)(layer_types[first:end])
+        per_layer = {k: v for k, v in vars(config).items()
+                     if isinstance(v, (list, tuple)) and len(v) == len(self.all_layers)}
+        first, end = self.ranges[self.rank]
+        for key, values in per_layer.items():
+            setattr(config, key, type(values)(values[first:end]))
         inputs = {"attention_mask": batch.get("attention_mask")}
         # positions (a packed batch restarts them per sequence) and the other per-token inputs, on every rank
         inputs.update((k, batch[k]) for k in PER_TOKEN_INPUTS if batch.get(k) is not None)
@@ -242,7 +248,7 @@ class PipelineStage:
         else:
             ids = batch["input_ids"]  # only the shape matters: the first layer's input is replaced
             inputs["inputs_embeds"] = torch.zeros((), dtype=self.dtype, device=self.device).expand(
-                *ids.shape, self.hidden_size)  # a broadcast view: nothing allocated per micro-batch
+                *ids.shape, self.embedding_dim)  # a broadcast view: nothing allocated per micro-batch
         if self.is_last and not self.fused_ce:
             inputs["labels"] = batch["labels"]
             if num_items is not None:
@@ -259,8 +265,8 @@ class PipelineStage:
                                                 num_items_in_batch=num_items, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
-            if per_layer_types:
-                config.layer_types = layer_types
+            for key, values in per_layer.items():
+                setattr(config, key, values)
             for h in handles:
                 h.remove()
             for layer, func in saved_funcs.items():

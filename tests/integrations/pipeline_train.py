@@ -60,7 +60,8 @@ def families(parent, out, steps, ga):
     ``steps`` steps of ``ga`` padded micro-batches, token-weighted; each family's shards to ``out/<family>``."""
     for name in sorted(os.listdir(parent)):
         stage = PipelineStage.from_pretrained(os.path.join(parent, name),
-                                              attn_implementation="eager" if name.startswith("gemma") else "sdpa")
+                                              attn_implementation="eager" if name.startswith(("gemma", "granite", "bloom"))
+                                              else "sdpa")
         optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
         train_pipeline(stage, micro_batches(), optimizer, grad_accum=int(ga), max_steps=int(steps), progress=False)
         stage.save_shard(os.path.join(out, name))

@@ -151,9 +151,24 @@ def _tiny(name):
 
     from tiny_models import tiny_model
 
-    if name == "mixtral":
+    common = dict(vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    configs = {
+        "mixtral": lambda: _moe_config(),
+        # learned positions and a narrower embedding projected in and out (OPT-350m's shape), an embedding LayerNorm
+        # (BLOOM), a RoPE/NoPE choice per layer read by the backbone's loop position (GraniteSWA's layer_rope_theta)
+        "opt": lambda: tf.OPTConfig(hidden_size=40, ffn_dim=72, num_hidden_layers=4, num_attention_heads=4,
+                                    max_position_embeddings=64, word_embed_proj_dim=16, dropout=0.0,
+                                    attention_dropout=0.0, **common),
+        "bloom": lambda: tf.BloomConfig(hidden_size=40, n_layer=4, n_head=4, **common),
+        "granite_swa": lambda: tf.GraniteSWAConfig(
+            hidden_size=40, intermediate_size=72, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, sliding_window=4, layer_types=["full_attention"] * 5,
+            layer_rope_theta=[10000.0, 0, 10000.0, 0, 10000.0], **common),
+    }
+    if name in configs:
         torch.manual_seed(0)
-        return tf.AutoModelForCausalLM.from_config(_moe_config(), attn_implementation="sdpa").train()
+        attn = "eager" if name in ("granite_swa", "bloom") else "sdpa"
+        return tf.AutoModelForCausalLM.from_config(configs[name](), attn_implementation=attn).train()
     family, config = FAMILY_CASES[name]
     return tiny_model(family, **config)
 
@@ -163,6 +178,7 @@ FAMILY_CASES = {
     "gemma2": ("gemma2", {}), "gpt2_tied": ("gpt2", {}), "gpt2_untied": ("gpt2", {"tie_word_embeddings": False}),
     "gpt_neox": ("gpt_neox", {}), "llama": ("llama", {}), "mistral": ("mistral", {}), "mixtral": (None, {}),
     "phi3": ("phi3", {}), "qwen2_tied": ("qwen2", {}), "qwen3": ("qwen3", {}),
+    "opt": (None, {}), "bloom": (None, {}), "granite_swa": (None, {}),
 }
 
 
@@ -171,7 +187,8 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
     """3 steps of 2 padded, token-weighted micro-batches, k stages, every family in one launch: the parameters and
     decoders equal single-process LoPT. GPT-2's learned positions (transformer.wpe) run on rank 0 and are trained
     there (before, the last rank owned them and never stepped them); tied GPT-2 starts its untied head from
-    transformer.wte (before, the last rank raised 'has no tensor lm_head.weight')."""
+    transformer.wte (before, the last rank raised 'has no tensor lm_head.weight'); GraniteSWA's later stages take
+    their own layers' RoPE/NoPE setting (before, the stage's positions', 1e-3 off)."""
     steps, expected = 3, {}
     for name in FAMILY_CASES:
         model = _tiny(name)
@@ -223,23 +240,29 @@ def test_ranks_on_mixed_dtypes_are_refused_on_every_rank(tmp_path):
         assert "disagree on dtype" in err and "torch.bfloat16" in err, err
 
 
-def _drop_tensor(model_dir, name):
+def _drop_tensor(model_dir, name, keep_columns=None):
+    """Remove the tensor ``name`` from the checkpoint, or with ``keep_columns`` truncate it to that many columns."""
     from safetensors.torch import load_file, save_file
 
     path = str(model_dir / "model.safetensors")
     tensors = load_file(path)
-    del tensors[name]
+    if keep_columns is None:
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][:, :keep_columns].contiguous()
     save_file(tensors, path, metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("case, match", [
     ("router_loss", "output_router_logits"),
     ("missing_head", "has no tensor lm_head.weight"),
+    ("wrong_shape", "model.layers.4.mlp.down_proj.weight"),
 ])
 def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
     router loss (a function of every stage's layers), and a checkpoint missing a tensor only the last rank reads
-    (before, that rank raised after the agreement check and rank 0 died on a closed connection)."""
+    (before, that rank raised after the agreement check and rank 0 died on a closed connection), and a tensor of the
+    wrong shape, found only while reading (likewise)."""
     import transformers as tf
 
     from tiny_models import tiny_model
@@ -247,9 +270,12 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     if case == "router_loss":
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
-    else:
+    elif case == "missing_head":
         tiny_model("llama").save_pretrained(tmp_path / "model")
         _drop_tensor(tmp_path / "model", "lm_head.weight")
+    else:  # found only while reading, after the ranks' agreement: a second agreement follows the reads
+        tiny_model("llama").save_pretrained(tmp_path / "model")
+        _drop_tensor(tmp_path / "model", "model.layers.4.mlp.down_proj.weight", keep_columns=70)
     _launch(2, tmp_path / "model", tmp_path, "refused")
     errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
     assert errors[0] == errors[1] and match in errors[0], errors
