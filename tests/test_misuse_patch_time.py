@@ -1,4 +1,4 @@
-"""Misuse that ``patch`` must refuse up front (issue 9, "No silent wrong training"): each case raises
+"""Misuse that ``patch`` must refuse up front: each case raises
 ``LoptPatchError`` naming the problem and the fix, and leaves the model unpatched and working."""
 
 import copy
@@ -23,7 +23,7 @@ def _still_works_unpatched(model):
     assert model.get_input_embeddings().weight.grad.abs().max() > 0
 
 
-# ---------------------------------------------------------------------------- case 7: weight sharing
+# ---------------------------------------------------------------------------- weight sharing
 # 5 layers, default num_blocks=2: block 0 = layers 0-2, block 1 (the final block) = layers 3-4.
 
 
@@ -36,7 +36,7 @@ def _still_works_unpatched(model):
     ],
     ids=["in_two_blocks", "twice_in_a_bottom_block"],
 )
-def test_case7_same_layer_module_refused(repeat, original, message):
+def test_same_layer_module_refused(repeat, original, message):
     model = tiny_model("llama")
     model.model.layers[repeat] = model.model.layers[original]
     with pytest.raises(LoptPatchError, match=message):
@@ -44,7 +44,7 @@ def test_case7_same_layer_module_refused(repeat, original, message):
     _still_works_unpatched(model)
 
 
-def test_case7_same_layer_module_twice_in_the_final_block_accepted():
+def test_same_layer_module_twice_in_the_final_block_accepted():
     model = tiny_model("llama")
     model.model.layers[4] = model.model.layers[3]  # both in the final block: ordinary autograd there
     lopt_kernels.patch(model)
@@ -52,7 +52,7 @@ def test_case7_same_layer_module_twice_in_the_final_block_accepted():
     assert model.model.layers[3].mlp.down_proj.weight.grad.abs().max() > 0
 
 
-def test_case7_parameter_shared_across_blocks_refused():
+def test_parameter_shared_across_blocks_refused():
     model = tiny_model("llama")
     layers = model.model.layers
     layers[4].mlp.up_proj.weight = layers[0].mlp.up_proj.weight  # block 0 and block 1 share a tensor
@@ -61,7 +61,7 @@ def test_case7_parameter_shared_across_blocks_refused():
     _still_works_unpatched(model)
 
 
-def test_case7_parameter_shared_across_blocks_refused_for_explicit_boundaries():
+def test_parameter_shared_across_blocks_refused_for_explicit_boundaries():
     model = tiny_model("gpt2", num_hidden_layers=6)
     h = model.transformer.h
     h[3].attn.c_attn.weight = h[2].attn.c_attn.weight
@@ -72,7 +72,7 @@ def test_case7_parameter_shared_across_blocks_refused_for_explicit_boundaries():
     _still_works_unpatched(model)
 
 
-def test_case7_input_embeddings_shared_with_a_later_block_refused():
+def test_input_embeddings_shared_with_a_later_block_refused():
     model = tiny_model("llama", intermediate_size=97)  # gate_proj (97 x 40) shaped like the embeddings
     # a (contrived) layer of the final block reusing the embedding matrix: trained by two losses
     model.model.layers[4].mlp.gate_proj.weight = model.get_input_embeddings().weight
@@ -93,7 +93,7 @@ def _gemma3n(num_layers, shared):
 
 
 @pytest.mark.explicit_modes
-def test_case7_kv_shared_across_blocks_refused():
+def test_kv_shared_across_blocks_refused():
     """Gemma3n's last layers reuse the keys/values earlier layers computed (KV sharing). A boundary between such a
     pair let the task loss reach the earlier block through them in stored mode, gave the aux-only gradient in
     activation-free mode (about 50x smaller) and crashed eager mode; such boundaries are refused, naming the layers
@@ -165,7 +165,7 @@ def test_kv_sharing_pairs_follow_explicit_source_layers():
     assert kv_sharing_pairs(modes_only, 4) == [(0, 2), (1, 3)]
 
 
-def test_case7_parameter_shared_within_one_block_trains_like_the_reference():
+def test_parameter_shared_within_one_block_trains_like_the_reference():
     model = tiny_model("llama")
     layers = model.model.layers
     layers[1].mlp.up_proj.weight = layers[0].mlp.up_proj.weight  # both in block 0
@@ -183,7 +183,7 @@ def test_case7_parameter_shared_within_one_block_trains_like_the_reference():
     assert layers[0].mlp.up_proj.weight.grad.abs().max() > 0
 
 
-# ---------------------------------------------------------------------------- case 13: not a causal LM
+# ---------------------------------------------------------------------------- not a causal LM
 
 
 def _tiny_t5():
@@ -200,7 +200,7 @@ def _tiny_bert_mlm():
     return tf.BertForMaskedLM(config).train()
 
 
-def test_case13_encoder_decoder_t5_refused():
+def test_encoder_decoder_t5_refused():
     model = _tiny_t5()
     with pytest.raises(LoptPatchError, match=r"(?s)encoder-decoder.*decoder-only causal LM.*Supported"):
         lopt_kernels.patch(model)
@@ -210,7 +210,7 @@ def test_case13_encoder_decoder_t5_refused():
     model(input_ids=b["input_ids"], labels=b["input_ids"]).loss.backward()  # still the plain T5
 
 
-def test_case13_masked_lm_bert_refused():
+def test_masked_lm_bert_refused():
     model = _tiny_bert_mlm()
     with pytest.raises(LoptPatchError, match=r"(?s)BertForMaskedLM.*not a decoder-only causal LM.*Supported"):
         lopt_kernels.patch(model)
@@ -221,13 +221,13 @@ def test_case13_masked_lm_bert_refused():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_case13_every_supported_family_still_patches(family):
+def test_every_supported_family_still_patches(family):
     model = tiny_model(family)
     lopt_kernels.patch(model)
     assert lopt_kernels.is_patched(model)
 
 
-def test_case13_custom_and_peft_wrapped_causal_lms_still_patch():
+def test_custom_and_peft_wrapped_causal_lms_still_patch():
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
     class MyDecoder(tf.LlamaForCausalLM):  # a user's own subclass, in no transformers mapping
@@ -242,7 +242,7 @@ def test_case13_custom_and_peft_wrapped_causal_lms_still_patch():
     assert lopt_kernels.is_patched(peft_model)
 
 
-# ---------------------------------------------------------------------------- case 14: boundaries type
+# ---------------------------------------------------------------------------- boundaries type
 
 
 @pytest.mark.parametrize(
@@ -250,7 +250,7 @@ def test_case13_custom_and_peft_wrapped_causal_lms_still_patch():
     ["13", "2", [1.7], [2.0], [True], [2, False], {2}, frozenset({1, 3}), {2: 1}, 2, [[2]], [None]],
     ids=repr,
 )
-def test_case14_boundaries_not_a_list_of_ints_refused(boundaries):
+def test_boundaries_not_a_list_of_ints_refused(boundaries):
     model = tiny_model("llama")
     with pytest.raises(LoptPatchError, match=r"boundaries must be a list or tuple of int layer indices"):
         lopt_kernels.patch(model, boundaries=boundaries)
@@ -258,7 +258,7 @@ def test_case14_boundaries_not_a_list_of_ints_refused(boundaries):
 
 
 @pytest.mark.parametrize("boundaries", [[2], (1, 3), [np.int64(2)], [torch.tensor(3)]], ids=repr)
-def test_case14_boundaries_int_sequences_accepted(boundaries):
+def test_boundaries_int_sequences_accepted(boundaries):
     model = tiny_model("llama")
     lopt_kernels.patch(model, boundaries=boundaries)
     assert lopt_kernels.patching.state_of(model).settings.boundaries == tuple(int(b) for b in boundaries)

@@ -1,4 +1,4 @@
-"""Issue 9, "no silent wrong training": misuses at run time that used to train wrongly without a word.
+"""Misuses at run time that used to train wrongly without a word.
 
 Each test is named after the issue's case number. Tests that apply to every boundary mode take the ``mode``
 fixture: the conftest's default mode (eager, activation_free) plus ``stored``.
@@ -46,10 +46,10 @@ def _cache_kwarg(model, cache) -> dict:
     return {name: cache}
 
 
-# --- case 2: eval mode trains end-to-end ------------------------------------------------------------------
+# --- eval mode trains end-to-end ------------------------------------------------------------------
 
 
-def test_case2_eval_mode_grad_forward_warns_once(mode):
+def test_eval_mode_grad_forward_warns_once(mode):
     model = tiny_model("llama")
     lopt_kernels.patch(model, mode=mode)
     model.eval()  # what from_pretrained returns
@@ -60,7 +60,7 @@ def test_case2_eval_mode_grad_forward_warns_once(mode):
         model(**batch()).loss.backward()  # once only
 
 
-def test_case2_no_warning_under_no_grad_or_in_train_mode(mode):
+def test_no_warning_under_no_grad_or_in_train_mode(mode):
     model = tiny_model("llama")
     lopt_kernels.patch(model, mode=mode)
     with warnings.catch_warnings():
@@ -74,11 +74,11 @@ def test_case2_no_warning_under_no_grad_or_in_train_mode(mode):
         model(**batch()).loss.backward()
 
 
-# --- case 4: KV cache in a grad-enabled train-mode forward ------------------------------------------------
+# --- KV cache in a grad-enabled train-mode forward ------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_case4_kv_cache_in_training_equals_unpatched(family, mode):
+def test_kv_cache_in_training_equals_unpatched(family, mode):
     model = tiny_model(family)
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, num_blocks=3, mode=mode, fused_ce="off")
@@ -104,7 +104,7 @@ def test_case4_kv_cache_in_training_equals_unpatched(family, mode):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_case4_training_forward_on_a_prefilled_cache(family, mode):
+def test_training_forward_on_a_prefilled_cache(family, mode):
     """A prompt prefilled without a graph, then a training forward on the continuation: the unpatched model's
     logits (every layer reads the cache), or a clear error where a replay cannot reproduce the cache state."""
     model = tiny_model(family)
@@ -125,7 +125,7 @@ def test_case4_training_forward_on_a_prefilled_cache(family, mode):
     assert all(p.grad is not None for p in model.model.layers[0].parameters())
 
 
-def test_case4_cache_built_by_default_is_complete_or_absent(mode):
+def test_cache_built_by_default_is_complete_or_absent(mode):
     """``config.use_cache`` builds a cache in every training forward the caller did not ask one of: the
     output's cache is the unpatched model's, or None (never one missing the bottom layers)."""
     model = tiny_model("llama")
@@ -139,10 +139,10 @@ def test_case4_cache_built_by_default_is_complete_or_absent(mode):
             torch.testing.assert_close(layer.keys, plain_layer.keys, rtol=0, atol=0)
 
 
-# --- case 5: PEFT target_modules="all-linear" after patch, own loop ----------------------------------------
+# --- PEFT target_modules="all-linear" after patch, own loop ----------------------------------------
 
 
-def test_case5_peft_adapters_in_aux_decoders_refused_at_first_training_forward(mode):
+def test_peft_adapters_in_aux_decoders_refused_at_first_training_forward(mode):
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
     model = lopt_kernels.patch(tiny_model("llama"), mode=mode)
@@ -156,7 +156,7 @@ def test_case5_peft_adapters_in_aux_decoders_refused_at_first_training_forward(m
         model(**batch())  # inference is unaffected
 
 
-# --- case 6: torch.autograd.grad ---------------------------------------------------------------------------
+# --- torch.autograd.grad ---------------------------------------------------------------------------
 
 
 def _pair(mode):
@@ -169,7 +169,7 @@ def _pair(mode):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_case6_autograd_grad_equals_stored(lopt_default_mode, checkpointing):
+def test_autograd_grad_equals_stored(lopt_default_mode, checkpointing):
     model, stored = _pair(lopt_default_mode)
     if checkpointing:
         for m in (model, stored):
@@ -187,7 +187,7 @@ def test_case6_autograd_grad_equals_stored(lopt_default_mode, checkpointing):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_case6_backward_with_inputs_touches_only_those_inputs(lopt_default_mode):
+def test_backward_with_inputs_touches_only_those_inputs(lopt_default_mode):
     model, stored = _pair(lopt_default_mode)
     top, _ = _top_and_bottom_names(model)
     wanted = top + [n for n, _ in model.named_parameters() if "layers.0." in n]
@@ -202,16 +202,16 @@ def test_case6_backward_with_inputs_touches_only_those_inputs(lopt_default_mode)
             torch.testing.assert_close(p.grad, stored_params[n].grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
-# --- case 8: stored mode and a loss without the aux term ---------------------------------------------------
+# --- stored mode and a loss without the aux term ---------------------------------------------------
 
 
-# case 8 (stored mode did not warn without the aux term): test_patch.py::test_loss_without_the_aux_term_warns_once[stored]
+# stored mode did not warn without the aux term: test_patch.py::test_loss_without_the_aux_term_warns_once[stored]
 
 
-# --- case 12: aux_mask="tokens" on a batch without tokens --------------------------------------------------
+# --- aux_mask="tokens" on a batch without tokens --------------------------------------------------
 
 
-def test_case12_token_mask_on_a_batch_without_tokens_trains(mode):
+def test_token_mask_on_a_batch_without_tokens_trains(mode):
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, mode=mode, aux_mask="tokens")
@@ -230,14 +230,14 @@ def test_case12_token_mask_on_a_batch_without_tokens_trains(mode):
     model(**batch()).loss.backward()  # the next, ordinary batch trains as usual
 
 
-# --- case 17: RNG replay on the block's device -------------------------------------------------------------
+# --- RNG replay on the block's device -------------------------------------------------------------
 
 
 def _index(device) -> int:
     return device if isinstance(device, int) else (torch.device(device).index or 0)  # "cuda": the current one (0)
 
 
-def test_case17_rng_replay_restores_the_captured_device(monkeypatch):
+def test_rng_replay_restores_the_captured_device(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -254,7 +254,7 @@ def test_case17_rng_replay_restores_the_captured_device(monkeypatch):
     assert calls[1:] == [(1, 1)], "and that device's own state is put back afterwards"
 
 
-# --- case 18: aux_mask="tokens" host-device syncs ----------------------------------------------------------
+# --- aux_mask="tokens" host-device syncs ----------------------------------------------------------
 
 
 class _SyncCounter(TorchDispatchMode):
@@ -280,7 +280,7 @@ def _syncs(model, b):
     return counter.count, counter.gathers
 
 
-def test_case18_token_mask_costs_no_host_sync_and_no_gather(mode):
+def test_token_mask_costs_no_host_sync_and_no_gather(mode):
     """aux_mask="tokens" hands the fused op a row mask: no nonzero (a host sync) and no gather/scatter of y and
     x (issue 11, item 5). Before, it cost one sync and an index_select of y and x plus an index_copy of grad_y."""
     b = batch()

@@ -1,4 +1,4 @@
-"""Issue 9, "no silent wrong training": misuse and edge cases of the task loss and the output fields.
+"""Misuse and edge cases of the task loss and the output fields.
 
 Each test is named after the case it guards; the patched model must do what the unpatched one does,
 or raise/warn (once) with a message that names the problem and the fix."""
@@ -19,13 +19,13 @@ def _top_grads(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# case 1: a micro-batch whose labels are all -100
+# a micro-batch whose labels are all -100
 # ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", ["torch", "liger"])
 @pytest.mark.parametrize("num_items", [None, 0, "tensor0"])
-def test_case1_all_labels_ignored_gives_zero_task_gradients_not_nan(impl, num_items):
+def test_all_labels_ignored_gives_zero_task_gradients_not_nan(impl, num_items):
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, fused_ce=impl)
@@ -52,7 +52,7 @@ def test_case1_all_labels_ignored_gives_zero_task_gradients_not_nan(impl, num_it
 
 
 # ----------------------------------------------------------------------------------------------
-# case 3: MoE router (load-balancing) loss
+# MoE router (load-balancing) loss
 # ----------------------------------------------------------------------------------------------
 
 _MOE_COMMON = dict(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=5, num_attention_heads=4,
@@ -80,7 +80,7 @@ def _tiny_moe(family):
 
 @pytest.mark.parametrize("fused_ce", ["auto", "off"])
 @pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
-def test_case3_moe_router_loss_is_kept(family, fused_ce):
+def test_moe_router_loss_is_kept(family, fused_ce):
     model = _tiny_moe(family)
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, fused_ce=fused_ce)
@@ -108,7 +108,7 @@ def test_case3_moe_router_loss_is_kept(family, fused_ce):
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_case3_dense_model_keeps_aux_loss_as_reconstruction_loss():
+def test_dense_model_keeps_aux_loss_as_reconstruction_loss():
     out = lopt_kernels.patch(tiny_model("llama"))(**batch())
     assert out.aux_loss is out.lopt_aux_loss
     torch.testing.assert_close(out.loss, out.task_loss + 10.0 * out.lopt_aux_loss)
@@ -116,7 +116,7 @@ def test_case3_dense_model_keeps_aux_loss_as_reconstruction_loss():
 
 @pytest.mark.explicit_modes
 @pytest.mark.parametrize("mode", ["activation_free", "eager", "stored"])
-def test_case3_moe_router_term_does_not_train_bottom_blocks(mode):
+def test_moe_router_term_does_not_train_bottom_blocks(mode):
     model = lopt_kernels.patch(_tiny_moe("mixtral"), mode=mode)
     out = model(**batch())
     bottom_router = model.model.layers[0].mlp.gate.weight
@@ -125,11 +125,11 @@ def test_case3_moe_router_term_does_not_train_bottom_blocks(mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# case 9: return_dict=False with labels
+# return_dict=False with labels
 # ----------------------------------------------------------------------------------------------
 
 
-def test_case9_return_dict_false_puts_the_loss_first():
+def test_return_dict_false_puts_the_loss_first():
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     lopt_kernels.patch(model)
@@ -147,7 +147,7 @@ def test_case9_return_dict_false_puts_the_loss_first():
 
 
 # ----------------------------------------------------------------------------------------------
-# case 10: labels of the wrong length, logits_to_keep with labels
+# labels of the wrong length, logits_to_keep with labels
 # ----------------------------------------------------------------------------------------------
 
 
@@ -162,7 +162,7 @@ def _outcome(fn):
 @pytest.mark.parametrize("case", ["short_labels", "long_labels", "logits_to_keep_1", "logits_to_keep_5_sliced_labels",
                                   "logits_to_keep_0"])
 @pytest.mark.parametrize("fused_ce", ["auto", "liger"])
-def test_case10_wrong_length_labels_and_logits_to_keep_match_the_unpatched_model(case, fused_ce):
+def test_wrong_length_labels_and_logits_to_keep_match_the_unpatched_model(case, fused_ce):
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, fused_ce=fused_ce)
@@ -189,7 +189,7 @@ def test_case10_wrong_length_labels_and_logits_to_keep_match_the_unpatched_model
         assert out.logits is not None and out.logits.shape == ref.logits.shape
 
 
-def test_case10_shift_labels_without_labels_matches_the_unpatched_model():
+def test_shift_labels_without_labels_matches_the_unpatched_model():
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     lopt_kernels.patch(model)
@@ -204,14 +204,14 @@ def test_case10_shift_labels_without_labels_matches_the_unpatched_model():
 
 
 # ----------------------------------------------------------------------------------------------
-# case 11: a second backward (retain_graph=True) through the fused task loss
+# a second backward (retain_graph=True) through the fused task loss
 # ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.explicit_modes
 @pytest.mark.parametrize("impl", ["torch", "liger"])
 @pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
-def test_case11_second_backward_through_fused_task_loss_names_the_cause_and_the_setting(mode, impl):
+def test_second_backward_through_fused_task_loss_names_the_cause_and_the_setting(mode, impl):
     model = lopt_kernels.patch(tiny_model("llama"), mode=mode, fused_ce=impl)
     out = model(**batch())
     out.loss.backward(retain_graph=True)
@@ -223,7 +223,7 @@ def test_case11_second_backward_through_fused_task_loss_names_the_cause_and_the_
 
 @pytest.mark.explicit_modes
 @pytest.mark.parametrize("mode", ["activation_free", "stored"])
-def test_case11_second_backward_works_with_fused_ce_off(mode):
+def test_second_backward_works_with_fused_ce_off(mode):
     model = lopt_kernels.patch(tiny_model("llama"), mode=mode, fused_ce="off")
     out = model(**batch())
     out.loss.backward(retain_graph=True)
@@ -235,11 +235,11 @@ def test_case11_second_backward_works_with_fused_ce_off(mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# case 15: attach, then unpatch, then train
+# attach, then unpatch, then train
 # ----------------------------------------------------------------------------------------------
 
 
-def test_case15_unpatch_after_attach_says_so_and_how_to_fix(tmp_path):
+def test_unpatch_after_attach_says_so_and_how_to_fix(tmp_path):
     from transformers import Trainer, TrainingArguments  # noqa: PLC0415
 
     from lopt_kernels.patching import LoptPatchError  # noqa: PLC0415
@@ -257,7 +257,7 @@ def test_case15_unpatch_after_attach_says_so_and_how_to_fix(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# case 18 (part): no host-device sync in the task-loss/aux-weighting hot path
+# no host-device sync in the task-loss/aux-weighting hot path
 # ----------------------------------------------------------------------------------------------
 
 _HOT_PATH = ("lopt_kernels/task_loss_hooks.py", "lopt_kernels/ops/linear_cross_entropy.py")
@@ -272,7 +272,7 @@ def _caller_in_hot_path() -> str | None:
 
 
 @pytest.mark.parametrize("num_items", ["int", "cpu_tensor"])
-def test_case18_aux_weighting_makes_no_blocking_host_device_transfer(num_items, monkeypatch):
+def test_aux_weighting_makes_no_blocking_host_device_transfer(num_items, monkeypatch):
     """On CPU there is no device to wait for, so this checks the calls that would block on CUDA: a value read
     back to the host (``.item()``, ``bool``/``int``/``float`` of a tensor) or a copy to a device without
     ``non_blocking`` (``Tensor.to(device)``, ``torch.as_tensor``/``torch.tensor`` of a host value on a device),

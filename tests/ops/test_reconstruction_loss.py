@@ -454,7 +454,7 @@ def recording_cuda_device(monkeypatch):
 
 
 @interpreter_only
-def test_case16_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, monkeypatch):
+def test_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, monkeypatch):
     # Pretend y is a CUDA tensor: the guard takes the branch it takes for CUDA tensors, entering
     # torch.cuda.device(y.device) (here the recorder), while the kernels run interpreted on CPU.
     monkeypatch.setattr(rl, "_device_guard", lambda device: torch.cuda.device(device), raising=False)
@@ -486,7 +486,7 @@ def test_case16_triton_launches_run_under_the_device_guard_of_y(recording_cuda_d
     assert not unguarded, f"Triton kernels launched outside torch.cuda.device({y.device}): {unguarded[:3]}"
 
 
-def test_case16_device_guard_is_the_tensor_device_for_cuda_and_a_no_op_otherwise(recording_cuda_device):
+def test_device_guard_is_the_tensor_device_for_cuda_and_a_no_op_otherwise(recording_cuda_device):
     with rl._device_guard(torch.device("cuda", 1)):
         assert recording_cuda_device.active == [torch.device("cuda", 1)]
     assert recording_cuda_device.entered == [torch.device("cuda", 1)]
