@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from lopt_kernels.ops import reconstruction_loss as rl  # noqa: E402
-from recon_sweep import make_inputs  # noqa: E402
+from recon_sweep import _peak_bytes, make_inputs  # noqa: E402
 from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
 # The CPU kernel tests' tolerances (tests/ops/test_reconstruction_loss.py): gradients within
@@ -125,30 +125,16 @@ def variants(y, x, params, backend: str, compile_baseline: bool) -> dict:
     return steps
 
 
-def _peak_bytes(step, leaves, cuda: bool) -> int | None:
-    if not cuda:
-        return None
-    for t in leaves:
-        t.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    for t in leaves:
-        t.grad = None
-    return peak
-
-
-def timing(steps: dict, leaves, cuda: bool, rounds: int) -> dict:
-    for step in steps.values():  # compiles, autotunes and warms the device outside every measurement
+def interleaved_ms(steps: dict, leaves, cuda: bool, rounds: int) -> dict:
+    """name -> the milliseconds of each of ``rounds`` synchronised steps, after one warm-up step each (compiles,
+    autotunes, warms the device), the variants interleaved round by round so that all meet the same device state."""
+    for step in steps.values():
         for t in leaves:
             t.grad = None
         step()
     _sync(cuda)
     times = {name: [] for name in steps}
-    for _ in range(rounds):  # interleaved: every variant meets the same device state
+    for _ in range(rounds):
         for name, step in steps.items():
             for t in leaves:
                 t.grad = None
@@ -157,6 +143,11 @@ def timing(steps: dict, leaves, cuda: bool, rounds: int) -> dict:
             step()
             _sync(cuda)
             times[name].append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def timing(steps: dict, leaves, cuda: bool, rounds: int) -> dict:
+    times = interleaved_ms(steps, leaves, cuda, rounds)
     out = {}
     for name, step in steps.items():
         out[name] = {"step_ms": statistics.median(times[name]), "step_ms_min_max": [min(times[name]), max(times[name])]}

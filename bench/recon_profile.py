@@ -35,6 +35,7 @@ import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from lopt_kernels.ops.reconstruction_loss import reconstruction_loss, reconstruction_loss_and_grads  # noqa: E402
+from recon_check import interleaved_ms  # noqa: E402
 from recon_sweep import device_and_shapes, make_inputs  # noqa: E402
 from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
@@ -119,21 +120,7 @@ def profile_shape(rows, h, r, dtype, device, compile_baseline=True, rounds=20, c
     y, x, params = make_inputs(rows, h, r, dtype, device)
     leaves = [y, *params]
     steps = variants(y, x, params, backend, compile_baseline)
-    for step in steps.values():  # compiles, autotunes and warms the device outside every measurement
-        for t in leaves:
-            t.grad = None
-        step()
-    _sync(cuda)
-    times = {name: [] for name in steps}
-    for _ in range(rounds):  # interleaved: every variant meets the same device state
-        for name, step in steps.items():
-            for t in leaves:
-                t.grad = None
-            _sync(cuda)
-            started = time.perf_counter()
-            step()
-            _sync(cuda)
-            times[name].append((time.perf_counter() - started) * 1e3)
+    times = interleaved_ms(steps, leaves, cuda, rounds)
     result = {"rows": rows, "hidden": h, "rank": r, "dtype": str(dtype).removeprefix("torch."), "variants": {}}
     for name, step in steps.items():
         record = {"step_ms": statistics.median(times[name])}

@@ -8,32 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import socket
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torchrun_launch import ROOT, run_script
 
 
 def test_fsdp2_modes(benchmark):
     out = os.environ.get("LOPT_FSDP2_BENCH_OUT", os.path.join(ROOT, "bench_results", "fsdp2"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", os.path.join(ROOT, "bench", "fsdp2_modes.py"),
-           "--out", out, *shlex.split(os.environ.get("LOPT_FSDP2_BENCH_ARGS", ""))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
     def launch():
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        print(proc.stdout[proc.stdout.find("LoPT under FSDP2"):])
+        stdout = run_script("fsdp2_modes.py", out, "LOPT_FSDP2_BENCH_ARGS")
+        print(stdout[stdout.find("LoPT under FSDP2"):])
 
     benchmark.pedantic(launch, rounds=1, iterations=1)
     with open(os.path.join(out, "fsdp2.json")) as f:

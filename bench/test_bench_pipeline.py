@@ -9,32 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import socket
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torchrun_launch import ROOT, run_script
 
 
 def test_pipeline_throughput(benchmark):
     out = os.environ.get("LOPT_PIPELINE_BENCH_OUT", os.path.join(ROOT, "bench_results", "pipeline"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", os.path.join(ROOT, "bench", "pipeline_throughput.py"),
-           "--out", out, *shlex.split(os.environ.get("LOPT_PIPELINE_BENCH_ARGS", ""))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
     def launch():
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        print(proc.stdout[proc.stdout.find("LoPT pipeline benchmark"):])
+        stdout = run_script("pipeline_throughput.py", out, "LOPT_PIPELINE_BENCH_ARGS")
+        print(stdout[stdout.find("LoPT pipeline benchmark"):])
 
     benchmark.pedantic(launch, rounds=1, iterations=1)
     with open(os.path.join(out, "pipeline.json")) as f:

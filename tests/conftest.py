@@ -29,3 +29,13 @@ def lopt_default_mode(request, monkeypatch):
     monkeypatch.setitem(lopt_kernels.patching.patch.__kwdefaults__, "mode", mode)
     monkeypatch.setenv("LOPT_TEST_DEFAULT_MODE", mode)
     return mode
+
+
+@pytest.fixture(params=["default", "stored"])
+def mode(request, lopt_default_mode):
+    """Every boundary mode once: the conftest's two default modes, and stored (run under one of them)."""
+    if request.param == "default":
+        return lopt_default_mode
+    if lopt_default_mode != "eager":
+        pytest.skip("mode='stored' runs once, alongside the eager default")
+    return "stored"

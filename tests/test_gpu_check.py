@@ -18,6 +18,18 @@ def _gpu_check():
     return module
 
 
+def _run_bench_script(script, out, *args):
+    """``bench/<script> --out OUT *args`` on CPU under the Triton interpreter; the finished process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--out", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def _bench(name, median, peak, modelled=None):
     return {"name": f"test_reconstruction_loss_fwd_bwd[{name}]", "stats": {"median": median},
             "extra_info": {"peak_bytes": peak, "rows": 16384, "modelled_hbm_bytes_per_row": modelled}}
@@ -45,15 +57,9 @@ def test_a_missed_target_is_reported(tmp_path):
 def test_recon_sweep_runs_under_the_interpreter(tmp_path):
     """bench/recon_sweep.py end to end on a tiny shape (CPU, Triton interpreter): every setting timed, the JSON
     written, the current defaults found among the rows."""
-    import subprocess
-    import sys
-
     out = tmp_path / "sweep.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recon_sweep.py"), "--out", str(out),
-                           "--no-compile", "--rows", "20", "--hidden", "24", "--partials", "1", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_bench_script("recon_sweep.py", out, "--no-compile", "--rows", "20", "--hidden", "24", "--partials", "1",
+                             "2")
     result = json.loads(out.read_text())["results"][0]
     assert {row["chunk"] for row in result["fused"]} == {"8M/h", "default", "grown", "all"}
     assert len(result["fused"]) == 8 and set(result["baselines"]) == {"eager"}
@@ -64,15 +70,8 @@ def test_recon_sweep_runs_under_the_interpreter(tmp_path):
 def test_recon_profile_runs_under_the_interpreter(tmp_path):
     """bench/recon_profile.py end to end on a tiny shape (CPU, Triton interpreter): every variant timed, its host
     time, syncs and per-op table recorded, the JSON written."""
-    import subprocess
-    import sys
-
     out = tmp_path / "profile.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recon_profile.py"), "--out", str(out),
-                           "--no-compile", "--rows", "20", "--hidden", "24", "--rounds", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_bench_script("recon_profile.py", out, "--no-compile", "--rows", "20", "--hidden", "24", "--rounds", "1")
     result = json.loads(out.read_text())["results"][0]
     assert set(result["variants"]) == {"fused", "fused_direct", "eager"}
     for record in result["variants"].values():
@@ -84,15 +83,8 @@ def test_recon_check_runs_under_the_interpreter(tmp_path):
     """bench/recon_check.py (gpu_check's first stages) end to end on a tiny shape (CPU, Triton interpreter): the
     numerics against the fp32 reference within tolerance, every variant and the six matmuls timed, the targets
     written."""
-    import subprocess
-    import sys
-
     out = tmp_path / "check.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recon_check.py"), "--out", str(out),
-                           "--no-compile", "--rows", "20", "--hidden", "24", "--rounds", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_bench_script("recon_check.py", out, "--no-compile", "--rows", "20", "--hidden", "24", "--rounds", "1")
     result = json.loads(out.read_text())
     assert result["numerics"]["ok"] and set(result["numerics"]["gradients"]) == {
         "y", "norm_weight", "norm_bias", "down_weight", "down_bias", "up_weight", "up_bias"}

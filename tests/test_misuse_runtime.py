@@ -17,16 +17,6 @@ from lopt_kernels.discovery import LoptPatchError
 from tiny_models import batch, tiny_model
 
 
-@pytest.fixture(params=["default", "stored"])
-def mode(request, lopt_default_mode):
-    """Every boundary mode once: the conftest's two default modes, and stored (run under one of them)."""
-    if request.param == "default":
-        return lopt_default_mode
-    if lopt_default_mode != "eager":
-        pytest.skip("mode='stored' runs once, alongside the eager default")
-    return "stored"
-
-
 def _top_and_bottom_names(model):
     bottom = [n for n, p in model.named_parameters() if "layers.0." in n or "layers.1." in n or "layers.2." in n
               or "embed_tokens" in n or "lopt_aux_decoders" in n]

@@ -18,15 +18,6 @@ from lopt_kernels.integrations import ensure_aux_trainable
 from tiny_models import batch, tiny_model
 
 
-@pytest.fixture(params=["default", "stored"])
-def mode(request, lopt_default_mode):
-    if request.param == "default":
-        return lopt_default_mode
-    if lopt_default_mode != "eager":
-        pytest.skip("mode='stored' runs once, alongside the eager default")
-    return "stored"
-
-
 def _decoder_weights(model):
     return [p.detach().clone() for d in lopt_kernels.aux_decoders(model) for p in d.parameters()]
 
