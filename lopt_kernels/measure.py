@@ -49,6 +49,31 @@ def _register_cpu_sdpa_flops() -> None:
 _register_cpu_sdpa_flops()
 
 
+def _register_chunked_linear_cross_entropy_flops() -> None:
+    """torch's chunked ``linear_cross_entropy`` with a mean or sum reduction is one opaque custom op that computes
+    the logits and, in the same pass, the gradients its flags ask for (its backward only scales them): 2 N h V
+    FLOPs for the logits and 2 N h V for each gradient."""
+    try:
+        import torch.nn.modules.linear_cross_entropy  # noqa: F401, PLC0415 - registers the op
+        op = torch.ops.torch_nn._linear_cross_entropy_batch_chunked
+    except (ImportError, AttributeError):  # a torch without it
+        return
+    if op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _chunked_lce_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for size in input_shape[:-1]:
+            rows *= size
+        per_product = 2 * rows * input_shape[-1] * weight_shape[0]
+        compute_input_grad, compute_weight_grad = args[10], args[11]  # after target, the biases and the options
+        return per_product * (1 + bool(compute_input_grad) + bool(compute_weight_grad))
+
+
+_register_chunked_linear_cross_entropy_flops()
+
+
 @dataclass
 class StepMemory:
     """Bytes at the step's peak: parameters and buffers, gradients, and what the step itself allocated."""
