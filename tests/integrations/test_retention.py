@@ -1,6 +1,7 @@
 """examples/retention.py: a smoke run of the embedded default (tiny sizes, built in a temporary cache) and the
 one-line errors, exit code 2, for bad inputs (as `lopt-kernels compare`)."""
 
+import importlib
 import json
 import math
 import os
@@ -102,14 +103,18 @@ def test_help_defines_every_metric():
 
 
 
-@pytest.fixture(scope="module")
-def retention():
+def _example_module(name):
+    """``examples/<name>.py`` imported as a module."""
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     try:
-        import retention as module
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return module
+
+
+@pytest.fixture(scope="module")
+def retention():
+    return _example_module("retention")
 
 
 @pytest.fixture
@@ -189,12 +194,7 @@ def test_bad_methods_and_lrs(retention, capsys, model_dir, files):
 
 @pytest.fixture(scope="module")
 def protocol():
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    try:
-        import retention_protocol as module
-    finally:
-        sys.path.pop(0)
-    return module
+    return _example_module("retention_protocol")
 
 
 def test_count_flips(protocol):
