@@ -19,7 +19,7 @@ distribution away from it and end-to-end fine-tuning measurably forgets. Built o
 the pretraining curve (held-out loss included) and its compute are stored with the model
 (lopt_retention_spec.json) and copied into the JSON. Cost on one CPU thread: pretraining 6 minutes (once),
 the default sweep (5 methods x 4 lrs x 3 seeds = 60 runs) about 20 minutes; `--methods e2e,lopt-k2 --seeds 1`
-is a 3-minute look (with one seed the verdicts have no noise margin). Larger: --d-model, --layers, --pretrain-steps, --steps,
+is a 3-minute look (with one seed there is no noise margin, and no verdict). Larger: --d-model, --layers, --pretrain-steps, --steps,
 --general-max-tokens, --device cuda (nothing is CPU-specific).
 
 Data: jsonl/json (one JSON object a line) or parquet. Task rows are {"prompt", "completion"} (loss on the
@@ -86,7 +86,7 @@ DEFINITIONS = {
     "verdict": "'A dominates B': every point of B's front is dominated by a point of A's front: no worse on "
                "either axis beyond the noise margin (noise_z standard errors of the difference of the seed means, "
                "per axis) and better on at least one beyond it; 'neither' when the fronts cross or agree within "
-               "noise",
+               "noise; 'no verdict' when a front point has fewer than 2 seeds (its noise margin is unknown)",
 }
 
 class RetentionError(Exception):

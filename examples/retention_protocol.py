@@ -100,15 +100,25 @@ def front_dominates(front_a: list[dict], front_b: list[dict], z: float = 2.0) ->
     return all(any(point_dominates(a, b, z) for a in front_a) for b in front_b)
 
 
+NO_VERDICT = "no verdict (fewer than 2 seeds: the noise margin is unknown)"
+
+
+def _one_seed(front: list[dict]) -> bool:
+    return any(min(p["task"]["n"], p["forget"]["n"]) < 2 for p in front)
+
+
 def verdicts(fronts: dict[str, list[dict]], z: float = 2.0) -> dict:
-    """For every ordered pair of methods: "dominates", "dominated" or "neither"."""
+    """For every ordered pair of methods: "dominates", "dominated" or "neither"; ``NO_VERDICT`` where a front holds
+    a point measured on one seed (its standard error is unknown, so a zero margin would call noise a result)."""
     out = {}
     names = list(fronts)
     for a in names:
         for b in names:
             if a == b:
                 continue
-            if front_dominates(fronts[a], fronts[b], z):
+            if z > 0 and (_one_seed(fronts[a]) or _one_seed(fronts[b])):
+                out[f"{a} vs {b}"] = NO_VERDICT
+            elif front_dominates(fronts[a], fronts[b], z):
                 out[f"{a} vs {b}"] = "dominates"
             elif front_dominates(fronts[b], fronts[a], z):
                 out[f"{a} vs {b}"] = "dominated"

@@ -238,6 +238,10 @@ def test_front_dominance(protocol):
     v = protocol.verdicts({"a": a, "better": better, "crossing": crossing})
     assert v["better vs a"] == "dominates" and v["a vs better"] == "dominated"
     assert v["a vs crossing"] == v["crossing vs a"] == "neither"
+    # one seed: no standard error, so no margin; before, a zero margin turned any difference into a verdict
+    one_seed = [_pt(0.6, 0.05, std=0.0, n=1), _pt(0.95, 0.2, std=0.0, n=1)]
+    v = protocol.verdicts({"a": a, "one_seed": one_seed})
+    assert v["one_seed vs a"] == v["a vs one_seed"] == protocol.NO_VERDICT
 
 
 def _toy_run(forget_scale, noise_seed_offset=0):
