@@ -167,13 +167,12 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
     mode = state.settings.mode
     refused = ("activation_free", "eager") if state.bottom_fsdp2 else ("activation_free",)
     if outside_inputs and (mode in refused or (mode == "auto" and state.bottom_fsdp2)):
+        fix = "mode='stored'" if state.bottom_fsdp2 else "mode='eager' or mode='stored'"
         raise LoptPatchError(
             f"mode={mode!r} cannot train this model{' under FSDP2' if state.bottom_fsdp2 else ''}: its bottom layers "
             f"read {len(outside_inputs)} trainable tensor(s) besides their hidden states (per-layer inputs such as "
-            "Gemma3n's per_layer_inputs, a trainable prefix in the KV cache), whose aux-loss gradient "
-            f"{'it' if mode != 'auto' else 'the mode auto would pick'} would leave out. Patch with "
-            f"{'mode=' + repr('stored') if state.bottom_fsdp2 else 'mode=' + repr('eager') + ' or mode=' + repr('stored')}, "
-            "or freeze what produces them."
+            "Gemma3n's per_layer_inputs, a trainable prefix in the KV cache), whose aux-loss gradient that mode would "
+            f"leave out. Patch with {fix}, or freeze what produces them."
         )
     if mode != "auto":
         return mode
@@ -181,8 +180,8 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
         return "eager"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
     held = held_gradient_bytes(state)
-    if state.bottom_fsdp2:
-        held /= max(torch.distributed.get_world_size(), 1) if distributed() else 1
+    if state.bottom_fsdp2 and distributed():  # FSDP2 holds them sharded
+        held /= torch.distributed.get_world_size()
     return "eager" if held <= activations else "activation_free"
 
 

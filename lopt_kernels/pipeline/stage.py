@@ -85,6 +85,11 @@ def _stage_random_state(device: torch.device) -> tuple:
         return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
 
 
+def _error_text(exc: Exception) -> str:
+    """What the other ranks are told of a rank's failure to place the model."""
+    return str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
+
+
 # Batch entries besides input_ids, attention_mask and labels that a stage passes to the model's forward.
 PER_TOKEN_INPUTS = ("position_ids", "token_type_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
                     "seq_idx")
@@ -107,6 +112,12 @@ class PipelineStage:
         self.first_rank_modules = list(first_rank_modules or [input_embeddings])
         first, end = ranges[rank]
         self.own_layers = nn.ModuleList(self.all_layers[first:end])
+        # the backbone indexes per-layer settings by its loop position (layer_types, layer_rope_theta,
+        # layers_block_type: any config list with one entry per layer): while this stage's layers run, the j-th is
+        # layer first + j. key -> (the whole list, this stage's slice), decided once.
+        config = text_config(lm)
+        self._per_layer_config = {key: (values, type(values)(values[first:end])) for key, values in vars(config).items()
+                                  if isinstance(values, (list, tuple)) and len(values) == len(self.all_layers)}
         self.is_first, self.is_last = rank == 0, rank == world - 1
         self.messages = MessageCount()
         self.timeline = StageTimeline()
@@ -145,14 +156,14 @@ class PipelineStage:
                                        attn_implementation=attn_implementation, adapter=adapter,
                                        aux_decoders=aux_decoders, aux_mask=aux_mask)
             except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
-                error = str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
+                error = _error_text(exc)
             mine = {"dtype": str(dtype)} if plan is None else plan.agreement()
             check_ranks_agree(group, world, mine, error)
             try:  # reading can still fail on one rank (a tensor of the wrong shape, a decoder file for fewer stages)
                 lm = plan.load()
                 decoder = plan.decoder() if rank != world - 1 else None
             except Exception as exc:  # noqa: BLE001 - as above: every rank raises, none waits on a dead peer
-                error = str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
+                error = _error_text(exc)
             check_ranks_agree(group, world, {}, error)
         lm.train()
         if gradient_checkpointing:
@@ -232,14 +243,9 @@ class PipelineStage:
             saved_funcs[layer] = func
             layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, *hooks, bodies)
         setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
-        # ... and indexes per-layer settings by its loop position (layer_types, layer_rope_theta, layers_block_type:
-        # any config list with one entry per layer): the stage's j-th layer is layer first + j
         config = text_config(self.lm)
-        per_layer = {k: v for k, v in vars(config).items()
-                     if isinstance(v, (list, tuple)) and len(v) == len(self.all_layers)}
-        first, end = self.ranges[self.rank]
-        for key, values in per_layer.items():
-            setattr(config, key, type(values)(values[first:end]))
+        for key, (_, own) in self._per_layer_config.items():
+            setattr(config, key, own)
         inputs = {"attention_mask": batch.get("attention_mask")}
         # positions (a packed batch restarts them per sequence) and the other per-token inputs, on every rank
         inputs.update((k, batch[k]) for k in PER_TOKEN_INPUTS if batch.get(k) is not None)
@@ -265,8 +271,8 @@ class PipelineStage:
                                                 num_items_in_batch=num_items, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
-            for key, values in per_layer.items():
-                setattr(config, key, values)
+            for key, (whole, _) in self._per_layer_config.items():
+                setattr(config, key, whole)
             for h in handles:
                 h.remove()
             for layer, func in saved_funcs.items():
