@@ -85,7 +85,7 @@ def _versions():
         out["device"] = torch.cuda.get_device_name(0)
         out["capability"] = list(torch.cuda.get_device_capability(0))
         try:  # which fp32-accumulating matmul path the fused op takes on this runtime
-            from lopt_kernels.ops import reconstruction_loss as rl  # noqa: PLC0415
+            from lopt_kernels.ops.reconstruction_loss import triton_driver as rl  # noqa: PLC0415
 
             out["probes"] = {"mm_out_dtype": rl._mm_has_out_dtype("cuda"),
                              "addmm_out_dtype_in_place_bf16": rl._addmm_has_out_dtype_in_place("cuda", torch.bfloat16)}

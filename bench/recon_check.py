@@ -33,7 +33,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from lopt_kernels.ops import reconstruction_loss as rl  # noqa: E402
+from lopt_kernels.ops.reconstruction_loss import reconstruction_loss  # noqa: E402
+from lopt_kernels.ops.reconstruction_loss import triton_driver as rl  # noqa: E402
 from recon_sweep import _peak_bytes, make_inputs  # noqa: E402
 from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
@@ -65,7 +66,7 @@ def numerics(y, x, params, backend: str) -> dict:
     leaves = [y, *params]
     for t in leaves:
         t.grad = None
-    loss = rl.reconstruction_loss(y, x, *params, eps=EPS, backend=backend)
+    loss = reconstruction_loss(y, x, *params, eps=EPS, backend=backend)
     loss.backward()
     got = [t.grad.float() for t in leaves]
     ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
@@ -117,7 +118,7 @@ def variants(y, x, params, backend: str, compile_baseline: bool) -> dict:
             loss_fn(y, x, *params).backward()
         return step
 
-    steps = {"fused": autograd(lambda *a: rl.reconstruction_loss(*a, eps=EPS, backend=backend)),
+    steps = {"fused": autograd(lambda *a: reconstruction_loss(*a, eps=EPS, backend=backend)),
              "eager": autograd(eager_loss)}
     if compile_baseline:
         torch._dynamo.reset()  # nothing compiled for another shape: no automatic dynamic shapes

@@ -12,7 +12,7 @@ import operator
 import torch
 from torch import nn
 
-from .ops.reconstruction_loss import _BACKENDS
+from .ops.reconstruction_loss.checks import _BACKENDS
 from .state import LoptSettings
 
 SUPPORTED_FAMILIES = (

@@ -3,5 +3,6 @@
 - ``reconstruction_loss``: the aux decoder's fused reconstruction loss (Triton + chunked PyTorch twin).
 - ``linear_cross_entropy``: the task loss without logits (dispatch to Liger-Kernel / torch).
 
-The modules are not re-exported here, so ``lopt_kernels.ops.reconstruction_loss`` stays the module.
+Nothing is re-exported here: ``lopt_kernels.ops.reconstruction_loss`` is the op's package, whose ``__init__``
+exports its public functions.
 """

@@ -22,13 +22,17 @@ import triton.language as tl
 
 from lopt_kernels.ops.reconstruction_loss import (
     check_reconstruction_inputs,
+    default_chunk_rows,
     reconstruction_loss,
     reconstruction_loss_and_grads,
     resolve_backend,
 )
 
-# the module itself (``lopt_kernels.ops.reconstruction_loss`` the attribute is the function)
-rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss")
+# the package's parts, where tests read or replace internals: the Triton path's host code (which launches the kernels
+# it imports), the kernels, and the custom op (which calls either implementation)
+rl_driver = importlib.import_module("lopt_kernels.ops.reconstruction_loss.triton_driver")
+rl_kernels = importlib.import_module("lopt_kernels.ops.reconstruction_loss.kernels")
+rl_op = importlib.import_module("lopt_kernels.ops.reconstruction_loss.custom_op")
 
 NATIVE = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
 DEVICE = torch.device("cuda" if NATIVE else "cpu")
@@ -152,7 +156,7 @@ def test_autograd_matches_reference(backend, dtype, rows, chunk_rows, layout):
 def test_wide_strided_chunks_are_copied_contiguous(monkeypatch):
     """Above _STRIDED_MAX_BLOCK the kernels only ever see column stride 1 (a copy of the chunk), same results."""
     launches = []
-    real = rl._ln_forward_kernel
+    real = rl_driver._ln_forward_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -161,8 +165,8 @@ def test_wide_strided_chunks_are_copied_contiguous(monkeypatch):
                 return real[grid](y, stride_ym, stride_yh, *args, **kwargs)
             return run
 
-    monkeypatch.setattr(rl, "_STRIDED_MAX_BLOCK", 64)  # H = 72: BLOCK_H 128 counts as wide
-    monkeypatch.setattr(rl, "_ln_forward_kernel", Spy())
+    monkeypatch.setattr(rl_driver, "_STRIDED_MAX_BLOCK", 64)  # H = 72: BLOCK_H 128 counts as wide
+    monkeypatch.setattr(rl_driver, "_ln_forward_kernel", Spy())
     y, x, params = make_inputs(37, torch.float32, "strided")
     ref_loss, ref_grads = reference(y, x, params, scale=SCALE)
     loss, grads = reconstruction_loss_and_grads(y, x, *params, grad_scale=SCALE, backend="triton", chunk_rows=16)
@@ -199,13 +203,13 @@ def test_compute_grads_false_returns_loss_only(backend, monkeypatch):
     ref_loss, _ = reference(y, x, params)
     impl_name = "_triton_loss_and_grads" if backend == "triton" else "_torch_loss_and_grads"
     calls = []
-    real = getattr(rl, impl_name)
+    real = getattr(rl_op, impl_name)
 
     def spy(*args):
         calls.append(args[5])  # compute_grads
         return real(*args)
 
-    monkeypatch.setattr(rl, impl_name, spy)
+    monkeypatch.setattr(rl_op, impl_name, spy)
     loss, grads = reconstruction_loss_and_grads(y, x, *params, compute_grads=False, backend=backend, chunk_rows=16)
     assert grads is None
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
@@ -457,7 +461,7 @@ def recording_cuda_device(monkeypatch):
 def test_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, monkeypatch):
     # Pretend y is a CUDA tensor: the guard takes the branch it takes for CUDA tensors, entering
     # torch.cuda.device(y.device) (here the recorder), while the kernels run interpreted on CPU.
-    monkeypatch.setattr(rl, "_device_guard", lambda device: torch.cuda.device(device), raising=False)
+    monkeypatch.setattr(rl_driver, "_device_guard", lambda device: torch.cuda.device(device), raising=False)
     launches = []
 
     class LaunchRecorder:
@@ -473,10 +477,10 @@ def test_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, 
 
             return run
 
-    kernels = [n for n in vars(rl) if n.startswith("_") and n.endswith("_kernel")]
+    kernels = [n for n in vars(rl_driver) if n.startswith("_") and n.endswith("_kernel")]
     assert len(kernels) == 5, kernels
     for name in kernels:
-        monkeypatch.setattr(rl, name, LaunchRecorder(name, getattr(rl, name)))
+        monkeypatch.setattr(rl_driver, name, LaunchRecorder(name, getattr(rl_driver, name)))
     y, x, params = make_inputs(37, torch.float32)
     loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton", chunk_rows=16)
     ref_loss, _ = reference(y, x, params)
@@ -487,10 +491,10 @@ def test_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, 
 
 
 def test_device_guard_is_the_tensor_device_for_cuda_and_a_no_op_otherwise(recording_cuda_device):
-    with rl._device_guard(torch.device("cuda", 1)):
+    with rl_driver._device_guard(torch.device("cuda", 1)):
         assert recording_cuda_device.active == [torch.device("cuda", 1)]
     assert recording_cuda_device.entered == [torch.device("cuda", 1)]
-    with rl._device_guard(torch.device("cpu")):
+    with rl_driver._device_guard(torch.device("cpu")):
         assert recording_cuda_device.active == []
     assert recording_cuda_device.entered == [torch.device("cuda", 1)]  # CPU tensors: torch.cuda never touched
 
@@ -561,7 +565,7 @@ def test_custom_ops_opcheck():
 def _round_probe_kernel(X, OUT, N: tl.constexpr):
     offs = tl.arange(0, N)
     v = tl.load(X + offs).to(tl.float32)
-    tl.store(OUT + offs, rl._round_bf16(v, True).to(tl.bfloat16))
+    tl.store(OUT + offs, rl_kernels._round_bf16(v, True).to(tl.bfloat16))
 
 
 @interpreter_only
@@ -583,7 +587,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss")
+    rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss.triton_driver")
+    from lopt_kernels.ops.reconstruction_loss import default_chunk_rows
     assert not rl._INTERPRETED, "kernels must be JIT functions here"
     target = GPUTarget("cuda", 90, 32)
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spill bytes of each kernel
@@ -633,7 +638,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     shapes = [("*bf16", h, h // 4) for h in (2048, 4096, 5120, 8192)] + [("*fp32", 72, 18)]
     for mm, h, r in shapes:
         bh, br = triton.next_power_of_2(h), triton.next_power_of_2(r)
-        m = rl.default_chunk_rows(rows, h, r)
+        m = default_chunk_rows(rows, h, r)
         bm_h, w_h = rl._tile_settings(bh, rows)
         bm_r, w_r = rl._tile_settings(br, rows)
         part_stride = 3 * rl._round_up(h, 32) + rl._round_up(r, 32) + 32
@@ -742,8 +747,8 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     returned = loss.untyped_storage().nbytes() + sum(t.untyped_storage().nbytes() for t in grads)
     workspace = tracker.peak - returned
 
-    m, s, progs = min(rows, rl.default_chunk_rows(rows, h, r)), 4, rl._num_programs("cpu", None) * rl._PARTIAL_PROGRAMS_PER_SM
-    bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * rl._round_up(h, 32) + rl._round_up(r, 32) + 32) + 64
+    m, s, progs = min(rows, default_chunk_rows(rows, h, r)), 4, rl_driver._num_programs("cpu", None) * rl_driver._PARTIAL_PROGRAMS_PER_SM
+    bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * rl_driver._round_up(h, 32) + rl_driver._round_up(r, 32) + 32) + 64
     old_xhat_and_z = 4 * m * h + 4 * m * r
     print(f"workspace {workspace:,} B ({workspace / 2**20:.2f} MiB), bound {bound:,} B, "
           f"with the old xhat and z buffers {workspace + old_xhat_and_z:,} B")
@@ -768,7 +773,7 @@ def test_weight_gradients_accumulate_in_place_where_addmm_has_out_dtype(monkeypa
         product = mat1.float() @ mat2.float()
         return out.copy_(product) if beta == 0 else out.add_(product)  # beta = 0 ignores out, NaNs included
 
-    monkeypatch.setattr(rl, "_addmm_has_out_dtype_in_place", lambda device_type, dtype: True)
+    monkeypatch.setattr(rl_driver, "_addmm_has_out_dtype_in_place", lambda device_type, dtype: True)
     monkeypatch.setattr(torch, "addmm", addmm)
     y, x, params = make_inputs(37, torch.bfloat16)
     ref_loss, ref_grads = reference(y, x, params, scale=SCALE)
@@ -818,14 +823,14 @@ def test_launches_per_call_are_the_chunks_kernels_plus_five(monkeypatch, compute
         def __getitem__(self, grid):
             return counted_once(self.name, self.kernel[grid])
 
-    kernels = [name for name in dir(rl) if name.endswith("_kernel")]
+    kernels = [name for name in dir(rl_driver) if name.endswith("_kernel")]
     for name in kernels:
-        monkeypatch.setattr(rl, name, CountedKernel(getattr(rl, name), name))
-    monkeypatch.setattr(rl, "_accumulate_mm", counted_once("accumulate_mm", rl._accumulate_mm))
+        monkeypatch.setattr(rl_driver, name, CountedKernel(getattr(rl_driver, name), name))
+    monkeypatch.setattr(rl_driver, "_accumulate_mm", counted_once("accumulate_mm", rl_driver._accumulate_mm))
     y, x, params = make_inputs(37, torch.bfloat16)
     chunks = 3  # 16 + 16 + 5 rows
     with Launches():
-        rl._run_impl(y, x, params, EPS, SCALE, compute_grads, "triton", 16)
+        rl_op._run_impl(y, x, params, EPS, SCALE, compute_grads, "triton", 16)
     per_chunk = 11 if compute_grads else 5
     assert len(launches) == per_chunk * chunks + (5 if compute_grads else 3), launches
 

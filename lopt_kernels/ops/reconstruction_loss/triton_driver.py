@@ -1,0 +1,299 @@
+"""Host code of the Triton path: chunking, buffers, launches and the weight-gradient matmuls.
+
+Triton path, per chunk of ``m`` rows (modelled on Liger-Kernel's fused linear cross-entropy; the
+matmuls run through torch in the decoder's dtype, the row-wise work runs in Triton in fp32):
+
+1. ``_ln_forward_kernel`` reads the chunk of ``y`` once and writes the normalised rows in the matmul
+   dtype, plus (only when gradients are wanted) the row ``mean`` and ``rstd`` in fp32 (8 bytes a row);
+   no fp32 ``xhat`` is kept: the LayerNorm backward re-reads ``y`` and recomputes it;
+2. ``proj = normed @ W_down^T`` (torch), then ``_bias_gelu_forward_kernel`` adds the bias in fp32,
+   applies the exact erf GELU and writes ``act`` in the matmul dtype; ``proj`` is kept, so no fp32 ``z``
+   is stored: the GELU backward recomputes ``z = proj + b_down`` in fp32 (bitwise the forward's ``z``);
+3. ``recon = act @ W_up^T`` (torch), then ``_squared_error_kernel`` adds the up bias, subtracts ``x``
+   (read strided, no copy), accumulates the chunk's loss into per-program fp32 partials and overwrites
+   ``recon`` in place with ``d_recon = 2 * grad_scale / (N * h) * (recon - x)``, accumulating the up-bias
+   gradient in per-program fp32 partials (the Liger layer_norm scheme);
+4. backward: ``dW_up += d_recon^T @ act``; ``d_act = d_recon @ W_up`` (into the ``act`` buffer, which is
+   spent); ``_gelu_backward_kernel`` reads ``proj`` and turns ``d_act`` in place into
+   ``d_z = d_act * gelu'(z)`` with the down-bias partials; ``dW_down += d_z^T @ normed``;
+   ``d_normed = d_z @ W_down`` (into the ``recon`` buffer); ``_ln_backward_kernel`` re-reads the chunk of
+   ``y`` (strided), recomputes ``xhat = (y - mean) * rstd`` and writes the rows of ``grad_y`` and the
+   LayerNorm weight/bias partials.
+
+The host code runs under ``torch.cuda.device(y.device)`` (``_device_guard``): Triton launches on the
+current CUDA device, so a block on another GPU (``device_map="auto"``) gets its kernels on its own device
+and stream, where its matmuls run.
+
+Weight gradients accumulate across chunks in fp32 buffers: straight into them with
+``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` where the runtime supports it (a probe checks it on
+values once per device type), else through an fp32 ``torch.mm(..., out_dtype=float32)`` temporary, else
+(CPU) each chunk's product is rounded once to the matmul dtype before the fp32 accumulation; the first chunk
+writes them (``beta=0``: no zero fill). Launches besides the chunks' (5 Triton kernels, 6 matmuls each) are five
+per call: one fill of all per-program partials, the gradient coefficient, one sum of the partial rows, the loss, and
+one multi-tensor copy that casts every gradient to the parameters' dtype. Chunk buffers (two ``m x h`` and two
+``m x r`` in the matmul dtype, two fp32 row statistics when gradients are wanted) are the only working memory
+besides ``grad_y`` itself.
+``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores. With fp16
+matmuls, ``d_recon`` is stored times a power of two (on the device) that keeps it out of fp16's subnormals; the
+LayerNorm backward and the final parameter gradients divide it out exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+
+from .kernels import (
+    _INTERPRETED,
+    _bias_gelu_forward_kernel,
+    _gelu_backward_kernel,
+    _ln_backward_kernel,
+    _ln_forward_kernel,
+    _squared_error_kernel,
+)
+
+_MAX_BLOCK = 65536  # widest row (next power of two of h or r) one program holds in registers
+_FWD_OVERSUBSCRIBE = 8  # programs per SM for the forward kernels, which keep no partial sums
+# Programs per SM for the kernels that keep per-program fp32 partial sums (LN, bias and loss): more than one
+# hides latency, at the price of partial rows (3 h + r + 1 floats, each part padded to 32) summed once per call.
+_PARTIAL_PROGRAMS_PER_SM = 1
+_MAX_WARPS = 16  # widest CTA of the row-wise kernels
+# Widest row block read through a column stride other than 1: wider strided chunks are copied to contiguous ones,
+# since those kernel variants spill registers with some ptxas versions (Triton 3.6's, sm_90, BLOCK_H 8192); such
+# views are rare (the boundary's y and x are contiguous).
+_STRIDED_MAX_BLOCK = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _num_programs(device_type: str, index: int | None) -> int:
+    """The SM count on CUDA; a few programs under the (sequential) interpreter."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+    return 4
+
+
+def _tile_settings(block_cols: int, num_rows: int) -> tuple[int, int]:
+    """(rows per tile, num_warps): about 4K elements per tile, fewer rows when there are fewer rows."""
+    block_m = max(1, min(16, 4096 // block_cols, triton.next_power_of_2(num_rows)))
+    elems = block_m * block_cols
+    num_warps = 4 if elems < 2048 else 8 if elems < 8192 else 16
+    return block_m, min(num_warps, _MAX_WARPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_has_out_dtype(device_type: str) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` works for half/bf16 inputs on this device."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _addmm_has_out_dtype_in_place(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)`` writes (``beta=0``, over
+    NaNs) or adds (``beta=1``) a ``dtype`` (half/bf16) product (``a`` a transposed view, as ``d_recon.t()``) into an
+    fp32 ``acc`` in place, checked on values once."""
+    if device_type != "cuda":
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(5, 3, generator=g).to(device=device_type, dtype=dtype)
+        b = torch.randn(5, 4, generator=g).to(device=device_type, dtype=dtype)
+        acc = torch.full((3, 4), float("nan"), device=device_type)
+        product = a.float().t() @ b.float()
+        first = torch.addmm(acc, a.t(), b, beta=0, out_dtype=torch.float32, out=acc)
+        written = first.data_ptr() == acc.data_ptr() and bool(torch.allclose(acc, product, rtol=1e-4, atol=1e-4))
+        torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
+        return written and bool(torch.allclose(acc, 2 * product, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc += a @ b`` with an fp32 ``acc``, or ``acc = a @ b`` for the ``first`` chunk (``acc`` uninitialised:
+    beta = 0 ignores it, so no zero fill): fp32 accumulation inside the matmul where possible, and straight into
+    ``acc`` (no ``h x r`` temporary) where the runtime supports it."""
+    beta = 0 if first else 1
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, beta=beta)
+    elif _addmm_has_out_dtype_in_place(a.device.type, a.dtype):
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+    else:  # the product in a temporary: fp32 where the runtime has it, else rounded once to the matmul dtype
+        product = torch.mm(a, b, out_dtype=acc.dtype) if _mm_has_out_dtype(a.device.type) else torch.mm(a, b)
+        acc.copy_(product) if first else acc.add_(product)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device, a no-op context otherwise.
+
+    Triton launches on the *current* CUDA device and its current stream, while torch's allocations and
+    cuBLAS matmuls follow the tensors: with the block on another GPU (``device_map="auto"``) an unguarded
+    launch would read that GPU's memory from the current one (an illegal access) or race the matmuls on
+    another stream. Liger-Kernel guards its launches the same way.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
+                           param_scale=1.0):
+    """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between;
+    every launch runs with ``y``'s device current."""
+    with _device_guard(y2.device):
+        return _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
+                              param_scale)
+
+
+def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale=1.0):
+    norm_w, norm_b, down_w, down_b, up_w, up_b = params
+    device = y2.device
+    if device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError(
+            f"backend='triton' on {device.type} tensors needs the Triton interpreter, but the kernels were "
+            "compiled for a GPU: set TRITON_INTERPRET=1 before importing triton (and lopt_kernels)."
+        )
+    n, h = y2.shape
+    r = down_w.shape[0]
+    block_h, block_r = triton.next_power_of_2(h), triton.next_power_of_2(r)
+    if max(block_h, block_r) > _MAX_BLOCK:
+        raise ValueError(f"reconstruction loss: hidden size {h} / bottleneck {r} too large for the Triton kernels")
+    mm_dtype = down_w.dtype
+    round_mm = _INTERPRETED and mm_dtype == torch.bfloat16
+    round_y = _INTERPRETED and y2.dtype == torch.bfloat16
+    f32 = torch.float32
+    sms = _num_programs(device.type, device.index)
+    progs = sms * _PARTIAL_PROGRAMS_PER_SM  # programs (and partial-sum rows) of the kernels that keep partials
+    chunk = min(chunk_rows, n)
+    bm_h, warps_h = _tile_settings(block_h, n)
+    bm_r, warps_r = _tile_settings(block_r, n)
+    norm_w_c, norm_b_c, down_b_c, up_b_c = (t.contiguous() for t in (norm_w, norm_b, down_b, up_b))
+
+    normed = torch.empty((chunk, h), dtype=mm_dtype, device=device)
+    proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # z without bias, kept for the GELU backward
+    act = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # gelu(z), later d_act -> d_z
+    recon = torch.empty((chunk, h), dtype=mm_dtype, device=device)  # recon -> d_recon -> d_normed
+    # Per-program fp32 partial sums, one row per program, zeroed by one fill: with gradients
+    # [LN weight | LN bias | up bias | down bias | loss], each segment starting on a 128-byte boundary.
+    seg_h, seg_r = _round_up(h, 32), _round_up(r, 32)
+    loss_col = 3 * seg_h + seg_r if compute_grads else 0
+    stride_part = loss_col + 32 if compute_grads else 1
+    partials = torch.zeros((progs, stride_part), dtype=f32, device=device)
+    loss_part = partials[:, loss_col:]
+    if compute_grads:
+        part_h = [partials[:, i * seg_h :] for i in range(3)]  # LN weight, LN bias, up bias
+        part_r = partials[:, 3 * seg_h :]  # down bias
+        mean = torch.empty((chunk,), dtype=f32, device=device)
+        rstd = torch.empty((chunk,), dtype=f32, device=device)
+        grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
+        # written by the first chunk's weight-gradient matmuls (beta = 0), accumulated into by the others
+        acc_up = torch.empty((h, r), dtype=f32, device=device)
+        acc_down = torch.empty((r, h), dtype=f32, device=device)
+        if isinstance(grad_scale, torch.Tensor):
+            coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (counted * h))
+        elif isinstance(counted, torch.Tensor):
+            coef = (2.0 * float(grad_scale) / h) / counted.reshape(1)
+        else:
+            coef = torch.full((1,), 2.0 * float(grad_scale) / (counted * h), dtype=f32, device=device)
+    else:  # placeholders for pointers the disabled (constexpr) branches never touch
+        mean = rstd = part_r = coef = loss_part
+        part_h = (loss_part,) * 3
+    # fp16 matmuls: d_recon = coef * (recon - x) with coef ~ 2 / (N h) would sit in fp16's subnormals (precision
+    # lost). coef = mantissa * 2^exponent (on the device): d_recon is stored with the mantissa alone, everything
+    # downstream of it carries 2^-exponent, and the LN backward (grad_y) and the final parameter gradients multiply
+    # 2^exponent back in, exactly.
+    rescale = compute_grads and mm_dtype == torch.float16
+    dy_scale = loss_part  # placeholder unless rescale
+    if rescale:
+        coef, exponent = torch.frexp(coef)
+        dy_scale = torch.ldexp(torch.ones_like(coef), exponent)
+
+    has_mask = row_mask is not None
+    mask_bytes = row_mask.view(torch.uint8) if has_mask else loss_part  # else a placeholder pointer
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        yc, xc = y2[start : start + m], x2[start : start + m]
+        mask_c = mask_bytes[start : start + m] if has_mask else mask_bytes
+        if block_h > _STRIDED_MAX_BLOCK:
+            yc = yc if yc.stride(1) == 1 else yc.contiguous()
+            xc = xc if xc.stride(1) == 1 else xc.contiguous()
+        normed_c, proj_c, act_c, recon_c = normed[:m], proj[:m], act[:m], recon[:m]
+        # kernels with per-program partial sums: at most ``progs`` programs (a persistent grid, as Liger's
+        # layer_norm backward); the purely row-wise forward kernels oversubscribe the SMs instead
+        grid_h = min(progs, triton.cdiv(m, bm_h))
+        grid_r = min(progs, triton.cdiv(m, bm_r))
+        grid_h_fwd = min(_FWD_OVERSUBSCRIBE * sms, triton.cdiv(m, bm_h))
+        grid_r_fwd = min(_FWD_OVERSUBSCRIBE * sms, triton.cdiv(m, bm_r))
+
+        _ln_forward_kernel[(grid_h_fwd,)](
+            yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, mask_c, m, h, eps, grid_h_fwd,
+            BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
+            num_warps=warps_h,
+        )
+        torch.mm(normed_c, down_w.t(), out=proj_c)
+        _bias_gelu_forward_kernel[(grid_r_fwd,)](
+            proj_c, down_b_c, act_c, m, r, grid_r_fwd,
+            BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
+        )
+        torch.mm(act_c, up_w.t(), out=recon_c)
+        _squared_error_kernel[(grid_h,)](
+            recon_c, up_b_c, xc, xc.stride(0), xc.stride(1), coef, mask_c, loss_part, part_h[2], stride_part, m, h,
+            grid_h,
+            BLOCK_M=bm_h, BLOCK_H=block_h, COMPUTE_GRADS=compute_grads, HAS_ROW_MASK=has_mask,
+            ROUND_BF16=round_mm, num_warps=warps_h,
+        )
+        if not compute_grads:
+            continue
+        d_recon = recon_c
+        _accumulate_mm(acc_up, d_recon.t(), act_c, first=start == 0)
+        d_z = torch.mm(d_recon, up_w, out=act_c)  # d_act (act is spent), turned into d_z in place below
+        _gelu_backward_kernel[(grid_r,)](
+            d_z, proj_c, down_b_c, part_r, stride_part, m, r, grid_r,
+            BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
+        )
+        _accumulate_mm(acc_down, d_z.t(), normed_c, first=start == 0)
+        d_normed = torch.mm(d_z, down_w, out=recon_c)
+        gy = grad_y[start : start + m]
+        # the LN backward indexes y's columns in int32; a (pathological) column stride that overflows it
+        # gets a contiguous copy of the chunk instead
+        yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
+        _ln_backward_kernel[(grid_h,)](
+            d_normed, yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
+            part_h[0], part_h[1], stride_part, mask_c, dy_scale, m, h, grid_h,
+            BLOCK_M=bm_h, BLOCK_H=block_h, HAS_ROW_MASK=has_mask, HAS_DY_SCALE=rescale, ROUND_BF16=round_y,
+            num_warps=warps_h,
+        )
+
+    # the chunk buffers and their views: freed before the sums are allocated
+    normed = proj = act = recon = mean = rstd = normed_c = proj_c = act_c = recon_c = d_recon = d_z = d_normed = None
+    if not compute_grads:
+        return loss_part.sum() / (counted * h), None
+    # Finishing in three launches: one sum over the programs' partial rows, the loss, and one multi-tensor copy
+    # that casts every gradient to the parameters' dtype (fp32 accumulators are returned as they are).
+    sums = partials.sum(0)
+    loss = sums[loss_col] / (counted * h)
+    if rescale:  # the storage scale and param_scale, in fp32 before the cast to the parameters' dtype
+        torch._foreach_mul_([sums, acc_up, acc_down], (dy_scale * param_scale).reshape(()))
+    elif param_scale != 1.0:  # in fp32, before the cast to the parameters' dtype (one launch)
+        torch._foreach_mul_([sums, acc_up, acc_down], param_scale)
+    sources = (sums[:h], sums[seg_h : seg_h + h], acc_down, sums[3 * seg_h : 3 * seg_h + r], acc_up,
+               sums[2 * seg_h : 2 * seg_h + h])  # in the parameters' order
+    grads, copy_to, copy_from = [], [], []
+    for src, param in zip(sources, params):
+        if param.dtype == f32 and (src is acc_up or src is acc_down):  # a whole buffer of its own: returned as is
+            grads.append(src)
+            continue
+        grads.append(torch.empty(param.shape, dtype=param.dtype, device=device))
+        copy_to.append(grads[-1])
+        copy_from.append(src)
+    torch._foreach_copy_(copy_to, copy_from)
+    return loss, (grad_y, *grads)
