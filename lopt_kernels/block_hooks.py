@@ -8,7 +8,6 @@ and the block's reconstruction loss. The backbone's hooks reset the per-forward 
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -18,6 +17,7 @@ from . import optimizer_watch
 from .boundary import activation_free, eager, stored
 from .boundary.common import BoundarySpec, hidden_of
 from .discovery import LoptPatchError
+from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, non_reentrant_checkpoint, without_cache
 from .state import PatchState, PassState
 
 MISSING_AUX_MESSAGE = (
@@ -105,27 +105,6 @@ def _run_block_ends_after_fsdp2(state: PatchState) -> None:
                 state.handles[i] = layer.register_forward_hook(post, with_kwargs=True)
 
 
-def _is_cache(value) -> bool:
-    return type(value).__name__.endswith("Cache") and hasattr(value, "update")
-
-
-def _cache_in(args, kwargs):
-    for value in (*args, *kwargs.values()):
-        if _is_cache(value):
-            return value
-    return None
-
-
-def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A layer call that neither reads nor writes a KV cache (training does not need one, and a replay
-    must not append to it a second time)."""
-    args = tuple(None if _is_cache(a) else a for a in args)
-    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
-    if kwargs.get("use_cache"):
-        kwargs["use_cache"] = False
-    return args, kwargs
-
-
 def autocast_state(device_type: str):
     try:
         if torch.is_autocast_enabled(device_type):
@@ -193,58 +172,14 @@ def _use_non_reentrant_checkpointing(state: PatchState) -> None:
             continue
         func = layer.__dict__.get("_gradient_checkpointing_func")
         if isinstance(func, HooksOutsideCheckpoint):
-            replacement = eager.non_reentrant_checkpoint(func.inner)
+            replacement = non_reentrant_checkpoint(func.inner)
             if replacement is not None:
                 func.inner = replacement
             continue
-        replacement = eager.non_reentrant_checkpoint(func) if func is not None else None
+        replacement = non_reentrant_checkpoint(func) if func is not None else None
         if replacement is not None:
             state.saved_checkpoint_funcs.setdefault(layer, func)
             layer._gradient_checkpointing_func = replacement
-
-
-class HooksOutsideCheckpoint:
-    """A layer's ``_gradient_checkpointing_func`` that keeps this library's layer hooks outside the checkpoint.
-
-    transformers < 5.23 checkpoints a layer's whole ``__call__`` (``checkpoint(partial(super().__call__, **kw),
-    *args)``), hooks included, so our hooks would run inside the checkpointed region and again in its recompute
-    during the caller's backward: the recompute then met hooks with no forward state (stored mode: KeyError) or
-    a layer input the pre-hook had not swapped (eager mode with LoRA: checkpoint's metadata check failed).
-    Newer transformers checkpoint ``forward`` only. For such a call this runs our pre-hook before the checkpoint
-    and our post-hook after it, and the checkpointed call (and every recompute of it) without them; any other
-    call goes to the layer's own function unchanged."""
-
-    def __init__(self, layer: nn.Module, inner, pre, post, bodies: list):
-        """``pre`` / ``post``: the layer's forward pre-hook / hook (with kwargs; either may be None); ``bodies``:
-        the list this puts the layer on while its checkpointed call runs (the hooks then return None)."""
-        self.layer, self.inner, self.pre, self.post, self.bodies = layer, inner, pre, post, bodies
-
-    def _wraps_module_call(self, fn) -> bool:
-        method = getattr(fn, "func", None) if isinstance(fn, functools.partial) else None
-        return getattr(method, "__func__", None) is nn.Module.__call__ and getattr(method, "__self__", None) is self.layer
-
-    def __call__(self, fn, *args):
-        if not self._wraps_module_call(fn):
-            return self.inner(fn, *args)
-        pre, post = self.pre, self.post
-        kwargs = dict(fn.keywords)
-        replaced = pre(self.layer, args, kwargs) if pre is not None else None
-        if replaced is not None:
-            args, kwargs = replaced
-        call, bodies, layer = fn.func, self.bodies, self.layer
-
-        def without_our_hooks(*a, **kw):
-            bodies.append(layer)
-            try:
-                return call(*a, **kw)
-            finally:
-                bodies.pop()
-
-        output = self.inner(functools.partial(without_our_hooks, **kwargs), *args)
-        if post is not None:
-            replaced = post(self.layer, args, kwargs, output)
-            output = output if replaced is None else replaced
-        return output
 
 
 def _hoist_hooks_out_of_checkpoint(state: PatchState) -> None:
@@ -297,7 +232,7 @@ def backbone_pre_hook(state: PatchState):
             optimizer_watch.check_before_forward(state)
             # A KV cache the caller asked for is honoured by every layer; one the model builds by itself
             # (config.use_cache) is not kept by activation-free blocks, and then not returned (see the post-hook).
-            run.cache_requested = bool(kwargs.get("use_cache")) or _cache_in(args, kwargs) is not None
+            run.cache_requested = bool(kwargs.get("use_cache")) or cache_in(args, kwargs) is not None
             if state.bottom_fsdp2 is None:  # once: sharding happens before training starts
                 state.bottom_fsdp2 = _fsdp2_sharded(_bottom_layers(state))
                 if state.bottom_fsdp2:
@@ -344,7 +279,7 @@ def backbone_post_hook(state: PatchState):
             output = _bottom_records_cut(state, output, run.eager_inputs)
         run.eager_inputs = {}
         if run.cache_skipped:
-            return _drop_cache(output)
+            return drop_cache(output)
         return output
 
     return hook
@@ -411,15 +346,6 @@ def _bottom_records_cut(state: PatchState, output, eager_inputs: dict):
     return output
 
 
-def _drop_cache(output):
-    """The backbone output without its KV cache (which the activation-free blocks did not fill)."""
-    if isinstance(output, tuple):
-        return tuple(None if _is_cache(v) else v for v in output)
-    if hasattr(output, "items"):
-        return type(output)(**{k: (None if _is_cache(v) else v) for k, v in output.items()})
-    return None
-
-
 def layer_pre_hook(state: PatchState, block: int, is_start: bool):
     block_layers = [state.layers[i] for i in state.block_range(block)]
 
@@ -447,7 +373,7 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
                 return None
             return (run.tapes[block].leaf, *rest), kwargs
         if is_start and block == 0 and run.mode == "activation_free":  # before any layer wrote this forward
-            cache = _cache_in(rest, kwargs)
+            cache = cache_in(rest, kwargs)
             if cache is not None and cache.get_seq_length() > 0:
                 raise LoptPatchError(PREFILLED_CACHE_MESSAGE.format(n=cache.get_seq_length()))
         if is_start:
@@ -459,9 +385,9 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
             return None
         # The replay neither reads nor writes the cache: it was empty before this forward (prefilled ones are
         # refused above), so a layer without one computes what it computed with it.
-        replay_rest, replay_kwargs = _without_cache(rest, kwargs)
+        replay_rest, replay_kwargs = without_cache(rest, kwargs)
         if not run.cache_requested:
-            run.cache_skipped = run.cache_skipped or _cache_in(rest, kwargs) is not None
+            run.cache_skipped = run.cache_skipped or cache_in(rest, kwargs) is not None
             rest, kwargs = replay_rest, replay_kwargs
         call = activation_free.LayerCall(module, replay_rest, replay_kwargs, cpu_rng=torch.get_rng_state())
         if hidden.device.type == "cuda":

@@ -7,11 +7,8 @@ output has no ``aux_loss`` of its own, ``aux_loss``).
 
 from __future__ import annotations
 
-import ast
-import functools
 import inspect
 import sys
-import textwrap
 
 import torch
 from torch import nn
@@ -20,12 +17,10 @@ from . import block_hooks
 from ._outputs import declares_own_aux_loss, with_lopt_fields
 from .boundary import eager
 from .discovery import text_config
+from .hf_model import LOGIT_TRANSFORMS, identity_scale, logit_transforms_in_forward, router_loss_coef
 from .ops import linear_cross_entropy as lce
 from .state import PatchState, StateHook, TaskRequest
 
-# Config attributes through which a family transforms logits beyond ``lm_head(hidden)``; the fused
-# task loss honours only final-logit soft-capping and steps aside for the others.
-_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_factor")
 
 
 def label_count(inputs) -> torch.Tensor | None:
@@ -53,106 +48,6 @@ def item_share(count: torch.Tensor, num_items, device: torch.device) -> torch.Te
     return torch.where(nonzero, count / torch.where(nonzero, n, torch.ones_like(n)), torch.zeros_like(n))
 
 
-_CASTS = ("float", "to", "contiguous")  # calls on the logits that leave the loss unchanged
-
-
-def _uncast(node):
-    """``node`` without the casts around it (``x.float().contiguous()`` -> ``x``)."""
-    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CASTS:
-        node = node.func.value
-    return node
-
-
-def _head_call(node, head: str = "lm_head") -> bool:
-    """Whether ``node`` is the output head (the model's attribute ``head``) applied to hidden states
-    (``self.lm_head(...)``, possibly cast)."""
-    node = _uncast(node)
-    if not isinstance(node, ast.Call):
-        return False
-    func = node.func
-    if isinstance(func, ast.Call):  # self.get_output_embeddings()(hidden)
-        func = func.func
-        return isinstance(func, ast.Attribute) and func.attr == "get_output_embeddings"
-    return isinstance(func, ast.Attribute) and func.attr == head
-
-
-def _cast_of(node, names: set) -> bool:
-    """Whether ``node`` is one of ``names`` only cast (``logits.float()``)."""
-    node = _uncast(node)
-    return isinstance(node, ast.Name) and node.id in names
-
-
-def _tanh_of(node, names: set) -> bool:
-    """Whether ``node`` is ``torch.tanh(name)`` (or ``tanh`` by another path) of one of ``names``."""
-    return (isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords
-            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "tanh" and _cast_of(node.args[0], names))
-
-
-def _scale_attribute(node, names: set, head: str = "lm_head") -> tuple | None:
-    """For ``name * self.a.b`` / ``name / self.a.b`` (or the head call in place of ``name``): ``("a", "b")``."""
-    if not (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div))):
-        return None
-    for operand, other in ((node.left, node.right), (node.right, node.left)):
-        if not (_cast_of(operand, names) or _head_call(operand, head)) or (isinstance(node.op, ast.Div) and operand is node.right):
-            continue
-        chain = []
-        while isinstance(other, ast.Attribute):
-            chain.append(other.attr)
-            other = other.value
-        if isinstance(other, ast.Name) and other.id == "self" and chain:
-            return tuple(reversed(chain))
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def logit_transforms_in_forward(cls, head: str = "lm_head") -> tuple:
-    """The statements of ``cls.forward`` that change the output head's logits before the loss (a scale, a soft cap
-    other than ``final_logit_softcapping``, a vocabulary slice), read from its source, as ``(text, scale)`` pairs:
-    ``scale`` is the attribute path (from the model) of a plain multiplier or divisor, else None. Empty when the
-    logits are the head's output (or only soft-capped by ``final_logit_softcapping``, which the fused loss applies).
-    Read structurally, so that a family added by a later transformers release is checked as well."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError):
-        return (("its forward's source, to check it for logit changes, could not be read", None),)
-    statements = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))]
-    head_vars = set()
-    for node in statements:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        if len(targets) == 1 and isinstance(targets[0], ast.Name) and node.value is not None and _head_call(node.value, head):
-            head_vars.add(targets[0].id)
-    found = []
-    for node in statements:  # the head's output inside a larger expression
-        if node.value is not None and not _head_call(node.value, head) and any(_head_call(n, head)
-                                                                             for n in ast.walk(node.value)):
-            found.append((ast.get_source_segment(source, node), _scale_attribute(node.value, head_vars, head)))
-    for node in statements:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        written = {t.id if isinstance(t, ast.Name) else getattr(t.value, "id", None)
-                   for t in targets if isinstance(t, (ast.Name, ast.Subscript))}
-        if not written & head_vars or (node.value is not None and _head_call(node.value, head)):
-            continue
-        text = ast.get_source_segment(source, node) or ""
-        if "final_logit_softcapping" in text or (node.value is not None and _cast_of(node.value, head_vars)):
-            continue
-        if "final_logit_softcapping" in source and _tanh_of(node.value, head_vars):
-            continue  # the middle of ``logits / cap; tanh(logits); logits * cap``, which the fused loss applies
-        found.append((text, _scale_attribute(node.value, head_vars, head) if node.value is not None else None))
-    return tuple(found)
-
-
-def _identity_scale(lm, path) -> bool:
-    """Whether the model attribute at ``path`` is a multiplier of 1 (or unset), which changes no logit."""
-    value = lm
-    try:
-        for name in path:
-            value = getattr(value, name)
-    except AttributeError:
-        return False
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1)
-
-
 def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None, str | None]:
     """``(implementation, None)`` when a fused linear cross-entropy reproduces ``lm``'s own loss exactly
     under ``setting`` on ``device``, else ``(None, reason)`` (``(None, None)`` for ``setting="off"``)."""
@@ -161,7 +56,7 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
     config = text_config(lm)
     softcap = getattr(config, "final_logit_softcapping", None)
     head = lm.get_output_embeddings()
-    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+    transforms = [a for a in LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
     if setting == "off":
         return None, None
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
@@ -172,7 +67,7 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
         return None, f"its config transforms logits ({', '.join(transforms)})"
     head_name = next((name for name, child in lm.named_children() if child is head), "lm_head")
     for text, scale in logit_transforms_in_forward(type(lm), head_name):
-        if scale is None or not _identity_scale(lm, scale):
+        if scale is None or not identity_scale(lm, scale):
             return None, f"its forward transforms the output head's logits before the loss ({text.splitlines()[0]})"
     if hasattr(config, "output_router_logits") and router_loss_coef(lm) is None:
         return None, "it is a mixture-of-experts model whose router-loss coefficient is unknown"
@@ -190,7 +85,7 @@ def _fused_ce_inputs(lm, device: torch.device) -> tuple:
     config = text_config(lm)
     return (lm.get_output_embeddings(), type(lm.get_output_embeddings()), getattr(lm, "loss_function", None),
             device.type, getattr(config, "final_logit_softcapping", None),
-            tuple(getattr(config, a, None) for a in _LOGIT_TRANSFORMS))
+            tuple(getattr(config, a, None) for a in LOGIT_TRANSFORMS))
 
 
 def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
@@ -207,16 +102,6 @@ def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:
                                                  f"{reason}; the model's own (logit-materialising) loss runs instead.")
     state.fused_ce_impl, state.fused_ce_key = impl or "", key
     return impl
-
-
-def router_loss_coef(lm) -> float | None:
-    """The coefficient with which a MoE causal LM adds its router load-balancing loss (``output.aux_loss``)
-    to its task loss (``loss += coef * aux_loss``, every transformers MoE family), or None."""
-    for attr in ("router_aux_loss_coef", "aux_loss_coef"):
-        coef = getattr(lm, attr, None)
-        if isinstance(coef, (int, float)):
-            return coef
-    return None
 
 
 def with_router_loss(lm, task: torch.Tensor, router_loss) -> torch.Tensor:

@@ -101,7 +101,7 @@ def test_forwards_that_transform_the_head_logits_are_found_from_their_source(nam
     RecurrentGemma's ``logits_soft_cap``, Inkling's vocabulary slice were missed by name)."""
     import transformers
 
-    from lopt_kernels.task_loss_hooks import logit_transforms_in_forward
+    from lopt_kernels.hf_model import logit_transforms_in_forward
 
     cls = getattr(transformers, name, None)
     if cls is None:

@@ -23,12 +23,10 @@ parameters' gradients (tiny for LoRA) held from the block's forward to the calle
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..discovery import LoptPatchError
 from .common import (BoundarySpec, accumulate_gathered, block_params, is_zero3, local_loss_and_grads,
@@ -116,19 +114,6 @@ def start_block(hidden: torch.Tensor, layers: list, *, input_needs_grad: bool) -
     requires grad only where the input's gradient is needed (block 0 with trainable embeddings; later
     blocks never: stop-grad between blocks)."""
     return EagerTape(x=hidden, leaf=hidden.detach().requires_grad_(input_needs_grad), layers=layers)
-
-
-def non_reentrant_checkpoint(func):
-    """``func`` (a layer's ``_gradient_checkpointing_func``) with ``use_reentrant=False``, or None when it
-    already is. The eager local backward is a ``torch.autograd.grad``, which reentrant checkpointing refuses;
-    both kinds recompute the same values (same RNG and autocast replay)."""
-    if isinstance(func, functools.partial):
-        if func.keywords.get("use_reentrant") is False:
-            return None
-        return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
-    if func is checkpoint:
-        return functools.partial(checkpoint, use_reentrant=False)
-    return None
 
 
 def _internal_scale(y_rows: int, hidden: int, dtype: torch.dtype | None = None) -> float:

@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..aux_decoder import AuxDecoder
-from ..block_hooks import HooksOutsideCheckpoint
 from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of, local_loss_and_grads
 from ..discovery import LoptPatchError, find_layer_stack, text_config
+from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, per_layer_config
 from ..ops import linear_cross_entropy as lce
 from ..task_loss_hooks import fused_ce_choice, item_share, label_count
 from .checkpoint import SHARD_PREFIX
@@ -90,11 +90,6 @@ def _error_text(exc: Exception) -> str:
     return str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
 
 
-# Batch entries besides input_ids, attention_mask and labels that a stage passes to the model's forward.
-PER_TOKEN_INPUTS = ("position_ids", "token_type_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-                    "seq_idx")
-
-
 class PipelineStage:
     """This rank's part of a LoPT pipeline: its block's layers, its aux decoder (every stage but the last),
     the input embeddings (rank 0) and the final norm and head (last rank)."""
@@ -112,12 +107,8 @@ class PipelineStage:
         self.first_rank_modules = list(first_rank_modules or [input_embeddings])
         first, end = ranges[rank]
         self.own_layers = nn.ModuleList(self.all_layers[first:end])
-        # the backbone indexes per-layer settings by its loop position (layer_types, layer_rope_theta,
-        # layers_block_type: any config list with one entry per layer): while this stage's layers run, the j-th is
-        # layer first + j. key -> (the whole list, this stage's slice), decided once.
-        config = text_config(lm)
-        self._per_layer_config = {key: (values, type(values)(values[first:end])) for key, values in vars(config).items()
-                                  if isinstance(values, (list, tuple)) and len(values) == len(self.all_layers)}
+        # config lists with one entry per layer, sliced to this stage's while its layers run (decided once)
+        self._per_layer_config = per_layer_config(text_config(lm), len(self.all_layers), first, end)
         self.is_first, self.is_last = rank == 0, rank == world - 1
         self.messages = MessageCount()
         self.timeline = StageTimeline()

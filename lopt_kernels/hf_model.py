@@ -1,0 +1,240 @@
+"""What lopt_kernels knows about how a Hugging Face causal LM runs, beyond where its layer stack is (``discovery``).
+
+- its forward: how it turns the output head's logits into the loss (read from its source, structurally), the
+  config attributes that transform logits, a mixture-of-experts model's router-loss coefficient;
+- how it calls its layers: transformers' gradient-checkpointing function (and the shim for transformers < 5.23,
+  which checkpoints a layer's whole ``__call__``), the KV cache object among a layer call's arguments, the batch
+  entries every layer reads (positions, packed-sequence offsets), the config lists indexed per layer.
+
+Nothing here imports transformers at module level or knows about LoPT's hooks' state.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# ---- the forward: logits and loss -----------------------------------------------------------------------------
+
+# Config attributes through which a family transforms logits beyond ``lm_head(hidden)``; the fused
+# task loss honours only final-logit soft-capping and steps aside for the others.
+LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_factor")
+
+
+_CASTS = ("float", "to", "contiguous")  # calls on the logits that leave the loss unchanged
+
+
+def _uncast(node):
+    """``node`` without the casts around it (``x.float().contiguous()`` -> ``x``)."""
+    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _CASTS:
+        node = node.func.value
+    return node
+
+
+def _head_call(node, head: str = "lm_head") -> bool:
+    """Whether ``node`` is the output head (the model's attribute ``head``) applied to hidden states
+    (``self.lm_head(...)``, possibly cast)."""
+    node = _uncast(node)
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    if isinstance(func, ast.Call):  # self.get_output_embeddings()(hidden)
+        func = func.func
+        return isinstance(func, ast.Attribute) and func.attr == "get_output_embeddings"
+    return isinstance(func, ast.Attribute) and func.attr == head
+
+
+def _cast_of(node, names: set) -> bool:
+    """Whether ``node`` is one of ``names`` only cast (``logits.float()``)."""
+    node = _uncast(node)
+    return isinstance(node, ast.Name) and node.id in names
+
+
+def _tanh_of(node, names: set) -> bool:
+    """Whether ``node`` is ``torch.tanh(name)`` (or ``tanh`` by another path) of one of ``names``."""
+    return (isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "tanh" and _cast_of(node.args[0], names))
+
+
+def _scale_attribute(node, names: set, head: str = "lm_head") -> tuple | None:
+    """For ``name * self.a.b`` / ``name / self.a.b`` (or the head call in place of ``name``): ``("a", "b")``."""
+    if not (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div))):
+        return None
+    for operand, other in ((node.left, node.right), (node.right, node.left)):
+        if not (_cast_of(operand, names) or _head_call(operand, head)) or (isinstance(node.op, ast.Div) and operand is node.right):
+            continue
+        chain = []
+        while isinstance(other, ast.Attribute):
+            chain.append(other.attr)
+            other = other.value
+        if isinstance(other, ast.Name) and other.id == "self" and chain:
+            return tuple(reversed(chain))
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def logit_transforms_in_forward(cls, head: str = "lm_head") -> tuple:
+    """The statements of ``cls.forward`` that change the output head's logits before the loss (a scale, a soft cap
+    other than ``final_logit_softcapping``, a vocabulary slice), read from its source, as ``(text, scale)`` pairs:
+    ``scale`` is the attribute path (from the model) of a plain multiplier or divisor, else None. Empty when the
+    logits are the head's output (or only soft-capped by ``final_logit_softcapping``, which the fused loss applies).
+    Read structurally, so that a family added by a later transformers release is checked as well."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return (("its forward's source, to check it for logit changes, could not be read", None),)
+    statements = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))]
+    head_vars = set()
+    for node in statements:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if len(targets) == 1 and isinstance(targets[0], ast.Name) and node.value is not None and _head_call(node.value, head):
+            head_vars.add(targets[0].id)
+    found = []
+    for node in statements:  # the head's output inside a larger expression
+        if node.value is not None and not _head_call(node.value, head) and any(_head_call(n, head)
+                                                                             for n in ast.walk(node.value)):
+            found.append((ast.get_source_segment(source, node), _scale_attribute(node.value, head_vars, head)))
+    for node in statements:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        written = {t.id if isinstance(t, ast.Name) else getattr(t.value, "id", None)
+                   for t in targets if isinstance(t, (ast.Name, ast.Subscript))}
+        if not written & head_vars or (node.value is not None and _head_call(node.value, head)):
+            continue
+        text = ast.get_source_segment(source, node) or ""
+        if "final_logit_softcapping" in text or (node.value is not None and _cast_of(node.value, head_vars)):
+            continue
+        if "final_logit_softcapping" in source and _tanh_of(node.value, head_vars):
+            continue  # the middle of ``logits / cap; tanh(logits); logits * cap``, which the fused loss applies
+        found.append((text, _scale_attribute(node.value, head_vars, head) if node.value is not None else None))
+    return tuple(found)
+
+
+def identity_scale(lm, path) -> bool:
+    """Whether the model attribute at ``path`` is a multiplier of 1 (or unset), which changes no logit."""
+    value = lm
+    try:
+        for name in path:
+            value = getattr(value, name)
+    except AttributeError:
+        return False
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1)
+
+
+def router_loss_coef(lm) -> float | None:
+    """The coefficient with which a MoE causal LM adds its router load-balancing loss (``output.aux_loss``)
+    to its task loss (``loss += coef * aux_loss``, every transformers MoE family), or None."""
+    for attr in ("router_aux_loss_coef", "aux_loss_coef"):
+        coef = getattr(lm, attr, None)
+        if isinstance(coef, (int, float)):
+            return coef
+    return None
+
+
+# ---- how it calls its layers -----------------------------------------------------------------------------------
+
+# Batch entries besides input_ids, attention_mask and labels that a stage passes to the model's forward.
+PER_TOKEN_INPUTS = ("position_ids", "token_type_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                    "seq_idx")
+
+
+def per_layer_config(config, num_layers: int, first: int, end: int) -> dict:
+    """The config lists with one entry per layer (``layer_types``, ``layer_rope_theta``, ``layers_block_type``...),
+    which the backbone indexes by its loop position: key -> (the whole list, its slice for layers ``[first, end)``),
+    so that a backbone iterating only those layers reads the j-th's settings as layer ``first + j``'s."""
+    return {key: (values, type(values)(values[first:end])) for key, values in vars(config).items()
+            if isinstance(values, (list, tuple)) and len(values) == num_layers}
+
+
+def is_kv_cache(value) -> bool:
+    """Whether ``value`` is a transformers KV cache object (``DynamicCache``, ``StaticCache``...), by its class name."""
+    return type(value).__name__.endswith("Cache") and hasattr(value, "update")
+
+
+def cache_in(args, kwargs):
+    """The KV cache object among a layer call's (or a forward's) arguments, or None."""
+    for value in (*args, *kwargs.values()):
+        if is_kv_cache(value):
+            return value
+    return None
+
+
+def without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A layer call that neither reads nor writes a KV cache (training does not need one, and a replay
+    must not append to it a second time)."""
+    args = tuple(None if is_kv_cache(a) else a for a in args)
+    kwargs = {k: (None if is_kv_cache(v) else v) for k, v in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def drop_cache(output):
+    """The backbone output without its KV cache (which the activation-free blocks did not fill)."""
+    if isinstance(output, tuple):
+        return tuple(None if is_kv_cache(v) else v for v in output)
+    if hasattr(output, "items"):
+        return type(output)(**{k: (None if is_kv_cache(v) else v) for k, v in output.items()})
+    return None
+
+
+def non_reentrant_checkpoint(func):
+    """``func`` (a layer's ``_gradient_checkpointing_func``) with ``use_reentrant=False``, or None when it
+    already is. The eager local backward is a ``torch.autograd.grad``, which reentrant checkpointing refuses;
+    both kinds recompute the same values (same RNG and autocast replay)."""
+    if isinstance(func, functools.partial):
+        if func.keywords.get("use_reentrant") is False:
+            return None
+        return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+    if func is checkpoint:
+        return functools.partial(checkpoint, use_reentrant=False)
+    return None
+
+
+class HooksOutsideCheckpoint:
+    """A layer's ``_gradient_checkpointing_func`` that keeps this library's layer hooks outside the checkpoint.
+
+    transformers < 5.23 checkpoints a layer's whole ``__call__`` (``checkpoint(partial(super().__call__, **kw),
+    *args)``), hooks included, so our hooks would run inside the checkpointed region and again in its recompute
+    during the caller's backward: the recompute then met hooks with no forward state (stored mode: KeyError) or
+    a layer input the pre-hook had not swapped (eager mode with LoRA: checkpoint's metadata check failed).
+    Newer transformers checkpoint ``forward`` only. For such a call this runs our pre-hook before the checkpoint
+    and our post-hook after it, and the checkpointed call (and every recompute of it) without them; any other
+    call goes to the layer's own function unchanged."""
+
+    def __init__(self, layer: nn.Module, inner, pre, post, bodies: list):
+        """``pre`` / ``post``: the layer's forward pre-hook / hook (with kwargs; either may be None); ``bodies``:
+        the list this puts the layer on while its checkpointed call runs (the hooks then return None)."""
+        self.layer, self.inner, self.pre, self.post, self.bodies = layer, inner, pre, post, bodies
+
+    def _wraps_module_call(self, fn) -> bool:
+        method = getattr(fn, "func", None) if isinstance(fn, functools.partial) else None
+        return getattr(method, "__func__", None) is nn.Module.__call__ and getattr(method, "__self__", None) is self.layer
+
+    def __call__(self, fn, *args):
+        if not self._wraps_module_call(fn):
+            return self.inner(fn, *args)
+        pre, post = self.pre, self.post
+        kwargs = dict(fn.keywords)
+        replaced = pre(self.layer, args, kwargs) if pre is not None else None
+        if replaced is not None:
+            args, kwargs = replaced
+        call, bodies, layer = fn.func, self.bodies, self.layer
+
+        def without_our_hooks(*a, **kw):
+            bodies.append(layer)
+            try:
+                return call(*a, **kw)
+            finally:
+                bodies.pop()
+
+        output = self.inner(functools.partial(without_our_hooks, **kwargs), *args)
+        if post is not None:
+            replaced = post(self.layer, args, kwargs, output)
+            output = output if replaced is None else replaced
+        return output
