@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..discovery import LoptPatchError
+from ..hf_model import is_kv_cache
 from .common import (BoundarySpec, accumulate_gathered, block_params, is_zero3, local_loss_and_grads,
                      zero3_anchor)
 
@@ -65,7 +66,7 @@ def _tensors_in(value, depth: int = 0):
         items = value
     elif isinstance(value, dict):
         items = value.values()
-    elif hasattr(value, "__dict__") and (depth > 0 or type(value).__name__.endswith("Cache")):
+    elif hasattr(value, "__dict__") and (depth > 0 or is_kv_cache(value)):
         items = vars(value).values()
     else:
         return
