@@ -6,14 +6,16 @@ One process per hidden size (``bench/gpu_check.py`` runs h 4096 and h 8192 as tw
 ``torch.compile`` specialises to this shape alone (``dynamic=False``, after ``torch._dynamo.reset()``). In order,
 the JSON rewritten after each, so that a run cut short keeps what finished:
 
-1. ``numerics``: the fused op (Triton, the benchmark dtype) against an fp32 reference of the same inputs, loss
-   and every gradient, with the tolerances the CPU kernel tests use per dtype;
-2. ``timing``: forward + backward of ``fused`` (through its autograd Function, as training calls it),
+0. ``modelled_traffic``: HBM bytes per row of each matmul path (``TRAFFIC_PASSES``);
+1. ``numerics`` (and ``numerics_triton_gemms``): the fused op (Triton, the benchmark dtype) against an fp32
+   reference of the same inputs, loss and every gradient, with the tolerances the CPU kernel tests use per dtype;
+2. ``timing``: forward + backward of ``fused`` (through its autograd Function, as training calls it; also
+   ``fused_triton_gemms``, the same op on its epilogue-GEMM path, ``LOPT_RECON_GEMMS=triton``),
    ``eager`` and ``compiled`` (the naive module, autograd), and ``gemms``: the op's six matmuls alone at full
    size (the compute floor on this card), each timed two ways: ``step_ms`` (synchronised steps, the variants
    interleaved round by round) and ``do_bench_ms`` (``triton.testing.do_bench``);
 3. ``peak_bytes``: each variant's peak memory above its inputs;
-4. ``targets``: fused <= 0.8x compiled and <= 1.3x the six GEMMs (both timings), fused peak <= 0.25x eager's,
+4. ``targets`` (for each fused variant): fused <= 0.8x compiled and <= 1.3x the six GEMMs (both timings), fused peak <= 0.25x eager's,
    numerics within tolerance.
 On CPU (a check that the script runs) it uses a tiny shape, fp32 and the Triton interpreter, CPU times only.
 """
@@ -111,6 +113,52 @@ def six_gemms(rows, h, r, dtype, device):
     return step
 
 
+def with_gemm_path(path: str, fn):
+    """``fn`` run with ``LOPT_RECON_GEMMS=path`` (the Triton backend's matmul path, read per call)."""
+    def run(*args, **kwargs):
+        saved = os.environ.get("LOPT_RECON_GEMMS")
+        os.environ["LOPT_RECON_GEMMS"] = path
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["LOPT_RECON_GEMMS"]
+            else:
+                os.environ["LOPT_RECON_GEMMS"] = saved
+    return run
+
+
+# Modelled HBM traffic per row of one forward + backward, per pass: (what it reads and writes, h-wide rows, r-wide
+# rows) in the matmul dtype, each operand row read or written once per pass (ideal caching inside a pass; the
+# weights, read once per chunk, left out). Both paths also write and re-read the fp32 row mean and rstd (16 bytes);
+# the epilogue-GEMM path writes and re-reads its LayerNorm row terms (2 fp32 per row and column tile of r).
+TRAFFIC_PASSES = {
+    "cublas": (("LN forward: y -> normed", 2, 0), ("proj = normed @ Wd^T", 1, 1), ("bias + GELU: proj -> act", 0, 2),
+               ("recon = act @ Wu^T", 1, 1), ("squared error: recon, x -> d_recon", 3, 0),
+               ("dWu += d_recon^T @ act", 1, 1), ("d_act = d_recon @ Wu", 1, 1),
+               ("GELU backward: d_act, proj -> d_z", 0, 3), ("dWd += d_z^T @ normed", 1, 1),
+               ("d_normed = d_z @ Wd", 1, 1), ("LN backward: d_normed, y -> grad_y", 3, 0)),
+    "triton": (("LN forward: y -> normed", 2, 0), ("down GEMM + GELU: normed -> proj, act", 1, 2),
+               ("up GEMM + error: act, x -> d_recon", 2, 1), ("dWu += d_recon^T @ act", 1, 1),
+               ("d_act GEMM + GELU backward: d_recon, proj -> d_z", 1, 2), ("dWd += d_z^T @ normed", 1, 1),
+               ("d_normed GEMM + LN backward: d_z, y -> grad_y", 2, 1)),
+}
+
+
+def modelled_traffic(h: int, r: int, dtype: torch.dtype) -> dict:
+    """Bytes per row of each matmul path (``TRAFFIC_PASSES``) and the ratio of the epilogue path to the default."""
+    size = torch.empty((), dtype=dtype).element_size()
+    term_tiles = triton.cdiv(r, rl._GEMM_CONFIGS["act_grad"][1])
+    out = {}
+    for path, passes in TRAFFIC_PASSES.items():
+        rows_h, rows_r = sum(p[1] for p in passes), sum(p[2] for p in passes)
+        extra = 16 + (16 * term_tiles if path == "triton" else 0)
+        out[path] = {"bytes_per_row": (rows_h * h + rows_r * r) * size + extra, "h_rows": rows_h, "r_rows": rows_r,
+                     "passes": len(passes)}
+    out["triton/cublas"] = out["triton"]["bytes_per_row"] / out["cublas"]["bytes_per_row"]
+    return out
+
+
 def variants(y, x, params, backend: str, compile_baseline: bool) -> dict:
     """name -> a zero-argument step doing one forward + backward."""
     def autograd(loss_fn):
@@ -118,8 +166,10 @@ def variants(y, x, params, backend: str, compile_baseline: bool) -> dict:
             loss_fn(y, x, *params).backward()
         return step
 
-    steps = {"fused": autograd(lambda *a: reconstruction_loss(*a, eps=EPS, backend=backend)),
-             "eager": autograd(eager_loss)}
+    steps = {"fused": autograd(lambda *a: reconstruction_loss(*a, eps=EPS, backend=backend))}
+    if backend == "triton":  # the same op with its epilogue GEMMs (LOPT_RECON_GEMMS=triton)
+        steps["fused_triton_gemms"] = with_gemm_path("triton", steps["fused"])
+    steps["eager"] = autograd(eager_loss)
     if compile_baseline:
         torch._dynamo.reset()  # nothing compiled for another shape: no automatic dynamic shapes
         steps["compiled"] = autograd(torch.compile(eager_loss, dynamic=False))
@@ -160,17 +210,21 @@ def timing(steps: dict, leaves, cuda: bool, rounds: int) -> dict:
 def targets(result: dict) -> dict:
     t, peaks = result.get("timing", {}), result.get("peak_bytes", {})
     out = {}
-    for method in ("step_ms", "do_bench_ms"):
-        for base, key in (("compiled", "fused/compiled time"), ("gemms", "fused/gemms time")):
-            if method in t.get("fused", {}) and method in t.get(base, {}):
-                value = t["fused"][method] / t[base][method]
-                out[f"{key} ({method})"] = {"value": value, "target": TARGETS[key], "ok": value <= TARGETS[key]}
-    if peaks.get("fused") and peaks.get("eager"):
-        value = peaks["fused"] / peaks["eager"]
-        out["fused/eager peak"] = {"value": value, "target": TARGETS["fused/eager peak"],
-                                   "ok": value <= TARGETS["fused/eager peak"]}
-    if "numerics" in result:
-        out["numerics within tolerance"] = {"value": result["numerics"]["ok"], "ok": result["numerics"]["ok"]}
+    for fused in ("fused", "fused_triton_gemms"):
+        label = "" if fused == "fused" else " [triton gemms]"
+        for method in ("step_ms", "do_bench_ms"):
+            for base, key in (("compiled", "fused/compiled time"), ("gemms", "fused/gemms time")):
+                if method in t.get(fused, {}) and method in t.get(base, {}):
+                    value = t[fused][method] / t[base][method]
+                    out[f"{key} ({method}){label}"] = {"value": value, "target": TARGETS[key],
+                                                       "ok": value <= TARGETS[key]}
+        if peaks.get(fused) and peaks.get("eager"):
+            value = peaks[fused] / peaks["eager"]
+            out[f"fused/eager peak{label}"] = {"value": value, "target": TARGETS["fused/eager peak"],
+                                               "ok": value <= TARGETS["fused/eager peak"]}
+    for key in ("numerics", "numerics_triton_gemms"):
+        if key in result:
+            out[f"{key} within tolerance"] = {"value": result[key]["ok"], "ok": result[key]["ok"]}
     return out
 
 
@@ -198,11 +252,15 @@ def main(argv=None):
             json.dump(result, f, indent=1)
         print(f"h={h} {stage}: " + json.dumps(result.get(stage), default=str), flush=True)
 
+    result["modelled_traffic"] = modelled_traffic(h, r, dtype)
     save("probes")
+    save("modelled_traffic")
     y, x, params = make_inputs(rows, h, r, dtype, device)
     leaves = [y, *params]
     result["numerics"] = numerics(y, x, params, "triton")
     save("numerics")
+    result["numerics_triton_gemms"] = with_gemm_path("triton", numerics)(y, x, params, "triton")
+    save("numerics_triton_gemms")
     steps = {**variants(y, x, params, "triton", compile_baseline=not args.no_compile),
              "gemms": six_gemms(rows, h, r, dtype, device)}
     result["timing"] = timing(steps, leaves, cuda, args.rounds or (20 if cuda else 1))

@@ -10,7 +10,9 @@ For each hidden size, one process times forward + backward (loss and every gradi
   ``default``: ``default_chunk_rows`` with the rank, ``max(8M / h, min(4 r, 32M / h))``; ``grown``:
   ``max(8M / h, min(4 r, 64M / h))``; ``all``: one chunk),
   ``partials``: programs per SM of the kernels that keep per-program partial sums (``--partials``, default 1 2),
-  ``max_warps``: the widest CTA of the row-wise kernels (``--warps``, default 16).
+  ``max_warps``: the widest CTA of the row-wise kernels (``--warps``, default 16), and
+  ``gemms``: the Triton backend's matmul path (``--gemms``, default cublas triton: ``LOPT_RECON_GEMMS``; the
+  epilogue-GEMM path keeps no per-program partials, so it runs with the first ``--partials`` value only).
 Times are ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between repetitions); peak memory is
 ``max_memory_allocated`` over one call minus what was allocated before it (the returned gradients included,
 as eager's ``.grad``). On CPU (a check that the script runs) it sweeps a tiny shape under the Triton interpreter.
@@ -86,7 +88,8 @@ def _peak_bytes(fn, leaves, cuda: bool) -> int | None:
     return peak
 
 
-def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_grid=(1, 2), warps_grid=(16,)) -> dict:
+def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_grid=(1, 2), warps_grid=(16,),
+          gemms_grid=("cublas", "triton")) -> dict:
     cuda = device.type == "cuda"
     y, x, params = make_inputs(rows, h, r, dtype, device)
     leaves = [y, *params]
@@ -114,15 +117,23 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_gr
               "grown": grown_chunk_rows(rows, h, r), "all": rows}
     saved = (_rl._PARTIAL_PROGRAMS_PER_SM, _rl._MAX_WARPS)
     try:
-        for (chunk_name, chunk), partials, max_warps in itertools.product(chunks.items(), partials_grid, warps_grid):
+        grid = itertools.product(gemms_grid, chunks.items(), partials_grid, warps_grid)
+        for gemms, (chunk_name, chunk), partials, max_warps in grid:
+            if gemms == "triton" and partials != partials_grid[0]:
+                continue  # the epilogue-GEMM path keeps no per-program partials
             _rl._PARTIAL_PROGRAMS_PER_SM, _rl._MAX_WARPS = partials, max_warps
 
-            def fused(chunk=chunk):
-                return reconstruction_loss_and_grads(y, x, *params, eps=EPS, backend="triton", chunk_rows=chunk)
+            def fused(chunk=chunk, gemms=gemms):
+                os.environ["LOPT_RECON_GEMMS"] = gemms
+                try:
+                    return reconstruction_loss_and_grads(y, x, *params, eps=EPS, backend="triton", chunk_rows=chunk)
+                finally:
+                    os.environ.pop("LOPT_RECON_GEMMS")
 
             fused()  # compiles this tile setting outside the measurement
-            row = {"chunk": chunk_name, "chunk_rows": chunk, "partials_per_sm": partials, "max_warps": max_warps,
-                   "ms": _time_ms(fused, leaves, cuda, reps), "peak_bytes": _peak_bytes(fused, leaves, cuda)}
+            row = {"gemms": gemms, "chunk": chunk_name, "chunk_rows": chunk, "partials_per_sm": partials,
+                   "max_warps": max_warps, "ms": _time_ms(fused, leaves, cuda, reps),
+                   "peak_bytes": _peak_bytes(fused, leaves, cuda)}
             for name, base in result["baselines"].items():
                 row[f"time/{name}"] = row["ms"] / base["ms"]
                 if row["peak_bytes"] is not None and base["peak_bytes"]:
@@ -133,7 +144,8 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_gr
         _rl._PARTIAL_PROGRAMS_PER_SM, _rl._MAX_WARPS = saved
     best = min(result["fused"], key=lambda row: row["ms"])
     current = next((row for row in result["fused"]
-                    if (row["chunk"], row["partials_per_sm"], row["max_warps"]) == ("default", *saved)), best)
+                    if (row["gemms"], row["chunk"], row["partials_per_sm"], row["max_warps"])
+                    == ("cublas", "default", *saved)), best)
     result["best"], result["current_defaults"] = best, current
     return result
 
@@ -157,19 +169,21 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--partials", type=int, nargs="*", default=[1, 2])
     p.add_argument("--warps", type=int, nargs="*", default=[16])
+    p.add_argument("--gemms", nargs="*", default=["cublas", "triton"], help="the Triton backend's matmul paths")
     args = p.parse_args(argv)
     device, dtype, rows, hiddens = device_and_shapes(args)
     cuda = device.type == "cuda"
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (Triton interpreter)", "results": []}
     for h in hiddens:
         out["results"].append(sweep(rows, h, h // 4, dtype, device, compile_baseline=not args.no_compile,
-                                    reps=10 if cuda else 1, partials_grid=args.partials, warps_grid=args.warps))
+                                    reps=10 if cuda else 1, partials_grid=args.partials, warps_grid=args.warps,
+                                    gemms_grid=args.gemms))
         with open(args.out, "w") as f:  # written after each size, so a time-out keeps what finished
             json.dump(out, f, indent=1)
     for res in out["results"]:
         best, cur = res["best"], res["current_defaults"]
         print(f"h={res['hidden']}: current {cur['ms']:.3f} ms, best {best['ms']:.3f} ms "
-              f"(chunk {best['chunk']}={best['chunk_rows']}, partials/SM {best['partials_per_sm']}, "
+              f"({best['gemms']} gemms, chunk {best['chunk']}={best['chunk_rows']}, partials/SM {best['partials_per_sm']}, "
               f"max warps {best['max_warps']}); baselines "
               + ", ".join(f"{k} {v['ms']:.3f} ms" for k, v in res["baselines"].items()))
     print(f"wrote {args.out}")

@@ -62,8 +62,11 @@ def test_recon_sweep_runs_under_the_interpreter(tmp_path):
                              "2")
     result = json.loads(out.read_text())["results"][0]
     assert {row["chunk"] for row in result["fused"]} == {"8M/h", "default", "grown", "all"}
-    assert len(result["fused"]) == 8 and set(result["baselines"]) == {"eager"}
-    assert result["current_defaults"]["chunk"] == "default" and result["current_defaults"]["partials_per_sm"] == 1
+    # 4 chunk sizes x 2 partials on the default matmul path, 4 chunk sizes on the epilogue GEMMs (no partials)
+    assert len(result["fused"]) == 12 and set(result["baselines"]) == {"eager"}
+    assert {row["gemms"] for row in result["fused"]} == {"cublas", "triton"}
+    current = result["current_defaults"]
+    assert (current["gemms"], current["chunk"], current["partials_per_sm"]) == ("cublas", "default", 1)
     assert "h=24: current" in proc.stdout
 
 
@@ -88,8 +91,13 @@ def test_recon_check_runs_under_the_interpreter(tmp_path):
     result = json.loads(out.read_text())
     assert result["numerics"]["ok"] and set(result["numerics"]["gradients"]) == {
         "y", "norm_weight", "norm_bias", "down_weight", "down_bias", "up_weight", "up_bias"}
-    assert set(result["timing"]) == {"fused", "eager", "gemms"}
+    assert result["numerics_triton_gemms"]["ok"]
+    assert set(result["timing"]) == {"fused", "fused_triton_gemms", "eager", "gemms"}
     assert "fused/gemms time (step_ms)" in result["targets"] and result["targets"]["numerics within tolerance"]["ok"]
+    assert "fused/gemms time (step_ms) [triton gemms]" in result["targets"]
+    traffic = result["modelled_traffic"]  # fp32, h 24, r 6: (14 h + 11 r) * 4 + 16 and (10 h + 8 r) * 4 + 16 + 16
+    assert traffic["cublas"]["bytes_per_row"] == (14 * 24 + 11 * 6) * 4 + 16
+    assert traffic["triton"]["bytes_per_row"] == (10 * 24 + 8 * 6) * 4 + 32
 
 
 def test_a_stage_that_runs_out_of_time_is_killed_with_its_children(tmp_path):

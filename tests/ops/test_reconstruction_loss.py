@@ -117,7 +117,17 @@ def assert_matches(loss, grads, ref_loss, ref_grads, dtype, params, y):
         torch.testing.assert_close(got.float(), want, rtol=tol["rtol"], atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-BACKENDS = ["torch", "triton"]
+# The Triton backend twice: its default path (torch matmuls between row kernels) and its epilogue-GEMM path
+BACKENDS = ["torch", "triton", pytest.param("triton", marks=pytest.mark.triton_gemms, id="triton-gemms")]
+
+
+@pytest.fixture(autouse=True)
+def gemm_path(request, monkeypatch):
+    """``LOPT_RECON_GEMMS=triton`` for the cases marked ``triton_gemms``, the default path for the others."""
+    if request.node.get_closest_marker("triton_gemms"):
+        monkeypatch.setenv("LOPT_RECON_GEMMS", "triton")
+    else:
+        monkeypatch.delenv("LOPT_RECON_GEMMS", raising=False)
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 CASES = [
     pytest.param(37, 16, "contiguous", id="rows37-chunk16-partial"),
@@ -478,13 +488,15 @@ def test_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, 
             return run
 
     kernels = [n for n in vars(rl_driver) if n.startswith("_") and n.endswith("_kernel")]
-    assert len(kernels) == 5, kernels
+    assert len(kernels) == 9, kernels  # five row kernels, four epilogue GEMMs
     for name in kernels:
         monkeypatch.setattr(rl_driver, name, LaunchRecorder(name, getattr(rl_driver, name)))
     y, x, params = make_inputs(37, torch.float32)
-    loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton", chunk_rows=16)
     ref_loss, _ = reference(y, x, params)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    for gemms in rl_driver.GEMM_PATHS:
+        monkeypatch.setenv("LOPT_RECON_GEMMS", gemms)
+        loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton", chunk_rows=16)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     assert {name for name, _ in launches} == set(kernels)
     unguarded = [(name, active) for name, active in launches if active[-1:] != [y.device]]
     assert not unguarded, f"Triton kernels launched outside torch.cuda.device({y.device}): {unguarded[:3]}"
@@ -594,7 +606,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spill bytes of each kernel
     seen, spills, checked, table = set(), [], 0, []
 
-    def compile_kernel(fn, args, constexprs, num_warps):
+    def compile_kernel(fn, args, constexprs, num_warps, num_stages=None):
         # Specialised as the JIT specialises a real launch: pointers 16-byte aligned, integers equal to 1
         # become constexprs, integers divisible by 16 carry tt.divisibility; None: an unspecialised i32.
         global checked
@@ -614,19 +626,20 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 if v is not None and v % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-        key = (src.hash(), num_warps)
+        key = (src.hash(), num_warps, num_stages)
         if key in seen:  # e.g. h = 5120 and 8192 share BLOCK_H; the cache would hide ptxas' log
             return
         seen.add(key)
         log = io.StringIO()
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
+            kernel = triton.compile(src, target=target, options=options)
         assert kernel.asm["cubin"], fn.__name__
         found = re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log.getvalue())
         assert len(found) == 1, (fn.__name__, log.getvalue()[-2000:])
         regs = re.findall(r"Used (\\d+) registers", log.getvalue())
         strided = args.get("stride_yh", args.get("stride_xh", 1)) is None
-        table.append((fn.__name__, args.get("n_cols"), ("strided" if strided else "") +
+        table.append((fn.__name__, args.get("n_cols", args.get("N")), ("strided" if strided else "") +
                       (" masked" if constexprs.get("HAS_ROW_MASK") else ""), num_warps, regs[0] if regs else "?",
                       found[0][0]))
         checked += 1
@@ -672,6 +685,41 @@ _COMPILE_SCRIPT = textwrap.dedent(
         compile_kernel(rl._gelu_backward_kernel,
             dict(GRAD=mm, PROJ=mm, BD=mm, DBD_PART=f32, stride_part=part_stride, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
+    # the epilogue GEMMs (LOPT_RECON_GEMMS=triton) with the host code's tile configs: bf16 at the benchmark sizes (the
+    # sizes are runtime integers: the variants differ by their flags and y/x layouts), fp16 (d_recon stored scaled),
+    # fp32 (its own tiles) with contiguous y/x
+    import torch
+    dtypes = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}
+    for mm, h, r in [("*bf16", 4096, 1024), ("*fp16", 4096, 1024), ("*fp32", 72, 18)]:
+        m = default_chunk_rows(rows, h, r)
+        precision = "ieee"
+        def gemm(fn, name, n, k, args, **flags):
+            bm, bn, bk, warps, stages = rl._gemm_config(name, dtypes[mm])
+            compile_kernel(fn, dict(M=m, N=n, K=k, **args),
+                           dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=rl._GROUP_M, DOT_FP32=False,
+                                INPUT_PRECISION=precision, **flags), warps, stages)
+        weights_d = dict(WD=mm, stride_wd_r=h, stride_wd_h=1)
+        weights_u = dict(WU=mm, stride_wu_h=r, stride_wu_r=1)
+        part = dict(PART=f32, stride_part=3 * rl._round_up(h, 32) + rl._round_up(r, 32) + 32)
+        for store in (True, False):
+            gemm(rl._down_gelu_kernel, "down_gelu", r, h, dict(NORMED=mm, BD=mm, PROJ=mm, ACT=mm, **weights_d),
+                 STORE_PROJ=store, ROUND_BF16=False)
+        for col_stride in (1, None) if mm == "*bf16" else (1,):
+            for masked in (False, True):
+                for grads in (True, False):
+                    gemm(rl._up_error_kernel, "up_error", h, r,
+                         dict(ACT=mm, BU=mm, X=mm, stride_xm=h if col_stride else None, stride_xh=col_stride,
+                              COEF=f32, ROW_MASK="*u8", D_RECON=mm, loss_col=None, bu_col=None, **weights_u, **part),
+                         COMPUTE_GRADS=grads, HAS_ROW_MASK=masked, ROUND_BF16=False)
+                for dy_scale in (False, True):
+                    gemm(rl._ln_grad_kernel, "ln_grad", h, r,
+                         dict(D_Z=mm, Y=mm, stride_ym=h if col_stride else None, stride_yh=col_stride, MEAN=f32,
+                              RSTD=f32, W=mm, ROW_TERMS=f32, term_tiles=None, ROW_MASK="*u8", DY_SCALE=f32, DY=mm,
+                              stride_dym=h, stride_dyh=1, w_col=None, b_col=None, **weights_d, **part),
+                         HAS_ROW_MASK=masked, HAS_DY_SCALE=dy_scale, ROUND_BF16=False)
+        gemm(rl._act_grad_kernel, "act_grad", r, h,
+             dict(D_RECON=mm, PROJ=mm, BD=mm, DOWN_W_LN=f32, D_Z=mm, bd_col=None, ROW_TERMS=f32, **weights_u, **part),
+             ROUND_BF16=False)
     for row in table:  # the register table (pytest -s shows it)
         print("%-26s cols=%-5s %-14s warps=%-2s registers=%-4s spill bytes=%s" % row)
     assert not spills, "register spills on sm_90:\\n" + "\\n".join(spills)
@@ -754,6 +802,37 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
           f"with the old xhat and z buffers {workspace + old_xhat_and_z:,} B")
     assert workspace <= bound, (workspace, bound)
     assert workspace + old_xhat_and_z > bound  # the bound is tight: the old buffers would not fit
+
+
+@interpreter_only
+def test_triton_gemms_workspace_holds_no_reconstruction_or_d_normed(monkeypatch):
+    """The epilogue-GEMM path's peak extra bytes (rows 200, h 96, r 24, fp32, one chunk of m rows): the same four
+    matmul-dtype chunk buffers as the default path (normed, d_recon: m x h; proj, act -> d_z: m x r), no buffer for the
+    reconstruction or d_normed, plus the row terms (2 fp32 per row and column tile of r), the row statistics, the
+    per-row-tile partials and ``W_down @ [w, b]``. Counted as in the test above."""
+    from lopt_kernels.measure import _StepAllocations
+
+    monkeypatch.setenv("LOPT_RECON_GEMMS", "triton")
+    rows, h, r = 200, 96, 24
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.randn(rows, h, generator=g), torch.randn(rows, h, generator=g)
+    params = [torch.randn(*s, generator=g) * 0.05 for s in ((h,), (h,), (r, h), (r,), (h, r), (h,))]
+    params[0] += 1.0
+    tracker = _StepAllocations()
+    with tracker:
+        loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton")
+    workspace = tracker.peak - loss.untyped_storage().nbytes() - sum(t.untyped_storage().nbytes() for t in grads)
+    ref_loss, ref_grads = reference(y, x, params)
+    assert_matches(loss, grads, ref_loss, ref_grads, torch.float32, params, y)
+
+    block_m, block_n = rl_driver._gemm_config("act_grad", torch.float32)[:2]
+    term_tiles, row_tiles = -(-r // block_n), -(-rows // block_m)
+    loss_tiles = -(-h // rl_driver._gemm_config("up_error", torch.float32)[1])
+    partials = 4 * row_tiles * (3 * rl_driver._round_up(h, 32) + rl_driver._round_up(r, 32) + rl_driver._round_up(loss_tiles, 32))
+    bound = rows * (2 * h + 2 * r) * 4 + 8 * rows + 8 * term_tiles * rows + partials + 4 * 2 * h + 4 * 2 * r + 64
+    print(f"workspace {workspace:,} B, bound {bound:,} B")
+    assert workspace <= bound, (workspace, bound)
+    assert workspace + 4 * rows * h > bound  # tight: one more m x h fp32 buffer (a stored reconstruction) would not fit
     torch.testing.assert_close(loss, reference(y, x, params)[0], rtol=1e-4, atol=1e-5)
 
 
@@ -785,7 +864,8 @@ def test_weight_gradients_accumulate_in_place_where_addmm_has_out_dtype(monkeypa
 
 @interpreter_only
 @pytest.mark.parametrize("compute_grads", [True, False])
-def test_launches_per_call_are_the_chunks_kernels_plus_five(monkeypatch, compute_grads):
+@pytest.mark.parametrize("gemms", ["cublas", "triton"])
+def test_launches_per_call_are_the_chunks_kernels_plus_five(monkeypatch, compute_grads, gemms):
     """Host overhead: one call launches, per chunk, the five Triton kernels and the six matmuls (two forward,
     four backward; the loss alone: three kernels, two matmuls), and besides them only five kernels: one fill of the per-program
     partials, the gradient coefficient, one sum over the partials, the loss, one multi-tensor copy casting the
@@ -827,12 +907,20 @@ def test_launches_per_call_are_the_chunks_kernels_plus_five(monkeypatch, compute
     for name in kernels:
         monkeypatch.setattr(rl_driver, name, CountedKernel(getattr(rl_driver, name), name))
     monkeypatch.setattr(rl_driver, "_accumulate_mm", counted_once("accumulate_mm", rl_driver._accumulate_mm))
-    y, x, params = make_inputs(37, torch.bfloat16)
+    monkeypatch.setenv("LOPT_RECON_GEMMS", gemms)
+    y, x, params = make_inputs(37, torch.float32 if gemms == "triton" else torch.bfloat16)
     chunks = 3  # 16 + 16 + 5 rows
     with Launches():
         rl_op._run_impl(y, x, params, EPS, SCALE, compute_grads, "triton", 16)
-    per_chunk = 11 if compute_grads else 5
-    assert len(launches) == per_chunk * chunks + (5 if compute_grads else 3), launches
+    if gemms == "cublas":
+        per_chunk = 11 if compute_grads else 5
+        per_call = 5 if compute_grads else 3
+    else:  # the LayerNorm forward, four epilogue GEMMs and the two weight-gradient matmuls (the loss alone: three);
+        # per call also W_down @ [w, b] (a stack and a matmul; fp32 here, as with out_dtype on CUDA), and the loss is
+        # one more sum (over its partial columns, one per column tile of h)
+        per_chunk = 7 if compute_grads else 3
+        per_call = 8 if compute_grads else 3
+    assert len(launches) == per_chunk * chunks + per_call, str(launches)
 
 
 @interpreter_only

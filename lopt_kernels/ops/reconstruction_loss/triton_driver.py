@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
 
+from .gemm_kernels import _act_grad_kernel, _down_gelu_kernel, _ln_grad_kernel, _up_error_kernel
 from .kernels import (
     _INTERPRETED,
     _bias_gelu_forward_kernel,
@@ -149,19 +151,158 @@ def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk
                            param_scale=1.0):
     """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between;
     every launch runs with ``y``'s device current."""
+    chunks = _triton_gemm_chunks if gemm_path() == "triton" else _triton_chunks
     with _device_guard(y2.device):
-        return _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
-                              param_scale)
+        return chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale)
+
+
+GEMM_PATHS = ("cublas", "triton")
+
+
+def gemm_path() -> str:
+    """Which matmuls the Triton backend runs: ``"cublas"`` (the default: torch matmuls between row kernels) or
+    ``"triton"`` (four of the six as Triton GEMMs with the row-wise work in their epilogues, ``gemm_kernels``), from
+    the environment variable ``LOPT_RECON_GEMMS``, read per call so a benchmark can time both in one process."""
+    path = os.environ.get("LOPT_RECON_GEMMS", "cublas")
+    if path not in GEMM_PATHS:
+        raise ValueError(f"LOPT_RECON_GEMMS must be one of {GEMM_PATHS}, got {path!r}")
+    return path
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of each epilogue GEMM on CUDA for 16-bit operands. The backward
+# two keep 64-column tiles: their epilogues hold several fp32 tiles beside the accumulator (proj, d_z; y, xhat,
+# d_normed); with 4 warps they spilled on sm_90. fp32 operands (IEEE products, no tensor-core speed to keep) take
+# 64 x 64 x 32 tiles on 8 warps: larger tiles, or 4 warps (Triton 3.6), spilled.
+_GEMM_CONFIGS = {
+    "down_gelu": (128, 128, 64, 8, 3),
+    "up_error": (128, 128, 64, 8, 3),
+    "act_grad": (128, 64, 64, 8, 3),
+    "ln_grad": (128, 64, 64, 8, 3),
+}
+_GEMM_CONFIG_FP32 = (64, 64, 32, 8, 3)
+# Under the interpreter: small tiles, so the tests' odd shapes cross tile edges in every dimension (several column
+# tiles of r for the row terms, K tails, partial row tiles).
+_GEMM_CONFIG_INTERPRETED = (16, 16, 16, 1, 1)
+_GROUP_M = 8  # row tiles per group in the launch order (each weight tile read from L2 by a group)
+
+
+def _gemm_config(kernel: str, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    if _INTERPRETED:
+        return _GEMM_CONFIG_INTERPRETED
+    return _GEMM_CONFIG_FP32 if dtype == torch.float32 else _GEMM_CONFIGS[kernel]
+
+
+def _gemm_launch(kernel, name, m, n, dtype, precision, *args, **constexprs):
+    """Launch one epilogue GEMM over an ``m x n`` output; returns its (BLOCK_M, BLOCK_N)."""
+    block_m, block_n, block_k, warps, stages = _gemm_config(name, dtype)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M, DOT_FP32=_INTERPRETED,
+                 INPUT_PRECISION=precision, num_warps=warps, num_stages=stages, **constexprs)
+    return block_m, block_n
+
+
+def _triton_gemm_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
+                        param_scale=1.0):
+    """The ``"triton"`` GEMM path: per chunk the LayerNorm forward kernel, four epilogue GEMMs (``gemm_kernels``) and
+    the two weight-gradient matmuls on cuBLAS. Neither the reconstruction, ``d_act`` nor ``d_normed`` is stored."""
+    norm_w, norm_b, down_w, down_b, up_w, up_b = params
+    device = y2.device
+    _require_interpreter_or_cuda(device)
+    n, h = y2.shape
+    r = down_w.shape[0]
+    block_h = triton.next_power_of_2(h)
+    if block_h > _MAX_BLOCK:
+        raise ValueError(f"reconstruction loss: hidden size {h} too large for the Triton kernels")
+    mm_dtype = down_w.dtype
+    round_mm = _INTERPRETED and mm_dtype == torch.bfloat16
+    round_y = _INTERPRETED and y2.dtype == torch.bfloat16
+    # fp32 operands: IEEE products unless the user allows TF32 for matmuls (as cuBLAS follows the same flag)
+    precision = "tf32" if mm_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    f32 = torch.float32
+    chunk = min(chunk_rows, n)
+    bm_h, warps_h = _tile_settings(block_h, n)
+    norm_w_c, norm_b_c, down_b_c, up_b_c = (t.contiguous() for t in (norm_w, norm_b, down_b, up_b))
+
+    normed = torch.empty((chunk, h), dtype=mm_dtype, device=device)
+    act = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # gelu(z), later d_z
+    # Per-row-tile fp32 partial rows, zeroed by one fill: [LN weight | LN bias | up bias | down bias | loss per
+    # column tile of h], each segment starting on a 128-byte boundary.
+    row_tiles = max(triton.cdiv(chunk, _gemm_config(k, mm_dtype)[0]) for k in _GEMM_CONFIGS)
+    loss_tiles = triton.cdiv(h, _gemm_config("up_error", mm_dtype)[1])
+    seg_h, seg_r = _round_up(h, 32), _round_up(r, 32)
+    loss_col = 3 * seg_h + seg_r if compute_grads else 0
+    stride_part = loss_col + _round_up(loss_tiles, 32)
+    partials = torch.zeros((row_tiles, stride_part), dtype=f32, device=device)
+    if compute_grads:
+        proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # z without bias, kept for the GELU backward
+        d_recon = torch.empty((chunk, h), dtype=mm_dtype, device=device)
+        mean = torch.empty((chunk,), dtype=f32, device=device)
+        rstd = torch.empty((chunk,), dtype=f32, device=device)
+        term_tiles = triton.cdiv(r, _gemm_config("act_grad", mm_dtype)[1])
+        row_terms = torch.empty((term_tiles, 2, chunk), dtype=f32, device=device)
+        grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
+        acc_up = torch.empty((h, r), dtype=f32, device=device)
+        acc_down = torch.empty((r, h), dtype=f32, device=device)
+        down_w_ln = _down_weight_times_norm_params(down_w, norm_w, norm_b)
+        coef, dy_scale, rescale = _gradient_coefficient(grad_scale, counted, h, mm_dtype, device)
+    else:  # placeholders for pointers the disabled (constexpr) branches never touch
+        proj = d_recon = mean = rstd = row_terms = down_w_ln = coef = dy_scale = partials
+        rescale = False
+    has_mask = row_mask is not None
+    mask_bytes = row_mask.view(torch.uint8) if has_mask else partials  # else a placeholder pointer
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        yc, xc = y2[start : start + m], x2[start : start + m]
+        mask_c = mask_bytes[start : start + m] if has_mask else mask_bytes
+        if block_h > _STRIDED_MAX_BLOCK:
+            yc = yc if yc.stride(1) == 1 else yc.contiguous()
+        normed_c, act_c, proj_c, d_recon_c = normed[:m], act[:m], proj[:m], d_recon[:m]
+        grid_h_fwd = min(_FWD_OVERSUBSCRIBE * _num_programs(device.type, device.index), triton.cdiv(m, bm_h))
+        _ln_forward_kernel[(grid_h_fwd,)](
+            yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, mask_c, m, h, eps, grid_h_fwd,
+            BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
+            num_warps=warps_h,
+        )
+        _gemm_launch(
+            _down_gelu_kernel, "down_gelu", m, r, mm_dtype, precision,
+            normed_c, down_w, down_w.stride(0), down_w.stride(1), down_b_c, proj_c, act_c, m, r, h,
+            STORE_PROJ=compute_grads, ROUND_BF16=round_mm,
+        )
+        _gemm_launch(
+            _up_error_kernel, "up_error", m, h, mm_dtype, precision,
+            act_c, up_w, up_w.stride(0), up_w.stride(1), up_b_c, xc, xc.stride(0), xc.stride(1), coef, mask_c,
+            d_recon_c, partials, stride_part, loss_col, 2 * seg_h, m, h, r,
+            COMPUTE_GRADS=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
+        )
+        if not compute_grads:
+            continue
+        _accumulate_mm(acc_up, d_recon_c.t(), act_c, first=start == 0)
+        d_z = act_c  # act is spent: d_z takes its place
+        _gemm_launch(
+            _act_grad_kernel, "act_grad", m, r, mm_dtype, precision,
+            d_recon_c, up_w, up_w.stride(0), up_w.stride(1), proj_c, down_b_c, down_w_ln, d_z, partials, stride_part,
+            3 * seg_h, row_terms, m, r, h,
+            ROUND_BF16=round_mm,
+        )
+        _accumulate_mm(acc_down, d_z.t(), normed_c, first=start == 0)
+        gy = grad_y[start : start + m]
+        yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
+        _gemm_launch(
+            _ln_grad_kernel, "ln_grad", m, h, mm_dtype, precision,
+            d_z, down_w, down_w.stride(0), down_w.stride(1), yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c,
+            row_terms, term_tiles, mask_c, dy_scale, gy, gy.stride(0), gy.stride(1), partials, stride_part, 0, seg_h, m, h, r,
+            HAS_ROW_MASK=has_mask, HAS_DY_SCALE=rescale, ROUND_BF16=round_y,
+        )
+    normed = act = proj = d_recon = normed_c = act_c = proj_c = d_recon_c = d_z = row_terms = None
+    return _finish(partials, loss_col, loss_tiles, counted, h, r, seg_h, compute_grads, rescale, dy_scale,
+                   param_scale, params, acc_up if compute_grads else None, acc_down if compute_grads else None,
+                   grad_y if compute_grads else None)
 
 
 def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale=1.0):
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
-    if device.type != "cuda" and not _INTERPRETED:
-        raise RuntimeError(
-            f"backend='triton' on {device.type} tensors needs the Triton interpreter, but the kernels were "
-            "compiled for a GPU: set TRITON_INTERPRET=1 before importing triton (and lopt_kernels)."
-        )
+    _require_interpreter_or_cuda(device)
     n, h = y2.shape
     r = down_w.shape[0]
     block_h, block_r = triton.next_power_of_2(h), triton.next_power_of_2(r)
@@ -198,24 +339,11 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
         # written by the first chunk's weight-gradient matmuls (beta = 0), accumulated into by the others
         acc_up = torch.empty((h, r), dtype=f32, device=device)
         acc_down = torch.empty((r, h), dtype=f32, device=device)
-        if isinstance(grad_scale, torch.Tensor):
-            coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (counted * h))
-        elif isinstance(counted, torch.Tensor):
-            coef = (2.0 * float(grad_scale) / h) / counted.reshape(1)
-        else:
-            coef = torch.full((1,), 2.0 * float(grad_scale) / (counted * h), dtype=f32, device=device)
+        coef, dy_scale, rescale = _gradient_coefficient(grad_scale, counted, h, mm_dtype, device)
     else:  # placeholders for pointers the disabled (constexpr) branches never touch
-        mean = rstd = part_r = coef = loss_part
+        mean = rstd = part_r = coef = dy_scale = loss_part
         part_h = (loss_part,) * 3
-    # fp16 matmuls: d_recon = coef * (recon - x) with coef ~ 2 / (N h) would sit in fp16's subnormals (precision
-    # lost). coef = mantissa * 2^exponent (on the device): d_recon is stored with the mantissa alone, everything
-    # downstream of it carries 2^-exponent, and the LN backward (grad_y) and the final parameter gradients multiply
-    # 2^exponent back in, exactly.
-    rescale = compute_grads and mm_dtype == torch.float16
-    dy_scale = loss_part  # placeholder unless rescale
-    if rescale:
-        coef, exponent = torch.frexp(coef)
-        dy_scale = torch.ldexp(torch.ones_like(coef), exponent)
+        rescale = False
 
     has_mask = row_mask is not None
     mask_bytes = row_mask.view(torch.uint8) if has_mask else loss_part  # else a placeholder pointer
@@ -275,12 +403,62 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
 
     # the chunk buffers and their views: freed before the sums are allocated
     normed = proj = act = recon = mean = rstd = normed_c = proj_c = act_c = recon_c = d_recon = d_z = d_normed = None
+    return _finish(partials, loss_col, 1, counted, h, r, seg_h, compute_grads, rescale, dy_scale,
+                   param_scale, params, acc_up if compute_grads else None, acc_down if compute_grads else None,
+                   grad_y if compute_grads else None)
+
+
+def _down_weight_times_norm_params(down_w, norm_w, norm_b) -> torch.Tensor:
+    """``(r, 2)`` fp32 ``W_down @ [w, b]`` (LayerNorm weight and bias): the LayerNorm backward's row terms become sums
+    over r (``gemm_kernels``' docstring). Two launches where the matmul has ``out_dtype`` or runs in fp32."""
+    norm_params = torch.stack((norm_w, norm_b), 1)  # the parameters share one dtype (check_reconstruction_inputs)
+    if down_w.dtype == torch.float32:
+        return torch.mm(down_w, norm_params)
+    if _mm_has_out_dtype(down_w.device.type):
+        return torch.mm(down_w, norm_params, out_dtype=torch.float32)
+    return torch.mm(down_w.float(), norm_params.float())
+
+
+def _require_interpreter_or_cuda(device: torch.device) -> None:
+    if device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError(
+            f"backend='triton' on {device.type} tensors needs the Triton interpreter, but the kernels were "
+            "compiled for a GPU: set TRITON_INTERPRET=1 before importing triton (and lopt_kernels)."
+        )
+
+
+def _gradient_coefficient(grad_scale, counted, h, mm_dtype, device):
+    """``(coef, dy_scale, rescale)``: ``coef = 2 * grad_scale / (counted * h)`` as a (1,) fp32 device tensor (no host
+    sync for a tensor ``grad_scale`` or ``counted``).
+
+    fp16 matmuls: ``d_recon = coef * (recon - x)`` with ``coef ~ 2 / (N h)`` would sit in fp16's subnormals (precision
+    lost). ``coef = mantissa * 2^exponent`` (on the device): d_recon is stored with the mantissa alone, everything
+    downstream of it carries ``2^-exponent``, and the LN backward (grad_y) and the final parameter gradients multiply
+    ``dy_scale = 2^exponent`` back in, exactly (``rescale``)."""
+    f32 = torch.float32
+    if isinstance(grad_scale, torch.Tensor):
+        coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (counted * h))
+    elif isinstance(counted, torch.Tensor):
+        coef = (2.0 * float(grad_scale) / h) / counted.reshape(1)
+    else:
+        coef = torch.full((1,), 2.0 * float(grad_scale) / (counted * h), dtype=f32, device=device)
+    if mm_dtype != torch.float16:
+        return coef, coef, False  # dy_scale: a placeholder pointer
+    coef, exponent = torch.frexp(coef)
+    return coef, torch.ldexp(torch.ones_like(coef), exponent), True
+
+
+def _finish(partials, loss_col, loss_tiles, counted, h, r, seg_h, compute_grads, rescale, dy_scale, param_scale,
+            params, acc_up, acc_down, grad_y):
+    """The loss and the gradients in the parameters' dtypes from the partial rows ``[LN weight | LN bias | up bias |
+    down bias | ``loss_tiles`` loss columns]`` and the fp32 weight-gradient accumulators."""
+    device = partials.device
     if not compute_grads:
-        return loss_part.sum() / (counted * h), None
-    # Finishing in three launches: one sum over the programs' partial rows, the loss, and one multi-tensor copy
-    # that casts every gradient to the parameters' dtype (fp32 accumulators are returned as they are).
+        return partials.sum() / (counted * h), None
+    # Three launches: one sum over the partial rows, the loss, and one multi-tensor copy that casts every gradient
+    # to the parameters' dtype (fp32 accumulators are returned as they are).
     sums = partials.sum(0)
-    loss = sums[loss_col] / (counted * h)
+    loss = (sums[loss_col] if loss_tiles == 1 else sums[loss_col : loss_col + loss_tiles].sum()) / (counted * h)
     if rescale:  # the storage scale and param_scale, in fp32 before the cast to the parameters' dtype
         torch._foreach_mul_([sums, acc_up, acc_down], (dy_scale * param_scale).reshape(()))
     elif param_scale != 1.0:  # in fp32, before the cast to the parameters' dtype (one launch)
@@ -289,7 +467,7 @@ def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, r
                sums[2 * seg_h : 2 * seg_h + h])  # in the parameters' order
     grads, copy_to, copy_from = [], [], []
     for src, param in zip(sources, params):
-        if param.dtype == f32 and (src is acc_up or src is acc_down):  # a whole buffer of its own: returned as is
+        if param.dtype == torch.float32 and (src is acc_up or src is acc_down):  # a buffer of its own: returned as is
             grads.append(src)
             continue
         grads.append(torch.empty(param.shape, dtype=param.dtype, device=device))
