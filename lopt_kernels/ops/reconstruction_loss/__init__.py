@@ -22,9 +22,11 @@ Both implementations are registered as ``torch.library`` custom ops (``lopt_kern
 for the loss only, ``lopt_kernels::reconstruction_loss_and_grads`` for the loss and the seven gradients)
 with fake (meta) implementations, so ``torch.compile`` and ``FakeTensorMode`` treat the op as opaque.
 
-Layout: ``checks`` (inputs, backend, chunk size), ``torch_twin`` (the chunked PyTorch implementation),
-``kernels`` (Triton), ``triton_driver`` (the Triton path's host code), ``custom_op`` (the ``torch.library``
-registration), ``api`` (the functions and the autograd Function re-exported here).
+Layout: ``checks`` (inputs, backend, chunk size), ``request`` (``LossRequest``: one call as every implementation
+receives it), ``torch_twin`` (the chunked PyTorch implementation), ``kernels`` (the Triton row kernels),
+``gemm_kernels`` (Triton GEMMs with the row-wise work in their epilogues), ``triton_driver`` (the Triton backend's
+host code, both matmul paths), ``custom_op`` (the ``torch.library`` registration: the only flat argument list),
+``api`` (the functions and the autograd Function re-exported here).
 """
 
 from .api import ReconstructionLossFunction, reconstruction_loss, reconstruction_loss_and_grads

@@ -10,27 +10,17 @@ import math
 import torch
 from torch.utils import flop_counter
 
+from .request import LossRequest
 from .torch_twin import _torch_loss_and_grads
 from .triton_driver import _triton_loss_and_grads
 
 def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows, row_mask=None, param_scale=1.0):
-    h = y.shape[-1]
-    y2 = y.reshape(-1, h)  # a view whenever the strides allow: the kernels take row/column strides
-    x2 = x.reshape(-1, h)
-    if row_mask is None:
-        counted = y2.shape[0]
-    else:  # the loss is the mean over the counted rows; over none it is 0 (the count stays on the device)
-        row_mask = row_mask.reshape(-1).contiguous()
-        counted = row_mask.sum(dtype=torch.float32).clamp_min(1.0)
+    request = LossRequest.of(y, x, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, param_scale)
     # The op fixes its own precision (fp32 statistics and accumulation): an enclosing autocast
     # region must not recast its matmuls.
     with torch.autocast(y.device.type, enabled=False):
-        if backend == "triton":
-            loss, grads = _triton_loss_and_grads(
-                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale)
-        else:
-            loss, grads = _torch_loss_and_grads(
-                y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale)
+        implementation = _triton_loss_and_grads if backend == "triton" else _torch_loss_and_grads
+        loss, grads = implementation(request)
     if grads is not None:
         grads = (grads[0].reshape(y.shape), *grads[1:])
     return loss, grads

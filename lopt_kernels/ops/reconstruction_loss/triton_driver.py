@@ -56,6 +56,7 @@ from .kernels import (
     _ln_forward_kernel,
     _squared_error_kernel,
 )
+from .request import LossRequest
 
 _MAX_BLOCK = 65536  # widest row (next power of two of h or r) one program holds in registers
 _FWD_OVERSUBSCRIBE = 8  # programs per SM for the forward kernels, which keep no partial sums
@@ -147,13 +148,12 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _triton_loss_and_grads(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
-                           param_scale=1.0):
-    """Chunked fused implementation: Triton kernels for the row-wise work, torch matmuls in between;
-    every launch runs with ``y``'s device current."""
+def _triton_loss_and_grads(request: LossRequest):
+    """Chunked fused implementation of a ``LossRequest``: Triton kernels for the row-wise work (in GEMM epilogues on
+    the ``"triton"`` matmul path), every launch with ``y``'s device current."""
     chunks = _triton_gemm_chunks if gemm_path() == "triton" else _triton_chunks
-    with _device_guard(y2.device):
-        return chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale)
+    with _device_guard(request.y.device):
+        return chunks(request)
 
 
 GEMM_PATHS = ("cublas", "triton")
@@ -201,10 +201,12 @@ def _gemm_launch(kernel, name, m, n, dtype, precision, *args, **constexprs):
     return block_m, block_n
 
 
-def _triton_gemm_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted,
-                        param_scale=1.0):
+def _triton_gemm_chunks(request: LossRequest):
     """The ``"triton"`` GEMM path: per chunk the LayerNorm forward kernel, four epilogue GEMMs (``gemm_kernels``) and
     the two weight-gradient matmuls on cuBLAS. Neither the reconstruction, ``d_act`` nor ``d_normed`` is stored."""
+    y2, x2, params, eps, grad_scale = request.y, request.x, request.params, request.eps, request.grad_scale
+    compute_grads, chunk_rows, row_mask, counted, param_scale = (
+        request.compute_grads, request.chunk_rows, request.row_mask, request.counted, request.param_scale)
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
     _require_interpreter_or_cuda(device)
@@ -299,7 +301,10 @@ def _triton_gemm_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_ro
                    grad_y if compute_grads else None)
 
 
-def _triton_chunks(y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale=1.0):
+def _triton_chunks(request: LossRequest):
+    y2, x2, params, eps, grad_scale = request.y, request.x, request.params, request.eps, request.grad_scale
+    compute_grads, chunk_rows, row_mask, counted, param_scale = (
+        request.compute_grads, request.chunk_rows, request.row_mask, request.counted, request.param_scale)
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
     _require_interpreter_or_cuda(device)
