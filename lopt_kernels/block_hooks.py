@@ -1,9 +1,10 @@
 """Hooks on the layer stack and its owner that insert the LoPT boundaries, for every boundary mode.
 
-A pre-hook on each non-final block's first layer starts the block (the mode decides how it runs:
-with its graph for ``eager``, without one for ``activation_free``), a hook on its last layer hands
-the block's output to the mode's boundary, which returns the next block's input (gradient stopped)
-and the block's reconstruction loss. The backbone's hooks reset the per-forward state.
+A pre-hook on each layer of a non-final block hands the layer call to this forward's boundary mode (a
+``boundary.BoundaryMode``, chosen when block 0 starts: it decides how the block runs, with its graph for
+``eager``, without one for ``activation_free``), a hook on its last layer hands the block's output to the
+mode, which returns the next block's input (gradient stopped) and the block's aux term. The backbone's
+hooks reset the per-forward state.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import torch
 from torch import nn
 
 from . import optimizer_watch
-from .boundary import activation_free, eager, stored
-from .boundary.common import BoundarySpec, hidden_of
+from .boundary import BOUNDARY_MODES
+from .boundary.common import BoundaryMode, BoundarySpec, hidden_of, trainable_outside_inputs
 from .discovery import LoptPatchError
-from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, non_reentrant_checkpoint, without_cache
+from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, non_reentrant_checkpoint
 from .state import PatchState, PassState
 
 MISSING_AUX_MESSAGE = (
@@ -40,13 +41,6 @@ ADAPTED_DECODER_MESSAGE = (
     "'all-linear'): the fused reconstruction loss uses the decoders' own weights, so the adapters would never "
     "train and the decoders would stay at their initialisation. Exclude the decoders from target_modules "
     "(e.g. a list of the model's projection names), or call lopt_kernels.patch after get_peft_model."
-)
-
-PREFILLED_CACHE_MESSAGE = (
-    "lopt_kernels: a training forward got a KV cache that already holds {n} positions, but mode='activation_free' "
-    "rebuilds the bottom blocks in the backward and cannot replay them against the cache as it was. Pass "
-    "use_cache=False (and no cache) in training, or patch with mode='eager' or mode='stored', which run every "
-    "layer once and honour the cache."
 )
 
 
@@ -103,15 +97,6 @@ def _run_block_ends_after_fsdp2(state: PatchState) -> None:
             if layer._forward_hooks.get(handle.id) is post:
                 handle.remove()
                 state.handles[i] = layer.register_forward_hook(post, with_kwargs=True)
-
-
-def autocast_state(device_type: str):
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return (device_type, True, torch.get_autocast_dtype(device_type))
-    except (TypeError, RuntimeError):  # pragma: no cover - older torch signatures
-        pass
-    return None
 
 
 def _fsdp2_sharded(layers) -> bool:
@@ -201,10 +186,6 @@ def _restore_checkpointing(state: PatchState) -> None:
     state.saved_checkpoint_funcs.clear()
 
 
-def _embedding_output(run: PassState):
-    return run.embedding_output() if run.embedding_output is not None else None
-
-
 def input_embeddings_hook(state: PatchState):
     """Records (weakly) the input embeddings' output of a training forward: where a hook made that output a
     leaf that requires grad only to keep checkpointing working, eager mode need not hold its gradient."""
@@ -266,18 +247,15 @@ def _row_mask(state: PatchState, attention_mask) -> torch.Tensor | None:
 def backbone_post_hook(state: PatchState):
     def hook(module, args, kwargs, output):
         run = state.current
-        if run.grad_was_enabled is not None:  # an exception escaped a block: restore grad mode
-            torch.set_grad_enabled(run.grad_was_enabled)
-            run.grad_was_enabled = None
+        if run.boundary is not None:  # grad mode back if an exception escaped a block; this forward's tensors let go
+            run.boundary.end_forward()
         _restore_checkpointing(state)
-        run.tapes.clear()
-        run.outside_inputs = {}  # tensors of this forward's graph: the held gradients keep what the backward needs
         if run.active:
             # eager blocks' held gradients enter the graph in the causal LM's post-hook, after the task loss
             # (see boundary/eager.py), so that the caller's backward hands them over first
             output = _without_bottom_router_gradients(state, output)
-            output = _bottom_records_cut(state, output, run.eager_inputs)
-        run.eager_inputs = {}
+            output = _bottom_records_cut(state, output, run.replaced_inputs)
+        run.replaced_inputs = {}
         if run.cache_skipped:
             return drop_cache(output)
         return output
@@ -323,7 +301,7 @@ class _CutBottomRecord(torch.autograd.Function):
         return None, None, None
 
 
-def _bottom_records_cut(state: PatchState, output, eager_inputs: dict):
+def _bottom_records_cut(state: PatchState, output, replaced_inputs: dict):
     """The backbone output with its non-final blocks' recorded hidden states (layer outputs: entries 1 .. first
     final-block layer of ``hidden_states``, whose entry 0 is the embeddings' output, block 0's input) and attention
     maps (entries 0 .. first final-block layer - 1 of ``attentions``) cut by ``_CutBottomRecord``. An eager block 0
@@ -341,7 +319,7 @@ def _bottom_records_cut(state: PatchState, output, eager_inputs: dict):
             anchor = torch.empty(0, requires_grad=True)
         output[key] = tuple(
             _CutBottomRecord.apply(t.detach(), anchor, notice) if i in bottom and torch.is_tensor(t)
-            else eager_inputs.get(id(t), t) if key == "hidden_states" and i == 0 else t
+            else replaced_inputs.get(id(t), t) if key == "hidden_states" and i == 0 else t
             for i, t in enumerate(records))
     return output
 
@@ -358,66 +336,22 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
         else:
             kwargs = dict(kwargs)
             hidden, rest = kwargs.pop("hidden_states"), ()
-        if is_start and block == 0:
-            run.mode = resolve_mode(state, hidden, _trainable_outside_inputs(run, rest, kwargs))
-            if run.mode == "eager":
-                _use_non_reentrant_checkpointing(state)
-        if run.mode == "eager":
-            if is_start:
-                needs_grad = block == 0 and eager.input_gradient_needed(hidden, _embedding_output(run))
-                run.tapes[block] = eager.start_block(hidden, block_layers, input_needs_grad=needs_grad)
-                if block == 0:
-                    run.eager_inputs[id(run.tapes[block].leaf)] = hidden
-            _note_outside_inputs(run, run.tapes[block], block == 0 and is_start, rest, kwargs)
-            if not is_start:
-                return None
-            return (run.tapes[block].leaf, *rest), kwargs
-        if is_start and block == 0 and run.mode == "activation_free":  # before any layer wrote this forward
-            cache = cache_in(rest, kwargs)
-            if cache is not None and cache.get_seq_length() > 0:
-                raise LoptPatchError(PREFILLED_CACHE_MESSAGE.format(n=cache.get_seq_length()))
         if is_start:
-            run.tapes[block] = activation_free.BlockTape(x=hidden, autocast=autocast_state(hidden.device.type))
-            if run.mode == "activation_free":
-                run.grad_was_enabled = torch.is_grad_enabled()
-                torch.set_grad_enabled(False)
-        if run.mode != "activation_free":
-            return None
-        # The replay neither reads nor writes the cache: it was empty before this forward (prefilled ones are
-        # refused above), so a layer without one computes what it computed with it.
-        replay_rest, replay_kwargs = without_cache(rest, kwargs)
-        if not run.cache_requested:
-            run.cache_skipped = run.cache_skipped or cache_in(rest, kwargs) is not None
-            rest, kwargs = replay_rest, replay_kwargs
-        call = activation_free.LayerCall(module, replay_rest, replay_kwargs, cpu_rng=torch.get_rng_state())
-        if hidden.device.type == "cuda":
-            call.device_rng, call.rng_device = torch.cuda.get_rng_state(hidden.device), hidden.device
-        run.tapes[block].calls.append(call)
-        return (hidden, *rest), kwargs
+            if run.boundary is None:  # block 0: this forward's mode
+                run.boundary = _boundary_for(state, run, hidden, rest, kwargs)
+            run.boundary.begin_block(block, block_layers, hidden, rest, kwargs)
+        return run.boundary.before_layer(block, module, hidden, rest, kwargs, is_start)
 
     return hook
 
 
-def _trainable_outside_inputs(run: PassState, rest: tuple, kwargs: dict) -> list:
-    """The tensors requiring grad among a layer call's other arguments whose gradient reaches something that learns
-    (not only the placeholder leaf ``enable_input_require_grads`` makes of the embedding output)."""
-    placeholder = _embedding_output(run)
-    return [t for t in eager.trainable_inputs(rest, kwargs) if eager.input_gradient_needed(t, placeholder)]
-
-
-def _note_outside_inputs(run: PassState, tape, first_call: bool, rest: tuple, kwargs: dict) -> None:
-    """Eager blocks: the trainable tensors a layer reads besides its hidden states that come from outside the
-    bottom blocks (a PEFT prefix in the KV cache, per-layer inputs), so that the local backward hands their
-    gradients over too. Outside means present at the first bottom layer's call, or a view of such a tensor (a
-    per-layer slice): cache entries the bottom layers wrote since are their own local graph's."""
-    found = _trainable_outside_inputs(run, rest, kwargs)
-    if first_call:
-        run.outside_inputs = {id(t if t._base is None else t._base): t for t in found}
-    known = {id(t) for t in tape.extras}
-    for t in found:
-        if id(t if t._base is None else t._base) in run.outside_inputs and id(t) not in known:
-            tape.extras.append(t)
-            known.add(id(t))
+def _boundary_for(state: PatchState, run: PassState, hidden, rest: tuple, kwargs: dict) -> BoundaryMode:
+    """The boundary mode of this training forward, from block 0's first layer call."""
+    outside = trainable_outside_inputs(rest, kwargs, run.embedding_output_now())
+    boundary = BOUNDARY_MODES[resolve_mode(state, hidden, outside)](run)
+    if boundary.backward_in_forward:
+        _use_non_reentrant_checkpointing(state)
+    return boundary
 
 
 def layer_post_hook(state: PatchState, block: int):
@@ -425,8 +359,6 @@ def layer_post_hook(state: PatchState, block: int):
         run = state.current
         if not run.active or state.replaying or module in state.checkpoint_bodies:
             return None
-        tape = run.tapes.pop(block)
-        y = hidden_of(output)
         spec = BoundarySpec(
             decoder=state.decoders[block],
             backend=state.settings.backend,
@@ -439,16 +371,8 @@ def layer_post_hook(state: PatchState, block: int):
             sharded_grads=bool(state.bottom_fsdp2),
             on_missing_aux=lambda: state.notice_once("missing_aux", MISSING_AUX_MESSAGE),
         )
-        if run.mode == "eager":
-            hand_off, aux = eager.apply_boundary(spec, tape, y)  # aux: held gradients, handed over at the end
-        elif run.mode == "activation_free":
-            torch.set_grad_enabled(run.grad_was_enabled)
-            run.grad_was_enabled = None
-            x = tape.x if block == 0 else tape.x.detach()
-            hand_off, aux = activation_free.apply_boundary(spec, tape, y, x)
-        else:
-            hand_off, aux = stored.stored_boundary(spec, y, tape.x)
-        run.aux_terms.append(aux)
+        hand_off, aux_term = run.boundary.end_block(block, spec, hidden_of(output))
+        run.aux_terms.append(aux_term)
         if isinstance(output, tuple):
             return (hand_off, *output[1:])
         if isinstance(output, list):

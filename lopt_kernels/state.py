@@ -28,17 +28,23 @@ class PassState:
     """Per-forward bookkeeping, reset when the backbone starts a forward."""
 
     active: bool = False
-    mode: str = ""  # the boundary mode this forward runs ("auto" resolved)
-    tapes: dict = field(default_factory=dict)
-    aux_terms: list = field(default_factory=list)
-    grad_was_enabled: bool | None = None
+    boundary: object = None  # the BoundaryMode this forward runs (made when its first block starts)
+    aux_terms: list = field(default_factory=list)  # each non-final block's, for boundary.aux_loss
     layerwise_rebuild: bool = False
     row_mask: torch.Tensor | None = None  # aux_mask="tokens": which positions the aux loss counts
     embedding_output: object = None  # weakref to the input embeddings' output in this forward
     cache_requested: bool = False  # the caller passed use_cache=True or a cache object
     cache_skipped: bool = False  # activation-free blocks left a cache the model built by itself unfilled
-    outside_inputs: dict = field(default_factory=dict)  # eager: trainable layer inputs from outside the blocks
-    eager_inputs: dict = field(default_factory=dict)  # eager: id(the leaf block 0 runs on) -> the input it replaced
+    replaced_inputs: dict = field(default_factory=dict)  # id(what a block runs on instead of its input) -> the input
+
+    @property
+    def mode(self) -> str:
+        """The boundary mode this forward runs ("auto" resolved), or "" before its first block."""
+        return self.boundary.name if self.boundary is not None else ""
+
+    def embedding_output_now(self):
+        """The input embeddings' output in this forward, or None (not recorded, or freed)."""
+        return self.embedding_output() if self.embedding_output is not None else None
 
 
 @dataclass

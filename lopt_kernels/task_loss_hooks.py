@@ -15,7 +15,7 @@ from torch import nn
 
 from . import block_hooks
 from ._outputs import declares_own_aux_loss, with_lopt_fields
-from .boundary import eager
+from .boundary.common import autocast_state
 from .discovery import text_config
 from .hf_model import LOGIT_TRANSFORMS, identity_scale, logit_transforms_in_forward, router_loss_coef
 from .ops import linear_cross_entropy as lce
@@ -135,7 +135,8 @@ def _second_backward_message(state: PatchState) -> str:
         f"{'Liger' if impl == 'liger' else 'torch'}'s fused linear cross-entropy, which supports one backward per forward). "
         "To backpropagate twice through one output, patch with fused_ce='off' (the model's own loss, logits materialised)"
     )
-    if state.current.mode == "eager":
+    boundary = state.current.boundary
+    if boundary is not None and boundary.one_backward:
         message += " and with mode='activation_free' or mode='stored' (the eager boundary also allows one backward)"
     return message + "."
 
@@ -257,7 +258,7 @@ def output_head_pre_hook(state: PatchState):
         if hidden.shape[:-1] != request.shift_labels.shape:
             return None  # e.g. logits_to_keep sliced the positions: let the model compute its logits
         request.hidden = hidden
-        autocast = block_hooks.autocast_state(hidden.device.type)
+        autocast = autocast_state(hidden.device.type)
         request.autocast = autocast[::2] if autocast is not None else None
         # The head then runs on zero positions: the logits are never materialised.
         return (hidden[..., :0, :], *args[1:])
@@ -308,10 +309,8 @@ def causal_lm_post_hook(state: PatchState):
         # eager blocks' aux terms enter the graph now, after every node of the task loss: the caller's backward
         # then runs them first and their held gradients never stack on the loss's backward working set
         fused = request is not None and request.hidden is not None
-        for t in terms:
-            if fused and isinstance(t, eager.HeldGradients):  # its backward now runs before the fused loss's
-                t.second_backward_message = _second_backward_message(state)
-        terms = [eager.hand_over(t) if isinstance(t, eager.HeldGradients) else t for t in terms]
+        second_backward = _second_backward_message(state) if fused else None
+        terms = [run.boundary.aux_loss(t, second_backward) for t in terms]
         aux = terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device, non_blocking=True) for t in terms]).mean()
         bound = kwargs
         if args:

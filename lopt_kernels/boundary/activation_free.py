@@ -20,8 +20,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import (BoundarySpec, accumulate_gathered, as_hand_off, block_params, hidden_of, is_zero3,
-                     local_loss_and_grads, trainable, zero3_anchor)
+from ..discovery import LoptPatchError
+from ..hf_model import cache_in, without_cache
+from .common import (BoundaryMode, BoundarySpec, accumulate_gathered, as_hand_off, autocast_state, block_params,
+                     hidden_of, is_zero3, local_loss_and_grads, trainable, zero3_anchor)
+
+PREFILLED_CACHE_MESSAGE = (
+    "lopt_kernels: a training forward got a KV cache that already holds {n} positions, but mode='activation_free' "
+    "rebuilds the bottom blocks in the backward and cannot replay them against the cache as it was. Pass "
+    "use_cache=False (and no cache) in training, or patch with mode='eager' or mode='stored', which run every "
+    "layer once and honour the cache."
+)
 
 
 @dataclass
@@ -244,3 +253,51 @@ def apply_boundary(spec: BoundarySpec, tape: BlockTape, y: torch.Tensor, x: torc
         params = [zero3_anchor()]
     hand_off, aux = ActivationFreeBoundary.apply(spec, tape, y, x, *params)
     return as_hand_off(hand_off), aux
+
+
+class ActivationFreeMode(BoundaryMode):
+    """Activation-free mode in the hooks: each block runs without a graph, its layer calls recorded for the rebuild."""
+
+    name = "activation_free"
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.grad_was_enabled: bool | None = None  # grad mode before a block turned it off, until its last layer
+
+    def begin_block(self, block, layers, hidden, rest, kwargs):
+        if block == 0:  # before any layer wrote this forward
+            cache = cache_in(rest, kwargs)
+            if cache is not None and cache.get_seq_length() > 0:
+                raise LoptPatchError(PREFILLED_CACHE_MESSAGE.format(n=cache.get_seq_length()))
+        self.tapes[block] = BlockTape(x=hidden, autocast=autocast_state(hidden.device.type))
+        self.grad_was_enabled = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+
+    def before_layer(self, block, layer, hidden, rest, kwargs, first):
+        # The replay neither reads nor writes the cache: it was empty before this forward (prefilled ones are
+        # refused above), so a layer without one computes what it computed with it.
+        run = self.run
+        replay_rest, replay_kwargs = without_cache(rest, kwargs)
+        if not run.cache_requested:
+            run.cache_skipped = run.cache_skipped or cache_in(rest, kwargs) is not None
+            rest, kwargs = replay_rest, replay_kwargs
+        call = LayerCall(layer, replay_rest, replay_kwargs, cpu_rng=torch.get_rng_state())
+        if hidden.device.type == "cuda":
+            call.device_rng, call.rng_device = torch.cuda.get_rng_state(hidden.device), hidden.device
+        self.tapes[block].calls.append(call)
+        return (hidden, *rest), kwargs
+
+    def end_block(self, block, spec, y):
+        self._restore_grad_mode()
+        tape = self.tapes.pop(block)
+        x = tape.x if block == 0 else tape.x.detach()
+        return apply_boundary(spec, tape, y, x)
+
+    def end_forward(self):
+        self._restore_grad_mode()  # an exception escaped a block
+        super().end_forward()
+
+    def _restore_grad_mode(self):
+        if self.grad_was_enabled is not None:
+            torch.set_grad_enabled(self.grad_was_enabled)
+            self.grad_was_enabled = None

@@ -1,7 +1,8 @@
-"""What every boundary mode shares: the per-boundary spec, the block's reconstruction loss over the
-counted rows, and the stop-gradient hand-off.
+"""What every boundary mode shares: the interface the hooks call (``BoundaryMode``), the per-boundary spec, the
+block's reconstruction loss over the counted rows, and the stop-gradient hand-off.
 
-Nothing in ``lopt_kernels.boundary`` knows about transformers: a block is a list of layer modules.
+Nothing in ``lopt_kernels.boundary`` knows about transformers' models: a block is a list of layer modules (what a
+layer call may carry, a KV cache object, is read through ``lopt_kernels.hf_model``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,50 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hf_model import is_kv_cache
 from ..ops.reconstruction_loss import reconstruction_loss_and_grads
+
+
+class BoundaryMode:
+    """How the non-final blocks of one training forward learn; one object per forward, made when its first block
+    starts. The hooks call it without knowing which mode it is, in this order: ``begin_block`` at a block's first
+    layer, ``before_layer`` at each of its layers, ``end_block`` at its last, ``aux_loss`` on each block's aux term
+    when the causal LM's forward ends, ``end_forward`` when the backbone's forward ends (or raises).
+
+    A mode is one module of this package with one such class, listed in ``lopt_kernels.boundary.BOUNDARY_MODES``."""
+
+    name = ""  # the ``mode=`` value that selects it
+    # the block's local backward runs inside the forward (a torch.autograd.grad, which reentrant checkpointing refuses)
+    backward_in_forward = False
+    # the block's gradients are handed over by the first backward only (a second one through the output raises)
+    one_backward = False
+
+    def __init__(self, run):
+        self.run = run  # the forward's PassState: embedding output, cache flags, inputs a block runs instead of
+        self.tapes: dict = {}  # block -> what the mode keeps of its forward until its last layer
+
+    def begin_block(self, block: int, layers: list, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> None:
+        """The block's first layer is about to run on ``hidden`` (``rest``/``kwargs``: the call's other arguments)."""
+        raise NotImplementedError
+
+    def before_layer(self, block: int, layer, hidden: torch.Tensor, rest: tuple, kwargs: dict, first: bool):
+        """A layer of the block is about to run: ``(args, kwargs)`` to call it with instead, or None (unchanged)."""
+        return None
+
+    def end_block(self, block: int, spec: "BoundarySpec", y: torch.Tensor) -> tuple:
+        """The block's last layer returned ``y``: ``(hand_off, aux_term)``, the next block's input (gradient
+        stopped) and what ``aux_loss`` turns into the block's aux loss."""
+        raise NotImplementedError
+
+    def aux_loss(self, term, second_backward_message: str | None = None) -> torch.Tensor:
+        """The block's aux loss in the caller's graph, from its ``end_block`` term; called when the causal LM's
+        forward ends, after its task loss. ``second_backward_message``: what a second backward is told where the
+        task loss also allows one (the fused cross-entropy)."""
+        return term
+
+    def end_forward(self) -> None:
+        """The backbone's forward ended (or raised): let go of this forward's tensors."""
+        self.tapes.clear()
 
 
 @dataclass
@@ -95,6 +139,78 @@ def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *
             y, x, *params, eps=decoder.norm.eps, grad_scale=grad_scale, compute_grads=compute_grads,
             backend=spec.backend, row_mask=row_mask, param_grad_scale=param_grad_scale,
         )
+
+
+def _tensors_in(value, depth: int = 0):
+    """Tensors in a layer call's argument: itself, inside tuples, lists and dicts, and in the attributes of a KV
+    cache object (its layers' key/value tensors), a few levels deep."""
+    if torch.is_tensor(value):
+        yield value
+        return
+    if depth >= 4 or value is None or isinstance(value, (str, bytes, int, float, bool, torch.nn.Module)):
+        return
+    if isinstance(value, (tuple, list)):
+        items = value
+    elif isinstance(value, dict):
+        items = value.values()
+    elif hasattr(value, "__dict__") and (depth > 0 or is_kv_cache(value)):
+        items = vars(value).values()
+    else:
+        return
+    for item in items:
+        yield from _tensors_in(item, depth + 1)
+
+
+def trainable_inputs(args, kwargs) -> list:
+    """The tensors requiring grad among a layer call's arguments other than the hidden states (deduplicated)."""
+    found = {}
+    for value in (*args, *kwargs.values()):
+        for t in _tensors_in(value):
+            if t.requires_grad:
+                found.setdefault(id(t), t)
+    return list(found.values())
+
+
+def input_gradient_needed(x: torch.Tensor, placeholder_leaf: torch.Tensor | None) -> bool:
+    """Whether the gradient of the first block's input reaches anything that learns or that the caller
+    reads: a trainable parameter, or a leaf of the caller's (``inputs_embeds``). ``placeholder_leaf`` is
+    the input embeddings' output when a hook only made it require grad (``enable_input_require_grads``,
+    for reentrant checkpointing and PEFT): holding a gradient for it, and the leaf itself, would keep two
+    activation-sized tensors alive through the top half's work for nothing."""
+    if not x.requires_grad:
+        return False
+    if x.grad_fn is None:
+        return x is not placeholder_leaf
+    stack, seen = [x.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None or child in seen:
+                continue
+            seen.add(child)
+            leaf = getattr(child, "variable", None)  # AccumulateGrad
+            if leaf is not None:
+                if leaf.requires_grad and leaf is not placeholder_leaf:
+                    return True
+            else:
+                stack.append(child)
+    return False
+
+
+def trainable_outside_inputs(args, kwargs, placeholder_leaf: torch.Tensor | None) -> list:
+    """The tensors requiring grad among a layer call's other arguments whose gradient reaches something that learns
+    (not only ``placeholder_leaf``, the leaf ``enable_input_require_grads`` makes of the embedding output)."""
+    return [t for t in trainable_inputs(args, kwargs) if input_gradient_needed(t, placeholder_leaf)]
+
+
+def autocast_state(device_type: str):
+    """``(device_type, True, dtype)`` of the autocast running on ``device_type``, or None."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return (device_type, True, torch.get_autocast_dtype(device_type))
+    except (TypeError, RuntimeError):  # pragma: no cover - older torch signatures
+        pass
+    return None
 
 
 def hidden_of(output):

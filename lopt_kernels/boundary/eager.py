@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..discovery import LoptPatchError
-from ..hf_model import is_kv_cache
-from .common import (BoundarySpec, accumulate_gathered, block_params, is_zero3, local_loss_and_grads,
-                     zero3_anchor)
+from .common import (BoundaryMode, BoundarySpec, accumulate_gathered, block_params, input_gradient_needed, is_zero3,
+                     local_loss_and_grads, trainable_outside_inputs, zero3_anchor)
 
 SECOND_BACKWARD_MESSAGE = (
     "lopt_kernels: a second backward reached an eager LoPT boundary, whose local gradients were handed over "
@@ -52,62 +51,6 @@ class EagerTape:
     leaf: torch.Tensor
     layers: list
     extras: list = field(default_factory=list)
-
-
-def _tensors_in(value, depth: int = 0):
-    """Tensors in a layer call's argument: itself, inside tuples, lists and dicts, and in the attributes of a KV
-    cache object (its layers' key/value tensors), a few levels deep."""
-    if torch.is_tensor(value):
-        yield value
-        return
-    if depth >= 4 or value is None or isinstance(value, (str, bytes, int, float, bool, torch.nn.Module)):
-        return
-    if isinstance(value, (tuple, list)):
-        items = value
-    elif isinstance(value, dict):
-        items = value.values()
-    elif hasattr(value, "__dict__") and (depth > 0 or is_kv_cache(value)):
-        items = vars(value).values()
-    else:
-        return
-    for item in items:
-        yield from _tensors_in(item, depth + 1)
-
-
-def trainable_inputs(args, kwargs) -> list:
-    """The tensors requiring grad among a layer call's arguments other than the hidden states (deduplicated)."""
-    found = {}
-    for value in (*args, *kwargs.values()):
-        for t in _tensors_in(value):
-            if t.requires_grad:
-                found.setdefault(id(t), t)
-    return list(found.values())
-
-
-def input_gradient_needed(x: torch.Tensor, placeholder_leaf: torch.Tensor | None) -> bool:
-    """Whether the gradient of the first block's input reaches anything that learns or that the caller
-    reads: a trainable parameter, or a leaf of the caller's (``inputs_embeds``). ``placeholder_leaf`` is
-    the input embeddings' output when a hook only made it require grad (``enable_input_require_grads``,
-    for reentrant checkpointing and PEFT): holding a gradient for it, and the leaf itself, would keep two
-    activation-sized tensors alive through the top half's work for nothing."""
-    if not x.requires_grad:
-        return False
-    if x.grad_fn is None:
-        return x is not placeholder_leaf
-    stack, seen = [x.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        for child, _ in node.next_functions:
-            if child is None or child in seen:
-                continue
-            seen.add(child)
-            leaf = getattr(child, "variable", None)  # AccumulateGrad
-            if leaf is not None:
-                if leaf.requires_grad and leaf is not placeholder_leaf:
-                    return True
-            else:
-                stack.append(child)
-    return False
 
 
 def start_block(hidden: torch.Tensor, layers: list, *, input_needs_grad: bool) -> EagerTape:
@@ -370,3 +313,89 @@ def hand_over(held: HeldGradients) -> torch.Tensor:
     """The block's aux loss in the caller's graph (see EagerBoundary: call it when the causal LM's forward
     ends, after its task loss)."""
     return EagerBoundary.apply(held, held.aux, held.x, *held.params, *held.extras)
+
+
+def learn_now(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, weight: float) -> torch.Tensor:
+    """The block's local backward where the aux term's weight in the caller's loss is known in the forward (a
+    pipeline stage): ``weight * aux``'s gradients go into ``.grad`` now (the block input's backpropagated on, where
+    it needs one). Returns the block's aux loss."""
+    if y.dtype == torch.float16:  # run_local_backward's path: gradients of a power-of-two-scaled sum, rescaled after
+        aux, params, held, scale, unscaled = run_local_backward(spec, tape, y)
+        *param_grads, grad_x = held
+        if grad_x is not None:
+            tape.x.backward(grad_x * (weight / scale))
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(params, param_grads)):
+                if g is not None:
+                    factor = weight if i in unscaled else weight / scale
+                    p.grad = (g * factor).to(p.dtype) if p.grad is None else p.grad.add_(g, alpha=factor)
+        return aux
+    # the weight is known: straight into .grad, no second set of block gradients
+    aux, grads = local_loss_and_grads(spec, y.detach(), tape.leaf.detach(), grad_scale=weight)
+    grad_y, decoder_grads = grads[0], grads[1:]
+    with torch.no_grad():
+        for p, g in zip(spec.decoder.decoder_parameters(), decoder_grads):
+            if p.requires_grad:
+                p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g)
+    if y.requires_grad:
+        guard = spec.replay_guard
+        guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
+        try:
+            torch.autograd.backward(y, grad_y)
+        finally:
+            guard.replaying = False
+        leaf = tape.leaf
+        if leaf.requires_grad and leaf.grad is not None:  # block 0: on into the input embeddings
+            grad_x, leaf.grad = leaf.grad, None
+            tape.x.backward(grad_x)
+    return aux
+
+
+class EagerMode(BoundaryMode):
+    """Eager mode in the hooks: each block runs on a detached leaf of its input and learns at its last layer; its
+    held gradients become its aux loss when the causal LM's forward ends."""
+
+    name = "eager"
+    backward_in_forward = one_backward = True
+
+    def __init__(self, run):
+        super().__init__(run)
+        # trainable tensors the first bottom layer read besides its hidden states (id of the tensor or of its base)
+        self.outside_inputs: dict = {}
+
+    def begin_block(self, block, layers, hidden, rest, kwargs):
+        needs_grad = block == 0 and input_gradient_needed(hidden, self.run.embedding_output_now())
+        tape = self.tapes[block] = start_block(hidden, layers, input_needs_grad=needs_grad)
+        if block == 0:
+            self.run.replaced_inputs[id(tape.leaf)] = hidden
+
+    def before_layer(self, block, layer, hidden, rest, kwargs, first):
+        tape = self.tapes[block]
+        self._note_outside_inputs(tape, block == 0 and first, rest, kwargs)
+        return ((tape.leaf, *rest), kwargs) if first else None
+
+    def _note_outside_inputs(self, tape: EagerTape, first_call: bool, rest: tuple, kwargs: dict) -> None:
+        """The trainable tensors a layer reads besides its hidden states that come from outside the bottom blocks (a
+        PEFT prefix in the KV cache, per-layer inputs), so that the local backward hands their gradients over too.
+        Outside means present at the first bottom layer's call, or a view of such a tensor (a per-layer slice):
+        cache entries the bottom layers wrote since are their own local graph's."""
+        found = trainable_outside_inputs(rest, kwargs, self.run.embedding_output_now())
+        if first_call:
+            self.outside_inputs = {id(t if t._base is None else t._base): t for t in found}
+        known = {id(t) for t in tape.extras}
+        for t in found:
+            if id(t if t._base is None else t._base) in self.outside_inputs and id(t) not in known:
+                tape.extras.append(t)
+                known.add(id(t))
+
+    def end_block(self, block, spec, y):
+        return apply_boundary(spec, self.tapes.pop(block), y)  # the term: held gradients, handed over at the end
+
+    def aux_loss(self, term, second_backward_message=None):
+        if second_backward_message is not None:  # its backward now runs before the fused task loss's
+            term.second_backward_message = second_backward_message
+        return hand_over(term)
+
+    def end_forward(self):
+        super().end_forward()
+        self.outside_inputs = {}  # tensors of this forward's graph: the held gradients keep what the backward needs

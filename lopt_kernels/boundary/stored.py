@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import BoundarySpec, accumulate_gathered, as_hand_off, is_zero3, local_loss_and_grads, zero3_anchor
+from .common import (BoundaryMode, BoundarySpec, accumulate_gathered, as_hand_off, is_zero3, local_loss_and_grads,
+                     zero3_anchor)
 
 
 class StoredBoundary(torch.autograd.Function):
@@ -54,3 +55,15 @@ def stored_boundary(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor):
     params = spec.decoder.decoder_parameters()
     hand_off, aux = StoredBoundary.apply(spec, y, x.detach(), *((zero3_anchor(),) if is_zero3(params) else params))
     return as_hand_off(hand_off), aux
+
+
+class StoredMode(BoundaryMode):
+    """Stored mode in the hooks: each block runs with its graph; only its input is kept until its last layer."""
+
+    name = "stored"
+
+    def begin_block(self, block, layers, hidden, rest, kwargs):
+        self.tapes[block] = hidden
+
+    def end_block(self, block, spec, y):
+        return stored_boundary(spec, y, self.tapes.pop(block))

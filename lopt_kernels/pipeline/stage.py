@@ -14,7 +14,7 @@ from torch import nn
 
 from ..aux_decoder import AuxDecoder
 from ..boundary import eager
-from ..boundary.common import BoundarySpec, hidden_of, local_loss_and_grads
+from ..boundary.common import BoundarySpec, hidden_of
 from ..discovery import LoptPatchError, find_layer_stack, text_config
 from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, per_layer_config
 from ..ops import linear_cross_entropy as lce
@@ -335,10 +335,7 @@ class PipelineStage:
                 share = float(item_share(label_count(batch), num_items, torch.device("cpu")))
             # the aux term's weight in the model's loss: lambda * mean over the world - 1 boundaries
             weight = share * (loss_weight * self.lambda_aux / (self.world - 1))
-            if y.dtype == torch.float16:  # eager's path: gradients of a power-of-two-scaled sum, rescaled after
-                aux = self._local_backward_rescaled(spec, x, leaf, y, weight)
-            else:  # the weight is known: straight into .grad, no second set of block gradients
-                aux = self._local_backward_weighted(spec, x, leaf, y, weight)
+            aux = eager.learn_now(spec, eager.EagerTape(x=x, leaf=leaf, layers=list(self.own_layers)), y, weight)
         return {"aux_loss": aux.detach().float() * share}
 
     def random_state(self) -> list:
@@ -370,37 +367,6 @@ class PipelineStage:
                 yield
             finally:
                 self._random_state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
-
-    def _local_backward_weighted(self, spec, x, leaf, y, weight):
-        aux, grads = local_loss_and_grads(spec, y.detach(), leaf.detach(), grad_scale=weight)
-        grad_y, decoder_grads = grads[0], grads[1:]
-        with torch.no_grad():
-            for p, g in zip(self.decoder.decoder_parameters(), decoder_grads):
-                if p.requires_grad:
-                    p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g)
-        if y.requires_grad:
-            self.replaying = True  # a checkpointed layer's recompute must not re-enter the stage hooks
-            try:
-                torch.autograd.backward(y, grad_y)
-            finally:
-                self.replaying = False
-            if leaf.requires_grad and leaf.grad is not None:  # rank 0: on into the input embeddings
-                grad_x, leaf.grad = leaf.grad, None
-                x.backward(grad_x)
-        return aux
-
-    def _local_backward_rescaled(self, spec, x, leaf, y, weight):
-        tape = eager.EagerTape(x=x, leaf=leaf, layers=list(self.own_layers))
-        aux, params, held, scale, unscaled = eager.run_local_backward(spec, tape, y)
-        *param_grads, grad_x = held
-        if grad_x is not None:
-            x.backward(grad_x * (weight / scale))
-        with torch.no_grad():
-            for i, (p, g) in enumerate(zip(params, param_grads)):
-                if g is not None:
-                    factor = weight if i in unscaled else weight / scale
-                    p.grad = (g * factor).to(p.dtype) if p.grad is None else p.grad.add_(g, alpha=factor)
-        return aux
 
     def _span(self, kind: str):
         return _timed(self.timeline.spans, kind)
