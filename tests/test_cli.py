@@ -3,16 +3,23 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lopt_kernels.cli import main
 from lopt_kernels.compare import (
     CONDITIONS,
+    FLOP_SLACK,
+    MEMORY_SHARE,
     TARGETS,
     VARIANTS,
     Setup,
+    design_counts,
     load_config,
     run_defaults,
+    run_variant,
     summary_lines,
+    synthetic_batch,
+    target_checks,
     target_lines,
 )
 
@@ -69,18 +76,70 @@ def test_compare_prints_summary_table_targets_verdict_and_plot(tmp_path, capsys,
 
 def test_compare_shows_only_the_targets_set_for_the_configuration():
     rows = [{"variant": name, "step_peak_bytes": 100, "flops": 100, "step_s": 1.0} for name in VARIANTS]
-    full = Setup(lora=0, trainable_bytes=10**9, boundary_bytes=10**6)
+    shape = {"layers": 4, "bottom_layers": 2, "bottom_forward_flops": 10, "aux_flops": 0}
+    full = Setup(lora=0, trainable_bytes=10**9, boundary_bytes=10**6, **shape)
     lines = "\n".join(target_lines(rows, full))
     assert "FLOPs     lopt / e2e+fce" in lines and "step peak" not in lines and "step time" not in lines
     assert "MISSES" not in "\n".join(summary_lines(rows, full))  # the FLOP targets hold at ratio 1.0
-    lora_small_acts = Setup(lora=16, trainable_bytes=2 * 10**6, boundary_bytes=10**6)
+    lora_small_acts = Setup(lora=16, trainable_bytes=2 * 10**6, boundary_bytes=10**6, **shape)
     lines = "\n".join(target_lines(rows, lora_small_acts))
     assert "step time lopt / e2e+fce" in lines and "step peak" not in lines
-    lora = Setup(lora=16, trainable_bytes=10**6, boundary_bytes=10**8)
+    lora = Setup(lora=16, trainable_bytes=10**6, boundary_bytes=10**8, **shape)
     assert len(target_lines(rows, lora)) == len(TARGETS)
     assert all(t.when in CONDITIONS for t in TARGETS)
-    # every applicable target missed (ratio 1.0 > each bound): the summary says so in words
+    # every memory target missed (ratio 1.0: nothing saved of the 2 x 25 MB the design saves): the summary says so
     assert "LoPT MISSES its target here: step peak lopt / e2e+fce = 1.000" in "\n".join(summary_lines(rows, lora))
+    # a bound the design's arithmetic cannot give here (no shape read) is not checked
+    assert target_lines(rows, Setup(lora=16, trainable_bytes=10**6, boundary_bytes=10**8)) == []
+
+
+def test_compare_targets_are_the_modes_arithmetic():
+    """Each bound is what the mode adds to or saves from its baseline, from the model's shape: eager's FLOPs are its
+    baseline's plus the aux decoder's forward and backward (A), activation-free's also one more forward of the bottom
+    block's layers and of the decoder (F_b + A / 3); a step peak is the baseline's less MEMORY_SHARE of the bottom block's stored activations
+    plus what the mode keeps instead (eager: held gradients; activation-free: the block's input). And the counts
+    are the ones that run: the counted FLOPs of lopt-af less e2e's are F_b + 4 A / 3 exactly."""
+    config = load_config_from_dict(SMALL_CONFIG)
+    batch, seq, lora = 2, 32, 2
+    counts = design_counts(config, batch=batch, seq=seq, dtype=torch.float32, lora=lora)
+    n, h, inter, heads, kv, d = batch * seq, 64, 128, 4, 2, 16
+    linears = [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, inter), (h, inter), (inter, h)]
+    per_layer = sum(2 * n * i * o + 2 * n * (i * lora + lora * o) for i, o in linears) + 4 * batch * heads * seq**2 * d
+    assert counts == {"layers": 6, "bottom_layers": 3, "bottom_forward_flops": 3 * per_layer,
+                      "aux_flops": 12 * n * h * (h // 4)}
+
+    rows = [run_variant(VARIANTS[name], config, lambda: synthetic_batch(config, batch, seq, 0, torch.device("cpu")),
+                        metrics=["flops"], steps=1, device=torch.device("cpu"), dtype=torch.float32, lora=lora,
+                        seed=0, fake=False) for name in ("e2e", "e2e+fce", "lopt", "lopt-af")]
+    by = {r["variant"]: r for r in rows}
+    aux = counts["aux_flops"]
+    assert by["lopt-af"]["flops"] - by["e2e"]["flops"] == counts["bottom_forward_flops"] + aux + aux // 3
+    assert by["lopt"]["flops"] - by["e2e+fce"]["flops"] == counts["aux_flops"]
+    setup = Setup(lora=lora, trainable_bytes=1, boundary_bytes=6 * n * h * 4, **counts)
+    bounds = {(t.num, t.den): b for t, _, b in target_checks(rows, setup) if t.metric == "flops"}
+    e2e = by["e2e"]["flops"]
+    assert bounds[("lopt-af", "e2e")] == pytest.approx((e2e + 3 * per_layer + 4 * aux / 3) / e2e + FLOP_SLACK)
+
+    peaks = {"e2e+fce": 1000, "e2e+ckpt+fce": 100, "e2e+ckpt": 400, "seed+ckpt": 420, "lopt": 1, "lopt+ckpt": 1,
+             "lopt-af": 1, "lopt-af+ckpt": 1}
+    mem_rows = [{"variant": k, "step_peak_bytes": v, **({"held_bytes": 7} if k.startswith("lopt+") else {})}
+                for k, v in peaks.items()]
+    c = 10
+    setup = Setup(lora=1, trainable_bytes=1, boundary_bytes=6 * c, **counts)  # L = 6, L_b = 3, c = 10
+    bounds = {(t.num, t.den): b for t, _, b in target_checks(mem_rows, setup)}
+    s = (1000 - 100) / 6 + c  # stored per layer without checkpointing
+    assert bounds[("lopt", "e2e+fce")] == pytest.approx((1000 - MEMORY_SHARE * 3 * s) / 1000)
+    assert bounds[("lopt-af", "e2e+fce")] == pytest.approx((1000 - MEMORY_SHARE * 3 * s + c) / 1000)
+    assert bounds[("lopt+ckpt", "e2e+ckpt+fce")] == pytest.approx((100 - MEMORY_SHARE * 3 * c + 7) / 100)
+    assert bounds[("lopt-af+ckpt", "e2e+ckpt+fce")] == pytest.approx((100 - MEMORY_SHARE * 3 * c + c) / 100)
+    assert bounds[("lopt-af+ckpt", "seed+ckpt")] == pytest.approx((420 - MEMORY_SHARE * (3 * c + 300) + c) / 420)
+
+
+def load_config_from_dict(data):
+    from transformers import AutoConfig
+
+    data = dict(data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 def test_compare_default_is_the_scaled_8b_lora_run():
