@@ -258,6 +258,9 @@ def _triton_gemm_chunks(request: LossRequest):
         mask_c = mask_bytes[start : start + m] if has_mask else mask_bytes
         if block_h > _STRIDED_MAX_BLOCK:
             yc = yc if yc.stride(1) == 1 else yc.contiguous()
+        # the epilogues index y's and x's columns in int32: a column stride that overflows it gets a contiguous copy
+        yc = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
+        xc = xc if (h - 1) * xc.stride(1) < 2**31 else xc.contiguous()
         normed_c, act_c, proj_c, d_recon_c = normed[:m], act[:m], proj[:m], d_recon[:m]
         grid_h_fwd = min(_FWD_OVERSUBSCRIBE * _num_programs(device.type, device.index), triton.cdiv(m, bm_h))
         _ln_forward_kernel[(grid_h_fwd,)](
@@ -288,10 +291,9 @@ def _triton_gemm_chunks(request: LossRequest):
         )
         _accumulate_mm(acc_down, d_z.t(), normed_c, first=start == 0)
         gy = grad_y[start : start + m]
-        yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
         _gemm_launch(
             _ln_grad_kernel, "ln_grad", m, h, mm_dtype, precision,
-            d_z, down_w, down_w.stride(0), down_w.stride(1), yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c,
+            d_z, down_w, down_w.stride(0), down_w.stride(1), yc, yc.stride(0), yc.stride(1), mean, rstd, norm_w_c,
             row_terms, term_tiles, mask_c, dy_scale, gy, gy.stride(0), gy.stride(1), partials, stride_part, 0, seg_h, m, h, r,
             HAS_ROW_MASK=has_mask, HAS_DY_SCALE=rescale, ROUND_BF16=round_y,
         )
