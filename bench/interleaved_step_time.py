@@ -1,6 +1,9 @@
 """Eager LoPT's step time against the end-to-end steps users actually run, measured side by side.
 
     python bench/interleaved_step_time.py --config cpu-1b --seq 512 --lora 16 --rounds 9 --threads 1,2
+    python bench/interleaved_step_time.py --config tiny --batch 1 --seq 256 --lora 1 --dtype bf16 --rounds 15
+
+(the second is ``lopt-kernels compare``'s default shape: the ``tiny`` preset, 1 x 256, bf16, LoRA r=1).
 
 Every variant is built first; then each round runs one step (forward + backward) of every variant, in an order
 that alternates between rounds, so that a shared machine's changing load hits them all alike. Reported: the median
@@ -35,26 +38,13 @@ TARGET = 1.03
 
 
 def _user_lce_step(model, batch):
-    """The unpatched backbone and the fused end-to-end loss as a user calls it."""
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
-
+    """The unpatched backbone and the fused end-to-end loss as a user calls it (``compare``'s ``e2e+fce``)."""
+    from lopt_kernels.compare import user_fused_loss  # noqa: PLC0415
     from lopt_kernels.ops.linear_cross_entropy import shift_labels_of  # noqa: PLC0415
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone, head = lm.base_model, lm.get_output_embeddings()
-    labels = shift_labels_of(batch["labels"]).reshape(-1)
-    if head.weight.device.type == "cuda":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: PLC0415
-
-        loss_fn = LigerFusedLinearCrossEntropyLoss()
-
-        def loss_of(hidden):
-            return loss_fn(head.weight, hidden.reshape(-1, hidden.shape[-1]), labels)
-    else:
-        def loss_of(hidden):
-            return F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
-                                          options=torch.nn.LinearCrossEntropyOptions())
+    backbone = lm.base_model
+    loss_of = user_fused_loss(lm.get_output_embeddings(), shift_labels_of(batch["labels"]))
 
     def step():
         hidden = backbone(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
@@ -73,7 +63,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads_one)
     warnings.filterwarnings("ignore")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     config = load_config(args.config)
     batch = synthetic_batch(config, args.batch, args.seq, 0, device)
     models, steps = {}, {}
@@ -101,12 +91,15 @@ def measure(args) -> dict:
 
 
 def _quartiles(values):
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    """The first and third quartiles, interpolated between the measured times (never outside min-max)."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return q[0], q[2]
 
 
 def report(args, results) -> dict:
-    print(f"{args.config}, batch {args.batch} x seq {args.seq}, LoRA r={args.lora}, {args.rounds} interleaved rounds")
+    dtype = args.dtype or ("bf16" if results[0]["device"] == "cuda" else "fp32")
+    print(f"{args.config}, batch {args.batch} x seq {args.seq}, {dtype}, LoRA r={args.lora}, "
+          f"{args.rounds} interleaved rounds")
     checks = {}
     for res in results:
         print(f"\n{res['device']}, {res['threads']} thread(s)")
@@ -135,6 +128,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lora", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread settings, each in its own process")
     parser.add_argument("--json", default=None, help="write every round's times and the checks here")
     parser.add_argument("--threads-one", dest="threads_one", type=int, default=None, help=argparse.SUPPRESS)
@@ -146,7 +140,7 @@ def main(argv=None) -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--seq", str(args.seq),
                "--batch", str(args.batch), "--lora", str(args.lora), "--rounds", str(args.rounds),
-               "--threads-one", str(threads)]
+               "--threads-one", str(threads)] + (["--dtype", args.dtype] if args.dtype else [])
         started = time.perf_counter()
         proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
                               text=True, check=False)

@@ -2,8 +2,11 @@
 
 Variants (each one optimiser-free training step, forward + backward):
   e2e            end-to-end, the model's own loss (logits materialised)
-  e2e+fce        end-to-end with a fused linear cross-entropy (no logits)
-  e2e+ckpt       end-to-end with gradient checkpointing
+  e2e+fce        end-to-end with a fused linear cross-entropy (no logits), called as its users call it: the
+                 unpatched backbone, then torch's torch.nn.functional.linear_cross_entropy(h, lm_head.weight,
+                 labels, options=torch.nn.LinearCrossEntropyOptions()) on CPU, Liger's
+                 LigerFusedLinearCrossEntropyLoss on CUDA (what use_liger_kernel patches in)
+  e2e+ckpt       end-to-end with gradient checkpointing, the model's own loss
   e2e+ckpt+fce   both: what a Liger user runs today
   seed           the LoPT reference code: stored activations, one backward, the model's own loss
   seed+ckpt      the same with its gradient checkpointing
@@ -40,7 +43,7 @@ import torch
 from . import block_hooks, patching
 from .discovery import unwrap_causal_lm
 from .measure import measure_step, timed
-from .ops.linear_cross_entropy import linear_cross_entropy, resolve_implementation, shift_labels_of
+from .ops.linear_cross_entropy import resolve_implementation, shift_labels_of
 
 PRESETS = ("tiny", "cpu-1b", "llama3-8b", "qwen2.5-7b", "qwen3-4b", "gemma2-2b")
 METRICS = ("memory", "flops", "time")
@@ -339,24 +342,45 @@ def enable_checkpointing(model) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def user_fused_loss(head: torch.nn.Module, shift_labels: torch.Tensor, softcap: float | None = None):
+    """The fused end-to-end loss as its users call it, as a function of the final hidden states (mean over the
+    counted labels): on CUDA Liger's ``LigerFusedLinearCrossEntropyLoss`` (what ``use_liger_kernel`` patches in);
+    elsewhere torch's native chunked ``torch.nn.functional.linear_cross_entropy(h, lm_head.weight, labels,
+    options=torch.nn.LinearCrossEntropyOptions())``. None where no fused loss honours ``softcap`` there."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    weight, bias = head.weight, head.bias
+    labels = shift_labels.reshape(-1)
+    if weight.device.type == "cuda":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: PLC0415
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(softcap=softcap)
+        return lambda hidden: loss_fn(weight, hidden.reshape(-1, hidden.shape[-1]), labels, bias)
+    if resolve_implementation("auto", weight.device, softcap) is None:
+        return None
+    return lambda hidden: F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
+                                                 linear_bias=bias, options=torch.nn.LinearCrossEntropyOptions())
+
+
 def make_step(model, variant: Variant, batch: dict):
-    """A closure running one forward + backward of ``variant``; returns (loss, task_loss, aux_loss)."""
+    """A closure running one forward + backward of ``variant``; returns (loss, task_loss, aux_loss). End-to-end
+    variants are the steps users run: the model's own loss (``model(**batch).loss``), or with ``fused_ce`` the
+    unpatched backbone and ``user_fused_loss`` (Liger on CUDA, torch's chunked linear cross-entropy elsewhere)."""
     lm = unwrap_causal_lm(model)
-    fused = variant.lopt_mode is None and variant.fused_ce
-    if fused:
+    loss_of = None
+    if variant.lopt_mode is None and variant.fused_ce:
         head = lm.get_output_embeddings()
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
-        if resolve_implementation("auto", head.weight.device, softcap) is None:
+        loss_of = user_fused_loss(head, shift_labels_of(batch["labels"]), softcap)
+        if loss_of is None:
             warnings.warn(f"lopt-kernels compare: {variant.name} runs the model's own loss: no fused cross-entropy "
                           f"honours final-logit soft-capping ({softcap}) on {head.weight.device.type}", stacklevel=2)
-            fused = False
-    if fused:
+    if loss_of is not None:
         backbone = lm.base_model
 
         def step():
             hidden = backbone(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
-            loss = linear_cross_entropy(hidden, head.weight, shift_labels_of(batch["labels"]), bias=head.bias,
-                                        softcap=softcap)
+            loss = loss_of(hidden)
             loss.backward()
             return loss.detach(), loss.detach(), None
     else:

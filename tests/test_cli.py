@@ -215,3 +215,30 @@ def test_compare_fused_variants_fall_back_where_no_fused_loss_honours_the_soft_c
     model.zero_grad()
     with torch.no_grad():
         torch.testing.assert_close(loss, model(**b, use_cache=False).loss)
+
+
+def test_compare_fused_end_to_end_is_the_users_call(monkeypatch):
+    """``e2e+fce`` is the end-to-end step users run: the unpatched backbone, then on CPU torch's
+    ``F.linear_cross_entropy(h, lm_head.weight, labels, options=LinearCrossEntropyOptions())`` with its default
+    (mean) reduction. It ran the library's own wrapper, which asks torch for a "sum" (fp32) or per-row "none"
+    (bf16) reduction and divides itself: a different, in bf16 slower, baseline than the one users time."""
+    import torch.nn.functional as F
+
+    from lopt_kernels.compare import make_step
+    from tiny_models import batch, tiny_model
+
+    calls = []
+    original = F.linear_cross_entropy
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "linear_cross_entropy", recording)
+    model = tiny_model("llama")
+    b = batch()
+    loss, _, _ = make_step(model, VARIANTS["e2e+fce"], b)()
+    assert len(calls) == 1 and "reduction" not in calls[0]
+    assert isinstance(calls[0]["options"], torch.nn.LinearCrossEntropyOptions)
+    with torch.no_grad():
+        torch.testing.assert_close(loss, model(**b, use_cache=False).loss)
