@@ -8,6 +8,7 @@ only where its Pareto front (the learning rates no other learning rate of the sa
 dominates another's beyond the seed noise; otherwise the verdict is "neither".
 
     python examples/retention.py                          # embedded default: no download (built once, cached)
+    python examples/retention.py --preset protocol        # the measurement behind docs/retention.md
     python examples/retention.py --model ./my-model --task-data task.jsonl --general-data wiki.jsonl \\
         --steps 500 --lrs 1e-5,3e-5,1e-4,3e-4 --lora-lrs 1e-4,3e-4,1e-3,3e-3 --methods e2e,lopt-k2,lora --seeds 3
 
@@ -18,8 +19,8 @@ as the narrow task: digits and "+"/"=" are rare in the prose, so learning the fo
 distribution away from it and end-to-end fine-tuning measurably forgets. Built once under --cache-dir;
 the pretraining curve (held-out loss included) and its compute are stored with the model
 (lopt_retention_spec.json) and copied into the JSON. Cost on one CPU thread: pretraining 6 minutes (once),
-the default sweep (5 methods x 4 lrs x 3 seeds = 60 runs) about 20 minutes; `--methods e2e,lopt-k2 --seeds 1`
-is a 3-minute look (with one seed there is no noise margin, and no verdict). Larger: --d-model, --layers, --pretrain-steps, --steps,
+the default sweep (--preset quick: e2e and LoPT k=2 x 4 lrs x 2 seeds x 60 steps = 16 runs) about 4 minutes
+(250 s measured), --preset protocol (5 methods x 4 lrs x 3 seeds x 150 steps = 60 runs) about 20 minutes. Larger: --d-model, --layers, --pretrain-steps, --steps,
 --general-max-tokens, --device cuda (nothing is CPU-specific).
 
 Data: jsonl/json (one JSON object a line) or parquet. Task rows are {"prompt", "completion"} (loss on the
@@ -495,6 +496,14 @@ def write_plot(path: str, protocols: dict, methods: list[str], task_metric: str,
 # ------------------------------------------------------------------------------------------------ main
 
 DEFAULT_METHODS = "e2e,lopt-k2,lopt-k4,lora,lora+lopt-k2"
+# What a run sweeps unless the flags say otherwise: "quick" (the default) is a look a user reruns in minutes on a CPU
+# (two methods, two seeds, a short budget: a noise margin exists, verdicts are weak); "protocol" is the measurement
+# behind docs/retention.md (5 methods x 4 lrs x 3 seeds x 150 steps, ~20 minutes on one CPU thread).
+PRESETS = {
+    "quick": dict(methods="e2e,lopt-k2", lrs="1e-4,3e-4,1e-3,3e-3", lora_lrs="3e-4,1e-3,3e-3,1e-2", steps=60, seeds=2),
+    "protocol": dict(methods=DEFAULT_METHODS, lrs="1e-4,3e-4,1e-3,3e-3", lora_lrs="3e-4,1e-3,3e-3,1e-2", steps=150,
+                     seeds=3),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -505,21 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-data", help="narrow post-training data, .jsonl/.json/.parquet (default: 2-digit addition)")
     p.add_argument("--general-data", help="held-out general text, .jsonl/.json/.parquet/.txt "
                    "(default: held-out pydoc_data topics)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated: e2e, lopt-k<K>, lora, lora+lopt-k<K> "
-                   f"(default {DEFAULT_METHODS})")
-    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3", help="learning rates swept by the full-model methods "
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="what --methods, --lrs, --lora-lrs, "
+                   "--steps and --seeds default to: " + "; ".join(
+                       f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in PRESETS.items())
+                   + " (default quick: minutes on a CPU once the model is built; protocol: the documented run)")
+    p.add_argument("--methods", default=None, help="comma-separated: e2e, lopt-k<K>, lora, lora+lopt-k<K> "
+                   "(default: the preset's)")
+    p.add_argument("--lrs", default=None, help="learning rates swept by the full-model methods "
                    "(AdamW lr: every parameter for e2e; the final block, final norm and head for LoPT; "
-                   "default 1e-4,3e-4,1e-3,3e-3)")
-    p.add_argument("--lora-lrs", default="3e-4,1e-3,3e-3,1e-2", help="learning rates swept by the LoRA methods "
-                   "(default 3e-4,1e-3,3e-3,1e-2)")
+                   "default: the preset's, 1e-4,3e-4,1e-3,3e-3)")
+    p.add_argument("--lora-lrs", default=None, help="learning rates swept by the LoRA methods "
+                   "(default: the preset's, 3e-4,1e-3,3e-3,1e-2)")
     p.add_argument("--local-lr-ratio", type=float, default=1.0, help="LoPT: lr of the earlier blocks, embeddings and "
                    "aux decoders = this x lr (default 1)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=32, help="task rows per step (default 32)")
     p.add_argument("--lambda-aux", type=float, default=10.0)
     p.add_argument("--mode", default="auto", help="lopt_kernels.patch mode (default auto)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1; a seed fixes the data order "
-                   "(same for every method and lr) and the aux-decoder and LoRA init (default 3)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1; a seed fixes the data order "
+                   "(same for every method and lr) and the aux-decoder and LoRA init (default: the preset's)")
     p.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank on every linear layer, frozen "
                    "base, alpha 2R (default 8)")
     p.add_argument("--task-metric", choices=("task_loss", "exact_match"), default="task_loss",
@@ -574,6 +587,9 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def _check(args) -> list[str]:
+    for name, value in PRESETS[args.preset].items():  # what the flags leave unset
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for flag in ("steps", "batch_size", "seeds", "task_eval_size", "max_length", "eval_seq", "eval_batch",
                  "pretrain_steps", "d_model", "layers", "vocab", "task_digits", "task_rows", "lora_rank"):
         if getattr(args, flag) < 1:

@@ -311,3 +311,16 @@ def test_aggregate_extra_keys_and_missing_task_values(protocol):
     (p,) = protocol.aggregate(runs, "t", "f", True, extra=["x"])
     assert p["seeds"] == [0, 1, 2] and p["task"]["n"] == 2 and p["task"]["mean"] == pytest.approx(1.0)
     assert p["forget"]["mean"] == pytest.approx(0.1) and p["x"] == {"mean": 1.0, "std": 1.0, "n": 3}
+
+
+def test_presets_fill_what_the_flags_leave_unset(retention):
+    """The default run is the quick preset (two methods, two seeds, 60 steps: minutes on a CPU); --preset protocol
+    is the documented measurement; a flag given explicitly wins over either."""
+    parser = retention.build_parser()
+    quick = parser.parse_args([])
+    assert retention._check(quick) == ["e2e", "lopt-k2"] and (quick.seeds, quick.steps) == (2, 60)
+    protocol = parser.parse_args(["--preset", "protocol"])
+    assert retention._check(protocol) == retention.DEFAULT_METHODS.split(",")
+    assert (protocol.seeds, protocol.steps, protocol.lrs) == (3, 150, "1e-4,3e-4,1e-3,3e-3")
+    explicit = parser.parse_args(["--preset", "protocol", "--seeds", "1", "--methods", "lora"])
+    assert retention._check(explicit) == ["lora"] and (explicit.seeds, explicit.steps) == (1, 150)
