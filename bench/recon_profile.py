@@ -5,7 +5,8 @@
 For each hidden size, one process measures forward + backward (loss and every gradient) of ``fused`` (the Triton
 op through its autograd Function, as a training step and ``bench/test_bench_reconstruction_loss.py`` call it),
 ``fused_direct`` (``reconstruction_loss_and_grads``, as ``bench/recon_sweep.py`` times it), ``eager`` and
-``compiled``:
+``compiled``, and ``fused_triton_gemms`` (``fused`` on the epilogue-GEMM path, ``LOPT_RECON_GEMMS=triton``: its
+kernel table against ``fused``'s is each epilogue GEMM against the cuBLAS GEMM and row kernel it replaces):
 - ``step_ms``: wall time of one synchronised step (perf_counter around the call and a device synchronise, as the
   pytest benchmark times it), the variants interleaved round by round so that none is favoured by running after
   the device has warmed up; ``do_bench_ms``: ``triton.testing.do_bench`` (CUDA events, L2 flushed), same process;
@@ -35,7 +36,7 @@ import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from lopt_kernels.ops.reconstruction_loss import reconstruction_loss, reconstruction_loss_and_grads  # noqa: E402
-from recon_check import interleaved_ms  # noqa: E402
+from recon_check import interleaved_ms, with_gemm_path  # noqa: E402
 from recon_sweep import device_and_shapes, make_inputs  # noqa: E402
 from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
@@ -57,6 +58,8 @@ def variants(y, x, params, backend: str, compile_baseline: bool) -> dict:
         "fused_direct": lambda: reconstruction_loss_and_grads(y, x, *params, eps=EPS, backend=backend),
         "eager": autograd(eager_loss),
     }
+    if backend == "triton":  # the epilogue GEMMs: their kernel table sets each one beside the cuBLAS GEMM it replaces
+        steps["fused_triton_gemms"] = with_gemm_path("triton", steps["fused"])
     if compile_baseline:
         torch._dynamo.reset()  # nothing compiled for another shape: no automatic dynamic shapes
         steps["compiled"] = autograd(torch.compile(eager_loss, dynamic=False))
