@@ -3,7 +3,7 @@
 The ``"triton"`` GEMM path (``triton_driver``, ``LOPT_RECON_GEMMS=triton``) runs four of the six matmuls here, so
 the reconstruction, ``d_act`` and ``d_normed`` never reach memory and the separate row kernels disappear:
 
-- ``_down_gelu_kernel``:  ``proj = normed @ W_down^T``; epilogue ``act = gelu(proj + b_down)`` (writes proj, act);
+- ``_down_gelu_kernel``:  ``proj = normed @ W_down^T``; epilogue ``act = gelu(z)``, ``z = proj + b_down + W_down b``;
 - ``_up_error_kernel``:   ``recon = act @ W_up^T``; epilogue ``+ b_up - x``, the loss partials,
   ``d_recon = coef * (recon - x)`` and the up-bias partials (the reconstruction is never stored);
 - ``_act_grad_kernel``:   ``d_act = d_recon @ W_up``; epilogue ``d_z = d_act * gelu'(z)``, the down-bias partials
@@ -13,14 +13,20 @@ the reconstruction, ``d_act`` and ``d_normed`` never reach memory and the separa
 
 The weight gradients (``d_recon^T @ act``, ``d_z^T @ normed``) stay on cuBLAS, accumulating in fp32.
 
+The LayerNorm bias is folded into the down projection's: the LayerNorm forward stores ``normed = w * xhat`` (no
+bias), ``proj = normed @ W_down^T``, and ``z = proj + (b_down + W_down @ b)`` in fp32 (the same expression, so the same
+bits, in the forward and the GELU backward). The down weight's gradient ``d_z^T @ (w * xhat + b)`` then lacks
+``outer(sum_rows d_z, b)``: the host adds it once per call (``sum_rows d_z`` is the down bias's gradient).
+
 LayerNorm backward from r-wide data: ``grad_y = rstd * (dxhat - xhat * c1 - c2)`` with ``dxhat = d_normed * w``,
 ``c1 = mean_j(dxhat_j xhat_j)`` and ``c2 = mean_j(dxhat_j)``: row reductions over all h columns, which one output
-tile of the ``d_normed`` GEMM does not see. Since ``d_normed = d_z @ W_down`` and ``w * xhat = normed - b``,
+tile of the ``d_normed`` GEMM does not see. Since ``d_normed = d_z @ W_down`` and ``w * xhat = normed``,
 
-    h * c1 = sum_k d_z[k] * (proj[k] - (W_down @ b)[k])      h * c2 = sum_k d_z[k] * (W_down @ w)[k]
+    h * c1 = sum_k d_z[k] * proj[k]      h * c2 = sum_k d_z[k] * (W_down @ w)[k]
 
-(exact in real arithmetic; ``proj = normed @ W_down^T`` as stored): sums over r that ``_act_grad_kernel``'s tiles form
-from the ``d_z`` and ``proj`` they already hold, one fp32 pair per row and column tile, summed in ``_ln_grad_kernel``.
+(exact in real arithmetic, ``proj`` as stored; with the bias left in ``normed``, c1 would be a difference of two large
+stored values when |b| >> |w|, and lose its precision): sums over r that ``_act_grad_kernel``'s tiles form from the
+``d_z`` and ``proj`` they already hold, one fp32 pair per row and column tile, summed in ``_ln_grad_kernel``.
 
 Column sums (bias and LayerNorm gradients) and the loss go to per-row-tile fp32 partial rows (each row tile and
 column owned by one program: no atomics, deterministic), summed once per call. Under the interpreter the operands are
@@ -86,10 +92,18 @@ def _as_stored(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _down_bias(BD, DOWN_W_LN, cols, cmask):
+    """fp32 ``b_down + W_down @ b`` at ``cols``: the down projection's bias with the LayerNorm bias folded in."""
+    return (tl.load(BD + cols, mask=cmask, other=0.0).to(tl.float32)
+            + tl.load(DOWN_W_LN + 2 * cols + 1, mask=cmask, other=0.0))
+
+
+@triton.jit
 def _down_gelu_kernel(
     NORMED,  # (M, K=h) LayerNorm output, contiguous, matmul dtype
     WD, stride_wd_r, stride_wd_h,  # (r, h) down weight
     BD,  # (r,) down bias
+    DOWN_W_LN,  # (r, 2) fp32 contiguous: W_down @ [LayerNorm weight, LayerNorm bias]
     PROJ, ACT,  # out: (M, N=r) contiguous, matmul dtype; PROJ only if STORE_PROJ (the GELU backward's input)
     M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -103,9 +117,10 @@ def _down_gelu_kernel(
     cmask = cols < N
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    # z from the stored proj, so that the GELU backward's z (proj re-read + bias) is bitwise this one
-    proj = _as_stored(acc, PROJ.dtype.element_ty, ROUND_BF16)
-    z = proj + tl.load(BD + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    # z from the stored proj (ACT's dtype: PROJ is a placeholder without STORE_PROJ), so that the GELU backward's z
+    # (proj re-read + the same bias) is bitwise this one
+    proj = _as_stored(acc, ACT.dtype.element_ty, ROUND_BF16)
+    z = proj + _down_bias(BD, DOWN_W_LN, cols, cmask)[None, :]
     act = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     if STORE_PROJ:
         tl.store(PROJ + offs, proj, mask=mask)
@@ -177,7 +192,7 @@ def _act_grad_kernel(
     mask = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     proj = tl.load(PROJ + offs, mask=mask, other=0.0).to(tl.float32)
-    z = proj + tl.load(BD + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    z = proj + _down_bias(BD, DOWN_W_LN, cols, cmask)[None, :]
     cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
     pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
     d_z = tl.where(mask, acc * (cdf + z * pdf), 0.0)
@@ -187,9 +202,8 @@ def _act_grad_kernel(
     # the row terms from the d_z that the d_normed GEMM will read (as stored)
     d_z_stored = _as_stored(d_z, D_Z.dtype.element_ty, ROUND_BF16)
     wd_w = tl.load(DOWN_W_LN + 2 * cols, mask=cmask, other=0.0)
-    wd_b = tl.load(DOWN_W_LN + 2 * cols + 1, mask=cmask, other=0.0)
     terms = ROW_TERMS + pid_n.to(tl.int64) * 2 * M + rows
-    tl.store(terms, tl.sum(d_z_stored * (proj - wd_b[None, :]), axis=1), mask=rmask)
+    tl.store(terms, tl.sum(d_z_stored * proj, axis=1), mask=rmask)
     tl.store(terms + M, tl.sum(d_z_stored * wd_w[None, :], axis=1), mask=rmask)
 
 

@@ -40,7 +40,7 @@ def _ln_forward_kernel(
     ROW_MASK,  # (m,) uint8: 1 where the row counts (read only if HAS_ROW_MASK)
     n_rows, n_cols, eps, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_BWD: tl.constexpr, HAS_ROW_MASK: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, ADD_BIAS: tl.constexpr = True,  # False: w * xhat (the GEMM path folds b downstream)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -64,7 +64,9 @@ def _ln_forward_kernel(
         var = tl.sum(centered * centered, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(var + eps)
         xhat = centered * rstd[:, None]
-        normed = xhat * w[None, :] + b[None, :]
+        normed = xhat * w[None, :]
+        if ADD_BIAS:
+            normed = normed + b[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
         tl.store(NORMED + offs, _round_bf16(normed, ROUND_BF16), mask=mask)
         if STORE_BWD:  # 8 bytes a row: the backward recomputes xhat from y (no m x h fp32 buffer)

@@ -245,11 +245,12 @@ def _triton_gemm_chunks(request: LossRequest):
         grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
         acc_up = torch.empty((h, r), dtype=f32, device=device)
         acc_down = torch.empty((r, h), dtype=f32, device=device)
-        down_w_ln = _down_weight_times_norm_params(down_w, norm_w, norm_b)
         coef, dy_scale, rescale = _gradient_coefficient(grad_scale, counted, h, mm_dtype, device)
     else:  # placeholders for pointers the disabled (constexpr) branches never touch
-        proj = d_recon = mean = rstd = row_terms = down_w_ln = coef = dy_scale = partials
+        proj = d_recon = mean = rstd = row_terms = coef = dy_scale = partials
         rescale = False
+    down_w, up_w = _int32_indexable(down_w), _int32_indexable(up_w)
+    down_w_ln = _down_weight_times_norm_params(down_w, norm_w, norm_b)
     has_mask = row_mask is not None
     mask_bytes = row_mask.view(torch.uint8) if has_mask else partials  # else a placeholder pointer
     for start in range(0, n, chunk):
@@ -266,11 +267,11 @@ def _triton_gemm_chunks(request: LossRequest):
         _ln_forward_kernel[(grid_h_fwd,)](
             yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, mask_c, m, h, eps, grid_h_fwd,
             BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
-            num_warps=warps_h,
+            ADD_BIAS=False, num_warps=warps_h,
         )
         _gemm_launch(
             _down_gelu_kernel, "down_gelu", m, r, mm_dtype, precision,
-            normed_c, down_w, down_w.stride(0), down_w.stride(1), down_b_c, proj_c, act_c, m, r, h,
+            normed_c, down_w, down_w.stride(0), down_w.stride(1), down_b_c, down_w_ln, proj_c, act_c, m, r, h,
             STORE_PROJ=compute_grads, ROUND_BF16=round_mm,
         )
         _gemm_launch(
@@ -300,7 +301,7 @@ def _triton_gemm_chunks(request: LossRequest):
     normed = act = proj = d_recon = normed_c = act_c = proj_c = d_recon_c = d_z = row_terms = None
     return _finish(partials, loss_col, loss_tiles, counted, h, r, seg_h, compute_grads, rescale, dy_scale,
                    param_scale, params, acc_up if compute_grads else None, acc_down if compute_grads else None,
-                   grad_y if compute_grads else None)
+                   grad_y if compute_grads else None, norm_bias_left_out=True)
 
 
 def _triton_chunks(request: LossRequest):
@@ -426,6 +427,13 @@ def _down_weight_times_norm_params(down_w, norm_w, norm_b) -> torch.Tensor:
     return torch.mm(down_w.float(), norm_params.float())
 
 
+def _int32_indexable(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, or a contiguous copy where its element offsets overflow int32 (the GEMMs index weights in int32;
+    only an odd view, such as a slice of a huge fused tensor, gets there)."""
+    last = sum((size - 1) * stride for size, stride in zip(weight.shape, weight.stride()))
+    return weight if last < 2**31 else weight.contiguous()
+
+
 def _require_interpreter_or_cuda(device: torch.device) -> None:
     if device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError(
@@ -456,15 +464,18 @@ def _gradient_coefficient(grad_scale, counted, h, mm_dtype, device):
 
 
 def _finish(partials, loss_col, loss_tiles, counted, h, r, seg_h, compute_grads, rescale, dy_scale, param_scale,
-            params, acc_up, acc_down, grad_y):
+            params, acc_up, acc_down, grad_y, norm_bias_left_out=False):
     """The loss and the gradients in the parameters' dtypes from the partial rows ``[LN weight | LN bias | up bias |
-    down bias | ``loss_tiles`` loss columns]`` and the fp32 weight-gradient accumulators."""
+    down bias | ``loss_tiles`` loss columns]`` and the fp32 weight-gradient accumulators. ``norm_bias_left_out``:
+    ``acc_down`` was accumulated against ``w * xhat``, so it lacks ``outer(down-bias gradient, LN bias)``."""
     device = partials.device
     if not compute_grads:
         return partials.sum() / (counted * h), None
     # Three launches: one sum over the partial rows, the loss, and one multi-tensor copy that casts every gradient
     # to the parameters' dtype (fp32 accumulators are returned as they are).
     sums = partials.sum(0)
+    if norm_bias_left_out:  # before any scaling: the down-bias sums carry the same scale as acc_down
+        acc_down.addr_(sums[3 * seg_h : 3 * seg_h + r], params[1].float())
     loss = (sums[loss_col] if loss_tiles == 1 else sums[loss_col : loss_col + loss_tiles].sum()) / (counted * h)
     if rescale:  # the storage scale and param_scale, in fp32 before the cast to the parameters' dtype
         torch._foreach_mul_([sums, acc_up, acc_down], (dy_scale * param_scale).reshape(()))
