@@ -123,8 +123,13 @@ def profile_shape(rows, h, r, dtype, device, compile_baseline=True, rounds=20, c
     y, x, params = make_inputs(rows, h, r, dtype, device)
     leaves = [y, *params]
     steps = variants(y, x, params, backend, compile_baseline)
-    times = interleaved_ms(steps, leaves, cuda, rounds)
     result = {"rows": rows, "hidden": h, "rank": r, "dtype": str(dtype).removeprefix("torch."), "variants": {}}
+    try:  # the epilogue-GEMM path is new: its failure must not cost the other variants' profiles
+        steps["fused_triton_gemms"]()
+    except Exception as exc:  # noqa: BLE001 - recorded, the variant dropped
+        steps.pop("fused_triton_gemms")
+        result["fused_triton_gemms_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    times = interleaved_ms(steps, leaves, cuda, rounds)
     for name, step in steps.items():
         record = {"step_ms": statistics.median(times[name])}
         if cuda:
