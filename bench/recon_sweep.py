@@ -130,7 +130,12 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_gr
                 finally:
                     os.environ.pop("LOPT_RECON_GEMMS")
 
-            fused()  # compiles this tile setting outside the measurement
+            try:
+                fused()  # compiles this tile setting outside the measurement
+            except Exception as exc:  # noqa: BLE001 - a failing setting is recorded, the sweep goes on
+                result.setdefault("errors", []).append({"gemms": gemms, "chunk": chunk_name,
+                                                        "error": f"{type(exc).__name__}: {exc}"[:1000]})
+                continue
             row = {"gemms": gemms, "chunk": chunk_name, "chunk_rows": chunk, "partials_per_sm": partials,
                    "max_warps": max_warps, "ms": _time_ms(fused, leaves, cuda, reps),
                    "peak_bytes": _peak_bytes(fused, leaves, cuda)}
