@@ -7,6 +7,9 @@ from torch import nn
 
 from .ops.reconstruction_loss import reconstruction_loss
 
+# The decoders' weights in a checkpoint directory (a Trainer checkpoint with attach, a pipeline model directory).
+AUX_DECODERS_FILE = "lopt_aux_decoders.safetensors"
+
 
 class AuxDecoder(nn.Module):
     """``LayerNorm(h) -> Linear(h, r) -> GELU(erf) -> Linear(r, h)`` with ``r = max(h // 4, 1)``.

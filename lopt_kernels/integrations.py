@@ -32,12 +32,14 @@ import os
 import torch
 from torch import nn
 
+from .aux_decoder import AUX_DECODERS_FILE
+from .block_hooks import ADAPTED_DECODER_MESSAGE
+from .boundary.common import gathered
 from .discovery import unwrap_causal_lm
 from .optimizer_watch import optimizer_param_ids
 from .patching import LoptPatchError, state_of
 from .task_loss_hooks import item_share, label_count
 
-AUX_DECODERS_FILE = "lopt_aux_decoders.safetensors"
 _ATTACHED_ATTR = "_lopt_callback"
 
 __all__ = ["AUX_DECODERS_FILE", "LoptCallback", "attach", "ensure_aux_trainable", "load_aux_decoders",
@@ -67,11 +69,7 @@ def ensure_aux_trainable(model: nn.Module) -> list[torch.Tensor]:
     state = _require_patched(model)
     for module in state.decoders.modules():
         if module is not state.decoders and hasattr(module, "base_layer"):
-            raise LoptPatchError(
-                "PEFT injected an adapter into an aux decoder (target_modules matched lopt_aux_decoders, e.g. "
-                "'all-linear'): the decoders are trained in full, not through adapters. Exclude them from "
-                "target_modules, or call lopt_kernels.patch after get_peft_model."
-            )
+            raise LoptPatchError(ADAPTED_DECODER_MESSAGE)
     params = list(state.decoders.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -90,7 +88,7 @@ def save_aux_decoders(model: nn.Module, directory: str, *, write: bool = True) -
     from safetensors.torch import save_file  # noqa: PLC0415
 
     state = _require_patched(model)
-    with _zero3_gathered(state.decoders, modify=False):  # DeepSpeed ZeRO-3: whole tensors, not this rank's partition
+    with gathered(state.decoders.parameters()):  # DeepSpeed ZeRO-3: whole tensors, not this rank's partition
         tensors = {k: _plain(v) for k, v in state.decoders.state_dict().items()}
     path = os.path.join(directory, AUX_DECODERS_FILE)
     if write:
@@ -112,21 +110,8 @@ def load_aux_decoders(model: nn.Module, directory: str) -> None:
             "aux decoders cannot be restored (resuming would restart them from their initialisation)."
         )
     loaded = load_file(path)
-    with _zero3_gathered(state.decoders, modify=True):
+    with gathered(state.decoders.parameters(), modifier_rank=0):
         _copy_decoders(state, loaded, path)
-
-
-def _zero3_gathered(decoders: nn.Module, *, modify: bool):
-    """The decoders' parameters whole while inside (DeepSpeed ZeRO-3 partitions them; a collective on every rank);
-    with ``modify``, rank 0's values are partitioned back. A no-op without ZeRO-3."""
-    from contextlib import nullcontext  # noqa: PLC0415
-
-    params = [p for p in decoders.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return nullcontext()
-    import deepspeed  # noqa: PLC0415
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 def _copy_decoders(state, loaded: dict, path: str) -> None:

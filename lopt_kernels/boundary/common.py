@@ -84,17 +84,18 @@ def zero3_partitioned(params) -> list[torch.Tensor]:
 
 
 @contextmanager
-def gathered(params):
+def gathered(params, *, modifier_rank: int | None = None):
     """Whole parameters inside the block: DeepSpeed ZeRO-3 keeps only a partition of each outside the forward
-    of the module that owns it, and the fused op reads the decoder's parameters directly. A collective on
-    every rank (each runs the same boundaries); nothing to do without ZeRO-3."""
+    of the module that owns it, and the fused op (or a checkpoint) reads them directly. A collective on every
+    rank (each runs the same boundaries); nothing to do without ZeRO-3. ``modifier_rank``: the rank whose changes
+    made inside are partitioned back (None: read only)."""
     missing = zero3_partitioned(params)
     if not missing:
         yield
         return
     import deepspeed  # noqa: PLC0415 - only ZeRO-3 parameters get here
 
-    with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(missing, modifier_rank=modifier_rank):
         yield
 
 

@@ -8,10 +8,9 @@ import os
 
 import torch
 
-from ..discovery import LoptPatchError
+from ..discovery import AUX_DECODERS_ATTR, LoptPatchError
 
 SHARD_PREFIX = "lopt_pipeline_shard"
-DECODER_FILE = "lopt_aux_decoders.safetensors"
 
 
 ADAPTER_PREFIX = "base_model.model."
@@ -137,7 +136,7 @@ def join_shards(shard_dir: str, out_dir: str) -> str:
     state = {}
     for f in files:
         state.update((k, v) for k, v in load_file(os.path.join(shard_dir, f)).items()
-                     if not k.startswith("lopt_aux_decoders."))
+                     if not k.startswith(f"{AUX_DECODERS_ATTR}."))
     if os.path.isfile(os.path.join(shard_dir, "adapter_config.json")):  # LoRA: the trained adapter, PEFT's format
         import shutil  # noqa: PLC0415
 

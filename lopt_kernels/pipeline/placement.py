@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..aux_decoder import AuxDecoder
-from ..discovery import AUX_MASKS, LoptPatchError, find_layer_stack, resolve_boundaries, text_config
-from .checkpoint import DECODER_FILE, check_adapter, inject_adapter, safetensors_index
+from ..aux_decoder import AUX_DECODERS_FILE, AuxDecoder
+from ..discovery import AUX_DECODERS_ATTR, AUX_MASKS, LoptPatchError, find_layer_stack, resolve_boundaries, text_config
+from .checkpoint import check_adapter, inject_adapter, safetensors_index
 
 
 def stage_layer_ranges(num_layers: int, world: int, boundaries=None) -> list[tuple[int, int]]:
@@ -250,8 +250,8 @@ class StagePlan:
         if adapter is not None:
             check_adapter(adapter)
         if rank != world - 1 and aux_decoders is not None \
-                and not os.path.isfile(os.path.join(aux_decoders, DECODER_FILE)):
-            raise LoptPatchError(f"{os.path.join(aux_decoders, DECODER_FILE)} does not exist")
+                and not os.path.isfile(os.path.join(aux_decoders, AUX_DECODERS_FILE)):
+            raise LoptPatchError(f"{os.path.join(aux_decoders, AUX_DECODERS_FILE)} does not exist")
         return cls(model_dir, rank, world, ranges, lm, device, dtype, adapter, aux_decoders, index, sources, copies,
                    mapping, first_rank_modules)
 
@@ -286,8 +286,8 @@ class StagePlan:
         from safetensors import safe_open  # noqa: PLC0415
 
         decoder = AuxDecoder(text_config(self.lm).hidden_size, device=self.device, dtype=self.dtype)
-        path = os.path.join(self.aux_decoders or self.model_dir, DECODER_FILE)
-        prefix = f"lopt_aux_decoders.{self.rank}."
+        path = os.path.join(self.aux_decoders or self.model_dir, AUX_DECODERS_FILE)
+        prefix = f"{AUX_DECODERS_ATTR}.{self.rank}."
         if self.aux_decoders is None and any(k.startswith(prefix) for k in self.index):  # a pipeline checkpoint
             with safe_open(self.index[next(k for k in self.index if k.startswith(prefix))], "pt") as f:
                 decoder.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})

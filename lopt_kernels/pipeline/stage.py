@@ -15,7 +15,7 @@ from torch import nn
 from ..aux_decoder import AuxDecoder
 from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of
-from ..discovery import LoptPatchError, find_layer_stack, text_config
+from ..discovery import AUX_DECODERS_ATTR, LoptPatchError, find_layer_stack, text_config
 from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, per_layer_config
 from ..ops import linear_cross_entropy as lce
 from ..task_loss_hooks import fused_ce_choice, item_share, label_count
@@ -382,7 +382,7 @@ class PipelineStage:
         tensors = {n.replace(".base_layer.", "."): t.detach().to("cpu").contiguous() for n, t in persistent.items()
                    if self.owns(n, t)}
         if self.decoder is not None:
-            tensors.update((f"lopt_aux_decoders.{self.rank}.{n}", v.detach().to("cpu").contiguous())
+            tensors.update((f"{AUX_DECODERS_ATTR}.{self.rank}.{n}", v.detach().to("cpu").contiguous())
                            for n, v in self.decoder.state_dict().items())
         path = os.path.join(directory, f"{SHARD_PREFIX}-{self.rank}-of-{self.world}.safetensors")
         save_file(tensors, path, metadata={"format": "pt"})
