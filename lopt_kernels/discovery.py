@@ -12,7 +12,7 @@ import operator
 import torch
 from torch import nn
 
-from .ops.reconstruction_loss.checks import _BACKENDS
+from .ops.reconstruction_loss.checks import BACKENDS
 from .state import LoptSettings
 
 SUPPORTED_FAMILIES = (
@@ -334,8 +334,8 @@ def validate(model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask,
         raise LoptPatchError(f"lambda_aux must be a finite number >= 0, got {lambda_aux!r}")
     if mode not in MODES:
         raise LoptPatchError(f"mode must be one of {MODES}, got {mode!r}")
-    if backend not in _BACKENDS:
-        raise LoptPatchError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise LoptPatchError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if aux_mask not in AUX_MASKS:
         raise LoptPatchError(f"aux_mask must be one of {AUX_MASKS}, got {aux_mask!r}")
     if fused_ce not in FUSED_CE:

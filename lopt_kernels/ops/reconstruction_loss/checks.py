@@ -7,13 +7,13 @@ import os
 
 import torch
 
-_BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch")  # the values of the backend option
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto" | "triton" | "torch"`` to the implementation that runs for ``device``."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
