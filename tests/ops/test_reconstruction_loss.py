@@ -767,6 +767,22 @@ def test_kernels_compile_for_sm90(tmp_path, toolchain):
 # --------------------------------------------------------------------------------- workspace (issue 11)
 
 
+def _workspace_of_one_call(rows, h, r):
+    """Peak allocator bytes of one fp32 forward + backward on the Triton backend beyond its inputs and results
+    (``lopt_kernels.measure``'s dispatcher-based tracker), with the results and inputs."""
+    from lopt_kernels.measure import _StepAllocations
+
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.randn(rows, h, generator=g), torch.randn(rows, h, generator=g)
+    params = [torch.randn(*s, generator=g) * 0.05 for s in ((h,), (h,), (r, h), (r,), (h, r), (h,))]
+    params[0] += 1.0
+    tracker = _StepAllocations()
+    with tracker:
+        loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton")
+    returned = loss.untyped_storage().nbytes() + sum(t.untyped_storage().nbytes() for t in grads)
+    return tracker.peak - returned, loss, grads, y, x, params
+
+
 @interpreter_only
 def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     """Peak extra allocator bytes of one forward + backward under the interpreter, rows 4096, h 1024,
@@ -785,18 +801,8 @@ def test_triton_workspace_has_no_fp32_xhat_or_z_buffers():
     (fp32 weight-gradient accumulators are returned as the gradients themselves). Before issue 11 it
     also held an fp32 ``xhat`` (4 * m * h) and an fp32 ``z`` (4 * m * r): 60.07 MiB here vs 40.08 MiB.
     """
-    from lopt_kernels.measure import _StepAllocations
-
     rows, h, r = 4096, 1024, 256
-    g = torch.Generator().manual_seed(0)
-    y, x = torch.randn(rows, h, generator=g), torch.randn(rows, h, generator=g)
-    params = [torch.randn(*s, generator=g) * 0.05 for s in ((h,), (h,), (r, h), (r,), (h, r), (h,))]
-    params[0] += 1.0
-    tracker = _StepAllocations()
-    with tracker:
-        loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton")
-    returned = loss.untyped_storage().nbytes() + sum(t.untyped_storage().nbytes() for t in grads)
-    workspace = tracker.peak - returned
+    workspace, *_ = _workspace_of_one_call(rows, h, r)
 
     m, s, progs = min(rows, default_chunk_rows(rows, h, r)), 4, rl_driver._num_programs("cpu", None) * rl_driver._PARTIAL_PROGRAMS_PER_SM
     bound = m * (2 * h + 2 * r) * s + 8 * m + 4 * progs * (3 * rl_driver._round_up(h, 32) + rl_driver._round_up(r, 32) + 32) + 64
@@ -813,18 +819,9 @@ def test_triton_gemms_workspace_holds_no_reconstruction_or_d_normed(monkeypatch)
     matmul-dtype chunk buffers as the default path (normed, d_recon: m x h; proj, act -> d_z: m x r), no buffer for the
     reconstruction or d_normed, plus the row terms (2 fp32 per row and column tile of r), the row statistics, the
     per-row-tile partials and ``W_down @ [w, b]``. Counted as in the test above."""
-    from lopt_kernels.measure import _StepAllocations
-
     monkeypatch.setenv("LOPT_RECON_GEMMS", "triton")
     rows, h, r = 200, 96, 24
-    g = torch.Generator().manual_seed(0)
-    y, x = torch.randn(rows, h, generator=g), torch.randn(rows, h, generator=g)
-    params = [torch.randn(*s, generator=g) * 0.05 for s in ((h,), (h,), (r, h), (r,), (h, r), (h,))]
-    params[0] += 1.0
-    tracker = _StepAllocations()
-    with tracker:
-        loss, grads = reconstruction_loss_and_grads(y, x, *params, backend="triton")
-    workspace = tracker.peak - loss.untyped_storage().nbytes() - sum(t.untyped_storage().nbytes() for t in grads)
+    workspace, loss, grads, y, x, params = _workspace_of_one_call(rows, h, r)
     ref_loss, ref_grads = reference(y, x, params)
     assert_matches(loss, grads, ref_loss, ref_grads, torch.float32, params, y)
 

@@ -55,6 +55,14 @@ def _tile_position(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
+def _output_tile(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows and columns of this program's output tile, and which of them exist."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols, rows < M, cols < N
+
+
+@triton.jit
 def _matmul_tile(
     A, stride_am, stride_ak,  # (M, K) operand, any strides
     B, stride_bk, stride_bn,  # (K, N) operand, any strides (a weight or its transpose, as a view)
@@ -112,10 +120,8 @@ def _down_gelu_kernel(
     pid_m, pid_n = _tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _matmul_tile(NORMED, K, 1, WD, stride_wd_h, stride_wd_r, M, N, K, pid_m, pid_n,
                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    mask = (rows < M)[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    mask = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     # z from the stored proj (ACT's dtype: PROJ is a placeholder without STORE_PROJ), so that the GELU backward's z
     # (proj re-read + the same bias) is bitwise this one
@@ -145,10 +151,7 @@ def _up_error_kernel(
     pid_m, pid_n = _tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _matmul_tile(ACT, K, 1, WU, stride_wu_r, stride_wu_h, M, N, K, pid_m, pid_n,
                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
+    rows, cols, rmask, cmask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     rows64 = rows.to(tl.int64)
     counted = rmask[:, None] & cmask[None, :]
     store_mask = counted
@@ -185,10 +188,7 @@ def _act_grad_kernel(
     pid_m, pid_n = _tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _matmul_tile(D_RECON, K, 1, WU, stride_wu_h, stride_wu_r, M, N, K, pid_m, pid_n,
                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
+    rows, cols, rmask, cmask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     mask = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     proj = tl.load(PROJ + offs, mask=mask, other=0.0).to(tl.float32)
@@ -227,10 +227,7 @@ def _ln_grad_kernel(
     pid_m, pid_n = _tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     d_normed = _matmul_tile(D_Z, K, 1, WD, stride_wd_r, stride_wd_h, M, N, K, pid_m, pid_n,
                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
+    rows, cols, rmask, cmask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     rows64 = rows.to(tl.int64)
     mask = rmask[:, None] & cmask[None, :]
     y_mask = mask

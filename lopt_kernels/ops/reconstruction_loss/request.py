@@ -35,3 +35,8 @@ class LossRequest:
             row_mask = row_mask.reshape(-1).contiguous()
             counted = row_mask.sum(dtype=torch.float32).clamp_min(1.0)
         return cls(y2, x2, tuple(params), eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale)
+
+    def fields(self) -> tuple:
+        """The fields in their declared order (for an implementation's local names); the tensors themselves, not
+        copies (``dataclasses.astuple`` would deep-copy them)."""
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))

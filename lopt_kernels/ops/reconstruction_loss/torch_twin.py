@@ -14,9 +14,7 @@ def _torch_loss_and_grads(request: LossRequest):
     Uses ATen's fused LayerNorm / GELU forward and backward kernels on fp32 chunks, so it costs about
     what eager PyTorch costs in time while holding at most one chunk of intermediates.
     """
-    y2, x2, params, eps, grad_scale = request.y, request.x, request.params, request.eps, request.grad_scale
-    compute_grads, chunk_rows, row_mask, counted, param_scale = (
-        request.compute_grads, request.chunk_rows, request.row_mask, request.counted, request.param_scale)
+    y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale = request.fields()
     n, h = y2.shape
     w, b, wd, bd, wu, bu = (p.float() for p in params)
     loss_sum = torch.zeros((), dtype=torch.float32, device=y2.device)

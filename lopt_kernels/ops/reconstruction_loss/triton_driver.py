@@ -204,9 +204,7 @@ def _gemm_launch(kernel, name, m, n, dtype, precision, *args, **constexprs):
 def _triton_gemm_chunks(request: LossRequest):
     """The ``"triton"`` GEMM path: per chunk the LayerNorm forward kernel, four epilogue GEMMs (``gemm_kernels``) and
     the two weight-gradient matmuls on cuBLAS. Neither the reconstruction, ``d_act`` nor ``d_normed`` is stored."""
-    y2, x2, params, eps, grad_scale = request.y, request.x, request.params, request.eps, request.grad_scale
-    compute_grads, chunk_rows, row_mask, counted, param_scale = (
-        request.compute_grads, request.chunk_rows, request.row_mask, request.counted, request.param_scale)
+    y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale = request.fields()
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
     _require_interpreter_or_cuda(device)
@@ -252,13 +250,7 @@ def _triton_gemm_chunks(request: LossRequest):
     down_w, up_w = _int32_indexable(down_w), _int32_indexable(up_w)
     down_w_ln = _down_weight_times_norm_params(down_w, norm_w, norm_b)
     has_mask = row_mask is not None
-    mask_bytes = row_mask.view(torch.uint8) if has_mask else partials  # else a placeholder pointer
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        yc, xc = y2[start : start + m], x2[start : start + m]
-        mask_c = mask_bytes[start : start + m] if has_mask else mask_bytes
-        if block_h > _STRIDED_MAX_BLOCK:
-            yc = yc if yc.stride(1) == 1 else yc.contiguous()
+    for start, m, yc, xc, mask_c in _row_chunks(y2, x2, row_mask, chunk, partials, block_h):
         # the epilogues index y's and x's columns in int32: a column stride that overflows it gets a contiguous copy
         yc = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
         xc = xc if (h - 1) * xc.stride(1) < 2**31 else xc.contiguous()
@@ -305,9 +297,7 @@ def _triton_gemm_chunks(request: LossRequest):
 
 
 def _triton_chunks(request: LossRequest):
-    y2, x2, params, eps, grad_scale = request.y, request.x, request.params, request.eps, request.grad_scale
-    compute_grads, chunk_rows, row_mask, counted, param_scale = (
-        request.compute_grads, request.chunk_rows, request.row_mask, request.counted, request.param_scale)
+    y2, x2, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, counted, param_scale = request.fields()
     norm_w, norm_b, down_w, down_b, up_w, up_b = params
     device = y2.device
     _require_interpreter_or_cuda(device)
@@ -354,14 +344,7 @@ def _triton_chunks(request: LossRequest):
         rescale = False
 
     has_mask = row_mask is not None
-    mask_bytes = row_mask.view(torch.uint8) if has_mask else loss_part  # else a placeholder pointer
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        yc, xc = y2[start : start + m], x2[start : start + m]
-        mask_c = mask_bytes[start : start + m] if has_mask else mask_bytes
-        if block_h > _STRIDED_MAX_BLOCK:
-            yc = yc if yc.stride(1) == 1 else yc.contiguous()
-            xc = xc if xc.stride(1) == 1 else xc.contiguous()
+    for start, m, yc, xc, mask_c in _row_chunks(y2, x2, row_mask, chunk, loss_part, block_h):
         normed_c, proj_c, act_c, recon_c = normed[:m], proj[:m], act[:m], recon[:m]
         # kernels with per-program partial sums: at most ``progs`` programs (a persistent grid, as Liger's
         # layer_norm backward); the purely row-wise forward kernels oversubscribe the SMs instead
@@ -425,6 +408,20 @@ def _down_weight_times_norm_params(down_w, norm_w, norm_b) -> torch.Tensor:
     if _mm_has_out_dtype(down_w.device.type):
         return torch.mm(down_w, norm_params, out_dtype=torch.float32)
     return torch.mm(down_w.float(), norm_params.float())
+
+
+def _row_chunks(y2, x2, row_mask, chunk, placeholder, block_h):
+    """``(start, rows, y rows, x rows, row-mask bytes)`` of each chunk; the mask is ``placeholder`` (a pointer the
+    kernels never read) without a row mask. Rows wider than ``_STRIDED_MAX_BLOCK`` with a column stride are copied
+    contiguous (those strided kernel variants spilled registers)."""
+    mask_bytes = row_mask.view(torch.uint8) if row_mask is not None else None
+    for start in range(0, y2.shape[0], chunk):
+        m = min(chunk, y2.shape[0] - start)
+        yc, xc = y2[start : start + m], x2[start : start + m]
+        if block_h > _STRIDED_MAX_BLOCK:
+            yc = yc if yc.stride(1) == 1 else yc.contiguous()
+            xc = xc if xc.stride(1) == 1 else xc.contiguous()
+        yield start, m, yc, xc, (mask_bytes[start : start + m] if mask_bytes is not None else placeholder)
 
 
 def _int32_indexable(weight: torch.Tensor) -> torch.Tensor:
