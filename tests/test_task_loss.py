@@ -34,29 +34,6 @@ def test_linear_cross_entropy_matches_cross_entropy(impl, num_items):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
 
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_fused_loss_chunks_rows_explicitly_on_cpu(dtype, monkeypatch):
-    """On CPU torch's chunked op gets explicit row chunks of about 16 MiB of fp32 logits (its automatic chunking ran
-    2.3-8.6x slower there, lopt_kernels/ops/linear_cross_entropy.py): 41 rows over a 3000-word vocabulary are one
-    chunk of 1398 rows' room, and the loss and gradients are those of the unfused loss. Before, the options left the
-    chunking to torch."""
-    import torch.nn.functional as F
-
-    seen, real = [], F.linear_cross_entropy
-    monkeypatch.setattr(F, "linear_cross_entropy", lambda *a, **k: seen.append(k["options"]) or real(*a, **k))
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(41, 24, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(3000, 24, generator=g) * 0.1).to(dtype).requires_grad_()
-    target = torch.randint(0, 3000, (41,), generator=g)
-    loss = linear_cross_entropy(hidden, weight, target, impl="torch")
-    assert [o.batch_chunk_size for o in seen] == [(16 << 20) // (4 * 3000)]
-    ref = torch.nn.functional.cross_entropy((hidden.float() @ weight.float().T), target)
-    torch.testing.assert_close(loss, ref, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-6)
-    grad, ref_grad = torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(ref, hidden)[0]
-    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
-                               atol=1e-6 if dtype == torch.float32 else 1e-3)
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
 def test_training_forward_has_no_logits_and_the_same_loss(family):
     model = tiny_model(family)

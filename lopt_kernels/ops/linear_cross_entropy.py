@@ -38,20 +38,6 @@ def resolve_implementation(impl: str, device: torch.device, softcap: float | Non
     return impl
 
 
-# Rows per chunk of torch's op on CPU: about 16 MiB of fp32 logits. Its automatic chunking ran 2.3-8.6x slower there,
-# with the same loss and gradients (forward + backward, interleaved, 2 threads, rows x h x vocab: 1023 x 1024 x 32000
-# fp32 "sum" 3668 ms against 1548, bf16 "none" 7300 against 3161; 255 x 256 x 8016 fp32 199 against 26, bf16 335
-# against 39).
-CPU_CHUNK_LOGIT_BYTES = 16 << 20
-
-
-def torch_chunking(device: torch.device, vocab: int):
-    """``LinearCrossEntropyOptions`` for torch's chunked op: explicit row chunks on CPU, torch's own choice elsewhere."""
-    if device.type != "cpu":
-        return torch.nn.LinearCrossEntropyOptions()
-    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=max(1, CPU_CHUNK_LOGIT_BYTES // (4 * max(vocab, 1))))
-
-
 def shift_labels_of(labels: torch.Tensor) -> torch.Tensor:
     """``labels[..., 1:]`` padded with -100 at the end: position t predicts token t + 1."""
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -91,14 +77,14 @@ def linear_cross_entropy(
         # h 1024, vocab 32000: 26 s against 11-18 s forward + backward)
         loss = F.linear_cross_entropy(
             hidden2, weight, target, linear_bias=bias, reduction="sum", ignore_index=IGNORE_INDEX,
-            options=torch_chunking(hidden2.device, weight.shape[0]),
+            options=torch.nn.LinearCrossEntropyOptions(),
         )
     else:
         # Per-row losses summed in fp32: torch's op returns a "sum" reduction in the input dtype, which in bf16
         # is ~1% off the model's loss (it upcasts logits to fp32); the per-row values round independently.
         loss = F.linear_cross_entropy(
             hidden2, weight, target, linear_bias=bias, reduction="none", ignore_index=IGNORE_INDEX,
-            options=torch_chunking(hidden2.device, weight.shape[0]),
+            options=torch.nn.LinearCrossEntropyOptions(),
         ).float().sum()
     loss = loss.float()
     if num_items_in_batch is None:
