@@ -12,6 +12,8 @@ import operator
 import torch
 from torch import nn
 
+from .boundary import BOUNDARY_MODES
+from .errors import LoptPatchError
 from .ops.reconstruction_loss.checks import BACKENDS
 from .state import LoptSettings
 
@@ -19,14 +21,11 @@ SUPPORTED_FAMILIES = (
     "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text), Phi3, GPT-2, GPT-NeoX, and any decoder-only "
     "causal LM whose backbone runs an nn.ModuleList of config.num_hidden_layers layers"
 )
-MODES = ("auto", "eager", "activation_free", "stored")
+# "auto" and every boundary mode: a new mode is its module and its entry in boundary.BOUNDARY_MODES
+MODES = ("auto", *BOUNDARY_MODES)
 AUX_MASKS = ("all", "tokens")
 FUSED_CE = ("auto", "liger", "torch", "off")
 AUX_DECODERS_ATTR = "lopt_aux_decoders"
-
-
-class LoptPatchError(ValueError):
-    """A model or an option that ``patch``/``unpatch`` cannot accept; the model is left untouched."""
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..discovery import LoptPatchError
+from ..errors import LoptPatchError
 from ..hf_model import cache_in, without_cache
 from .common import (BoundaryMode, BoundarySpec, accumulate_gathered, as_hand_off, autocast_state, block_params,
                      hidden_of, is_zero3, local_loss_and_grads, trainable, zero3_anchor)

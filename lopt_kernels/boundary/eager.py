@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..discovery import LoptPatchError
+from ..errors import LoptPatchError
 from .common import (BoundaryMode, BoundarySpec, accumulate_gathered, block_params, input_gradient_needed, is_zero3,
                      local_loss_and_grads, trainable_outside_inputs, zero3_anchor)
 
