@@ -192,13 +192,12 @@ def _gemm_config(kernel: str, dtype: torch.dtype) -> tuple[int, int, int, int, i
     return _GEMM_CONFIG_FP32 if dtype == torch.float32 else _GEMM_CONFIGS[kernel]
 
 
-def _gemm_launch(kernel, name, m, n, dtype, precision, *args, **constexprs):
-    """Launch one epilogue GEMM over an ``m x n`` output; returns its (BLOCK_M, BLOCK_N)."""
+def _gemm_launch(kernel, name, m, n, dtype, precision, *args, **constexprs) -> None:
+    """Launch one epilogue GEMM over an ``m x n`` output with the tile config of ``name``."""
     block_m, block_n, block_k, warps, stages = _gemm_config(name, dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M, DOT_FP32=_INTERPRETED,
                  INPUT_PRECISION=precision, num_warps=warps, num_stages=stages, **constexprs)
-    return block_m, block_n
 
 
 def _triton_gemm_chunks(request: LossRequest):
@@ -234,7 +233,7 @@ def _triton_gemm_chunks(request: LossRequest):
     stride_part = loss_col + _round_up(loss_tiles, 32)
     partials = torch.zeros((row_tiles, stride_part), dtype=f32, device=device)
     if compute_grads:
-        proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # z without bias, kept for the GELU backward
+        proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # (w * xhat) @ W_down^T, for the GELU backward
         d_recon = torch.empty((chunk, h), dtype=mm_dtype, device=device)
         mean = torch.empty((chunk,), dtype=f32, device=device)
         rstd = torch.empty((chunk,), dtype=f32, device=device)
