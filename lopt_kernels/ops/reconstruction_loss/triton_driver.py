@@ -235,13 +235,9 @@ def _triton_gemm_chunks(request: LossRequest):
     if compute_grads:
         proj = torch.empty((chunk, r), dtype=mm_dtype, device=device)  # (w * xhat) @ W_down^T, for the GELU backward
         d_recon = torch.empty((chunk, h), dtype=mm_dtype, device=device)
-        mean = torch.empty((chunk,), dtype=f32, device=device)
-        rstd = torch.empty((chunk,), dtype=f32, device=device)
         term_tiles = triton.cdiv(r, _gemm_config("act_grad", mm_dtype)[1])
         row_terms = torch.empty((term_tiles, 2, chunk), dtype=f32, device=device)
-        grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
-        acc_up = torch.empty((h, r), dtype=f32, device=device)
-        acc_down = torch.empty((r, h), dtype=f32, device=device)
+        mean, rstd, grad_y, acc_up, acc_down = _gradient_buffers(n, h, r, chunk, y2.dtype, device)
         coef, dy_scale, rescale = _gradient_coefficient(grad_scale, counted, h, mm_dtype, device)
     else:  # placeholders for pointers the disabled (constexpr) branches never touch
         proj = d_recon = mean = rstd = row_terms = coef = dy_scale = partials
@@ -250,9 +246,6 @@ def _triton_gemm_chunks(request: LossRequest):
     down_w_ln = _down_weight_times_norm_params(down_w, norm_w, norm_b)
     has_mask = row_mask is not None
     for start, m, yc, xc, mask_c in _row_chunks(y2, x2, row_mask, chunk, partials, block_h):
-        # the epilogues index y's and x's columns in int32: a column stride that overflows it gets a contiguous copy
-        yc = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
-        xc = xc if (h - 1) * xc.stride(1) < 2**31 else xc.contiguous()
         normed_c, act_c, proj_c, d_recon_c = normed[:m], act[:m], proj[:m], d_recon[:m]
         grid_h_fwd = min(_FWD_OVERSUBSCRIBE * _num_programs(device.type, device.index), triton.cdiv(m, bm_h))
         _ln_forward_kernel[(grid_h_fwd,)](
@@ -330,12 +323,7 @@ def _triton_chunks(request: LossRequest):
     if compute_grads:
         part_h = [partials[:, i * seg_h :] for i in range(3)]  # LN weight, LN bias, up bias
         part_r = partials[:, 3 * seg_h :]  # down bias
-        mean = torch.empty((chunk,), dtype=f32, device=device)
-        rstd = torch.empty((chunk,), dtype=f32, device=device)
-        grad_y = torch.empty((n, h), dtype=y2.dtype, device=device)
-        # written by the first chunk's weight-gradient matmuls (beta = 0), accumulated into by the others
-        acc_up = torch.empty((h, r), dtype=f32, device=device)
-        acc_down = torch.empty((r, h), dtype=f32, device=device)
+        mean, rstd, grad_y, acc_up, acc_down = _gradient_buffers(n, h, r, chunk, y2.dtype, device)
         coef, dy_scale, rescale = _gradient_coefficient(grad_scale, counted, h, mm_dtype, device)
     else:  # placeholders for pointers the disabled (constexpr) branches never touch
         mean = rstd = part_r = coef = dy_scale = loss_part
@@ -381,11 +369,8 @@ def _triton_chunks(request: LossRequest):
         _accumulate_mm(acc_down, d_z.t(), normed_c, first=start == 0)
         d_normed = torch.mm(d_z, down_w, out=recon_c)
         gy = grad_y[start : start + m]
-        # the LN backward indexes y's columns in int32; a (pathological) column stride that overflows it
-        # gets a contiguous copy of the chunk instead
-        yb = yc if (h - 1) * yc.stride(1) < 2**31 else yc.contiguous()
         _ln_backward_kernel[(grid_h,)](
-            d_normed, yb, yb.stride(0), yb.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
+            d_normed, yc, yc.stride(0), yc.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
             part_h[0], part_h[1], stride_part, mask_c, dy_scale, m, h, grid_h,
             BLOCK_M=bm_h, BLOCK_H=block_h, HAS_ROW_MASK=has_mask, HAS_DY_SCALE=rescale, ROUND_BF16=round_y,
             num_warps=warps_h,
@@ -411,15 +396,20 @@ def _down_weight_times_norm_params(down_w, norm_w, norm_b) -> torch.Tensor:
 
 def _row_chunks(y2, x2, row_mask, chunk, placeholder, block_h):
     """``(start, rows, y rows, x rows, row-mask bytes)`` of each chunk; the mask is ``placeholder`` (a pointer the
-    kernels never read) without a row mask. Rows wider than ``_STRIDED_MAX_BLOCK`` with a column stride are copied
-    contiguous (those strided kernel variants spilled registers)."""
+    kernels never read) without a row mask. A chunk of y or x is copied contiguous where its column stride is not 1
+    and its rows are wider than ``_STRIDED_MAX_BLOCK`` (those strided kernel variants spilled registers), or where
+    its column offsets overflow int32 (some kernels index columns in int32; only a pathological view gets there)."""
     mask_bytes = row_mask.view(torch.uint8) if row_mask is not None else None
+    h = y2.shape[1]
+
+    def kernel_ready(rows):
+        if rows.stride(1) != 1 and (block_h > _STRIDED_MAX_BLOCK or (h - 1) * rows.stride(1) >= 2**31):
+            return rows.contiguous()
+        return rows
+
     for start in range(0, y2.shape[0], chunk):
         m = min(chunk, y2.shape[0] - start)
-        yc, xc = y2[start : start + m], x2[start : start + m]
-        if block_h > _STRIDED_MAX_BLOCK:
-            yc = yc if yc.stride(1) == 1 else yc.contiguous()
-            xc = xc if xc.stride(1) == 1 else xc.contiguous()
+        yc, xc = kernel_ready(y2[start : start + m]), kernel_ready(x2[start : start + m])
         yield start, m, yc, xc, (mask_bytes[start : start + m] if mask_bytes is not None else placeholder)
 
 
@@ -436,6 +426,15 @@ def _require_interpreter_or_cuda(device: torch.device) -> None:
             f"backend='triton' on {device.type} tensors needs the Triton interpreter, but the kernels were "
             "compiled for a GPU: set TRITON_INTERPRET=1 before importing triton (and lopt_kernels)."
         )
+
+
+def _gradient_buffers(n, h, r, chunk, y_dtype, device):
+    """``(mean, rstd, grad_y, acc_up, acc_down)``: a chunk's fp32 row statistics, ``grad_y`` (n x h, y's dtype) and the
+    fp32 weight-gradient accumulators, uninitialised: the first chunk's matmuls write them (beta = 0)."""
+    f32 = torch.float32
+    return (torch.empty((chunk,), dtype=f32, device=device), torch.empty((chunk,), dtype=f32, device=device),
+            torch.empty((n, h), dtype=y_dtype, device=device), torch.empty((h, r), dtype=f32, device=device),
+            torch.empty((r, h), dtype=f32, device=device))
 
 
 def _gradient_coefficient(grad_scale, counted, h, mm_dtype, device):
