@@ -37,7 +37,7 @@ import triton  # noqa: E402
 
 from lopt_kernels.ops.reconstruction_loss import reconstruction_loss  # noqa: E402
 from lopt_kernels.ops.reconstruction_loss import triton_driver as rl  # noqa: E402
-from recon_sweep import _peak_bytes, make_inputs  # noqa: E402
+from recon_sweep import _peak_bytes, make_inputs, with_gemm_path  # noqa: E402
 from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
 # The CPU kernel tests' tolerances (tests/ops/test_reconstruction_loss.py): gradients within
@@ -111,21 +111,6 @@ def six_gemms(rows, h, r, dtype, device):
         return d_z @ down  # d_normed
 
     return step
-
-
-def with_gemm_path(path: str, fn):
-    """``fn`` run with ``LOPT_RECON_GEMMS=path`` (the Triton backend's matmul path, read per call)."""
-    def run(*args, **kwargs):
-        saved = os.environ.get("LOPT_RECON_GEMMS")
-        os.environ["LOPT_RECON_GEMMS"] = path
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if saved is None:
-                del os.environ["LOPT_RECON_GEMMS"]
-            else:
-                os.environ["LOPT_RECON_GEMMS"] = saved
-    return run
 
 
 # Modelled HBM traffic per row of one forward + backward, per pass: (what it reads and writes, h-wide rows, r-wide

@@ -36,8 +36,8 @@ import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from lopt_kernels.ops.reconstruction_loss import reconstruction_loss, reconstruction_loss_and_grads  # noqa: E402
-from recon_check import interleaved_ms, with_gemm_path  # noqa: E402
-from recon_sweep import device_and_shapes, make_inputs  # noqa: E402
+from recon_check import interleaved_ms  # noqa: E402
+from recon_sweep import device_and_shapes, make_inputs, with_gemm_path  # noqa: E402
 from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the benchmark's own reference
 
 

@@ -41,6 +41,21 @@ from test_bench_reconstruction_loss import EPS, eager_loss  # noqa: E402 - the b
 _rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss.triton_driver")
 
 
+def with_gemm_path(path: str, fn):
+    """``fn`` run with ``LOPT_RECON_GEMMS=path`` (the Triton backend's matmul path, read per call)."""
+    def run(*args, **kwargs):
+        saved = os.environ.get("LOPT_RECON_GEMMS")
+        os.environ["LOPT_RECON_GEMMS"] = path
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["LOPT_RECON_GEMMS"]
+            else:
+                os.environ["LOPT_RECON_GEMMS"] = saved
+    return run
+
+
 def grown_chunk_rows(num_rows: int, hidden: int, rank: int) -> int:
     """Chunk rows that grow with h: at least ``default_chunk_rows``, up to 4 r rows (weights re-read once per
     4 r rows) while one chunk-by-hidden buffer stays <= 64M elements."""
@@ -123,12 +138,10 @@ def sweep(rows, h, r, dtype, device, compile_baseline=True, reps=10, partials_gr
                 continue  # the epilogue-GEMM path keeps no per-program partials
             _rl._PARTIAL_PROGRAMS_PER_SM, _rl._MAX_WARPS = partials, max_warps
 
-            def fused(chunk=chunk, gemms=gemms):
-                os.environ["LOPT_RECON_GEMMS"] = gemms
-                try:
-                    return reconstruction_loss_and_grads(y, x, *params, eps=EPS, backend="triton", chunk_rows=chunk)
-                finally:
-                    os.environ.pop("LOPT_RECON_GEMMS")
+            def fused(chunk=chunk):
+                return reconstruction_loss_and_grads(y, x, *params, eps=EPS, backend="triton", chunk_rows=chunk)
+
+            fused = with_gemm_path(gemms, fused)
 
             try:
                 fused()  # compiles this tile setting outside the measurement
