@@ -1,13 +1,17 @@
-"""The fused task loss alone on CPU: torch's chunked linear cross-entropy by reduction and row chunking.
+"""The fused task loss alone on CPU: this library's chunked loop against torch's native chunked op.
 
     python bench/task_loss_chunking.py --rows 255 --hidden 256 --vocab 8016 --dtype bf16     # compare's default shape
+    python bench/task_loss_chunking.py --rows 1023 --hidden 1024 --vocab 32000 --dtype fp32  # cpu-1b, 2 x 512
 
-What ``lopt-kernels compare``'s step-time gap at its default shape is made of (docs/benchmarks.md): the library asks
-torch for per-row losses in bf16 (``reduction="none"``, summed in fp32, so the loss is the model's to fp32
-rounding) where a user's end-to-end step asks for the ``mean`` (a bf16-rounded loss); explicit row chunks are faster
-but hold more memory. For each variant: forward + backward milliseconds (median of interleaved rounds, one step of
-each variant per round) and the step's peak allocated bytes (``lopt_kernels.measure``'s dispatcher count, exact),
-the relative error of the loss against fp32 logits.
+Off CUDA the library's task loss is ``ChunkedLinearCrossEntropy`` (``lopt_kernels/ops/linear_cross_entropy.py``): a
+loop of PyTorch ops over row chunks that computes the gradients in the forward, logits rounded to the input dtype as
+the model's head rounds them. Against it: torch's ``torch.nn.functional.linear_cross_entropy`` as a user's end-to-end
+step calls it (``mean``, automatic chunking: ``compare``'s ``e2e+fce``), with the per-row losses (``none``, what
+this library ran before: a bf16 ``sum`` or ``mean`` is rounded to bf16), and with explicit row chunks. For each:
+forward + backward milliseconds (median of interleaved rounds, one step of each variant per round), the step's peak
+allocated bytes (``lopt_kernels.measure``'s dispatcher count, exact) and the loss's relative error against the
+model's own loss (the head's logits in the input dtype, upcast to fp32). ``--head-trains`` gives the head weight a
+gradient (full fine-tuning); by default it is frozen, as under LoRA.
 """
 
 from __future__ import annotations
@@ -26,19 +30,21 @@ import torch.nn.functional as F  # noqa: E402
 from lopt_kernels.measure import _StepAllocations  # noqa: E402
 
 
-def variants(x, w, t, reduction: str, chunks) -> dict:
-    """name -> a zero-argument loss: the user's ``mean`` and the library's ``reduction`` with torch's automatic
-    chunking, then the library's with each explicit row chunk."""
-    def loss_fn(reduction, options):
+def variants(x, w, t, chunks) -> dict:
+    """name -> a zero-argument loss (the summed loss, fp32)."""
+    from lopt_kernels.ops.linear_cross_entropy import linear_cross_entropy  # noqa: PLC0415
+
+    def torch_op(reduction, options):
         def run():
             loss = F.linear_cross_entropy(x, w, t, reduction=reduction, options=options)
             return loss.float().sum() if reduction == "none" else loss.float() * (t.numel() if reduction == "mean" else 1)
         return run
 
-    out = {"mean auto (the user's)": loss_fn("mean", torch.nn.LinearCrossEntropyOptions()),
-           f"{reduction} auto (the library's)": loss_fn(reduction, torch.nn.LinearCrossEntropyOptions())}
+    out = {"chunked (the library's)": lambda: linear_cross_entropy(x, w, t, impl="chunked") * t.numel(),
+           "torch mean auto (the user's)": torch_op("mean", torch.nn.LinearCrossEntropyOptions()),
+           "torch none auto": torch_op("none", torch.nn.LinearCrossEntropyOptions())}
     for c in chunks:
-        out[f"{reduction} chunks of {c}"] = loss_fn(reduction, torch.nn.LinearCrossEntropyOptions(batch_chunk_size=c))
+        out[f"torch none chunks of {c}"] = torch_op("none", torch.nn.LinearCrossEntropyOptions(batch_chunk_size=c))
     return out
 
 
@@ -48,16 +54,17 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8016)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--chunks", type=int, nargs="*", default=[16, 64, 256])
+    p.add_argument("--chunks", type=int, nargs="*", default=[64, 256])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--head-trains", action="store_true", help="the head weight gets a gradient (full fine-tuning)")
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.rows, args.hidden, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).to(dtype).requires_grad_()
+    w = (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).to(dtype).requires_grad_(args.head_trains)
     t = torch.randint(0, args.vocab, (args.rows,), generator=g)
-    exact = float(F.cross_entropy(x.detach().float() @ w.detach().float().T, t, reduction="sum"))
-    steps = variants(x, w, t, "none" if dtype == torch.bfloat16 else "sum", args.chunks)
+    exact = float(F.cross_entropy((x.detach() @ w.detach().T).float(), t, reduction="sum"))  # the model's own
+    steps = variants(x, w, t, args.chunks)
     peaks, errors, times = {}, {}, {name: [] for name in steps}
     for name, step in steps.items():
         x.grad = w.grad = None
@@ -73,8 +80,8 @@ def main(argv=None):
             step().backward()
             if round_:
                 times[name].append(time.perf_counter() - started)
-    print(f"{args.rows} rows x h {args.hidden} x vocab {args.vocab}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds")
+    print(f"{args.rows} rows x h {args.hidden} x vocab {args.vocab}, {args.dtype}, head "
+          f"{'trains' if args.head_trains else 'frozen'}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
     for name in steps:
         print(f"  {name:<28} {statistics.median(times[name]) * 1e3:9.1f} ms  peak {peaks[name] / 2**20:7.2f} MiB  "
               f"loss rel. error {errors[name]:.1e}")

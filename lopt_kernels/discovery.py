@@ -24,7 +24,7 @@ SUPPORTED_FAMILIES = (
 # "auto" and every boundary mode: a new mode is its module and its entry in boundary.BOUNDARY_MODES
 MODES = ("auto", *BOUNDARY_MODES)
 AUX_MASKS = ("all", "tokens")
-FUSED_CE = ("auto", "liger", "torch", "off")
+FUSED_CE = ("auto", "liger", "torch", "chunked", "off")
 AUX_DECODERS_ATTR = "lopt_aux_decoders"
 
 

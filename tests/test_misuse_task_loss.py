@@ -23,7 +23,7 @@ def _top_grads(model):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["torch", "liger"])
+@pytest.mark.parametrize("impl", ["torch", "liger", "chunked"])
 @pytest.mark.parametrize("num_items", [None, 0, "tensor0"])
 def test_all_labels_ignored_gives_zero_task_gradients_not_nan(impl, num_items):
     model = tiny_model("llama")
@@ -209,7 +209,7 @@ def test_shift_labels_without_labels_matches_the_unpatched_model():
 
 
 @pytest.mark.explicit_modes
-@pytest.mark.parametrize("impl", ["torch", "liger"])
+@pytest.mark.parametrize("impl", ["torch", "liger", "chunked"])
 @pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
 def test_second_backward_through_fused_task_loss_names_the_cause_and_the_setting(mode, impl):
     model = lopt_kernels.patch(tiny_model("llama"), mode=mode, fused_ce=impl)

@@ -11,7 +11,7 @@ from lopt_kernels.ops.linear_cross_entropy import linear_cross_entropy, shift_la
 from tiny_models import batch, tiny_model
 
 
-@pytest.mark.parametrize("impl", ["torch", "liger"])
+@pytest.mark.parametrize("impl", ["torch", "liger", "chunked"])
 @pytest.mark.parametrize("num_items", [None, 13])
 def test_linear_cross_entropy_matches_cross_entropy(impl, num_items):
     g = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def test_training_forward_has_no_logits_and_the_same_loss(family):
         assert model(**b).logits is not None  # eval keeps the model's own path
 
 
-def test_softcapped_family_falls_back_once_with_a_notice():
+def test_softcapped_family_falls_back_once_with_a_notice_where_the_implementation_cannot_cap():
     model = tiny_model("gemma2")  # final_logit_softcapping: torch's fused op cannot honour it
     original = copy.deepcopy(model)
     lopt_kernels.patch(model, fused_ce="torch")
@@ -138,3 +138,94 @@ def test_falcon_h1_head_multiplier(multiplier):
     torch.testing.assert_close(model.lm_head.weight.grad, original.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
     stepped_aside = any("fused task loss is off" in str(w.message) for w in caught)
     assert stepped_aside == (multiplier != 1.0) and (out.logits is None) == (multiplier == 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the chunked implementation (the default off CUDA)
+# ----------------------------------------------------------------------------------------------
+
+_CHUNKED_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
+
+
+def _reference_loss(hidden, weight, bias, target, softcap):
+    """A causal LM's own loss: the head's logits in its dtype, soft-capped there, upcast, mean cross-entropy."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("head_trains", [True, False], ids=["head-trains", "head-frozen"])
+def test_chunked_loss_and_gradients_are_the_models_own(dtype, softcap, head_trains):
+    """77 rows cross two 32-row chunks and a 13-row tail; some rows ignored; a bias; a frozen head takes the
+    loop's no-weight-gradient branch. The loss is the model's to fp32 rounding in every dtype (its per-row losses
+    are summed in fp32, never rounded to the input dtype); gradients within the dtype's tolerance."""
+    from lopt_kernels.ops.linear_cross_entropy import MIN_CHUNK_ROWS, chunk_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows, hidden_size, vocab = 77, 24, 301
+    assert chunk_rows(rows, hidden_size, vocab) == MIN_CHUNK_ROWS == 32
+    hidden = torch.randn(rows, hidden_size, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.3).to(dtype).requires_grad_(head_trains)
+    bias = torch.randn(vocab, generator=g).to(dtype).requires_grad_(head_trains)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[[0, 5, 40, 76]] = -100
+    ref = _reference_loss(hidden, weight, bias, target, softcap)
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, softcap=softcap, impl="chunked")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-6, atol=0)
+    inputs = [hidden, weight, bias] if head_trains else [hidden]
+    for got, want, name in zip(torch.autograd.grad(loss * 3, inputs), torch.autograd.grad(ref * 3, inputs),
+                               ["hidden", "weight", "bias"]):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got.float(), want.float(), **_CHUNKED_TOL[dtype], msg=name)
+
+
+def test_chunked_loss_holds_one_chunk_of_fp32_logits_and_a_copy():
+    """The loop's peak (exact dispatcher count) is one chunk's fp32 logits, turned into the softmax in place, and
+    their rounded copy for the input gradient's matmul, over the gradient buffers: never the (rows x vocab) logits,
+    and no third chunk-sized buffer (``torch.logsumexp`` would add one)."""
+    from lopt_kernels.measure import _StepAllocations
+    from lopt_kernels.ops.linear_cross_entropy import chunk_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows, hidden_size, vocab = 255, 64, 4000
+    hidden = torch.randn(rows, hidden_size, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.1).bfloat16()
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    with _StepAllocations() as tracker:
+        linear_cross_entropy(hidden, weight, target, impl="chunked").backward()
+    chunk = chunk_rows(rows, hidden_size, vocab)
+    assert chunk == 32
+    chunk_bytes = chunk * vocab * (4 + 2)
+    assert chunk_bytes < tracker.peak <= chunk_bytes + 3 * rows * hidden_size * 2 + 64 * 1024, tracker.peak
+
+
+def test_auto_runs_the_chunked_loss_off_cuda_and_the_softcapped_family_fuses():
+    """Off CUDA ``fused_ce="auto"`` runs the chunked loop, which soft-caps: Gemma2's task loss is fused (no logits,
+    no fallback notice) and equals its own loss; before, it fell back to the model's logit-materialising loss."""
+    from lopt_kernels.ops.linear_cross_entropy import resolve_implementation
+
+    assert resolve_implementation("auto", torch.device("cpu"), 30.0) == "chunked"
+    model = tiny_model("gemma2")
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    b = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model(**b)
+    assert out.logits is None
+    ref = original(**b)
+    torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_task_loss_in_bf16_is_the_models_to_fp32_rounding():
+    """A bf16 model's fused task loss equals its own loss to fp32 rounding (torch's op, asked for per-row losses,
+    was 1e-5 off: it does not round the logits to bf16 as the model's head does)."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model)
+    b = batch()
+    torch.testing.assert_close(model(**b).task_loss, original(**b).loss, rtol=1e-6, atol=0)

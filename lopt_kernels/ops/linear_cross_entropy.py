@@ -1,10 +1,12 @@
 """Causal-LM task loss without logits: a fused linear cross-entropy.
 
-This op writes no kernel of its own: it dispatches to the best existing implementations,
-Liger-Kernel's ``LigerFusedLinearCrossEntropyFunction`` (Triton, CUDA; supports final-logit
-soft-capping) and torch's native chunked ``torch.nn.functional.linear_cross_entropy``
-(torch >= 2.13, any device). Both compute ``cross_entropy(hidden @ W.T + b, target)`` chunk by
-chunk so the (tokens x vocab) logits never exist whole.
+On CUDA it dispatches to Liger-Kernel's ``LigerFusedLinearCrossEntropyFunction`` (Triton;
+supports final-logit soft-capping). Elsewhere it runs ``ChunkedLinearCrossEntropy``, a loop of
+plain PyTorch ops over row chunks that computes the gradients during the forward, as Liger does.
+torch's native ``torch.nn.functional.linear_cross_entropy`` (``impl="torch"``) stays selectable, but
+on CPU it was slower, held more and, in bf16, was less exact than that loop (``bench/task_loss_chunking.py``).
+All compute ``cross_entropy(hidden @ W.T + b, target)`` chunk by chunk so the (tokens x vocab)
+logits never exist whole.
 
 Semantics match transformers' ``ForCausalLMLoss``: fp32 loss, ``ignore_index=-100``, mean over
 non-ignored targets, or ``sum / num_items_in_batch`` when that is given. A batch with no counted
@@ -17,8 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("auto", "liger", "torch")
+IMPLEMENTATIONS = ("auto", "liger", "torch", "chunked")
 IGNORE_INDEX = -100
+# Below this many rows per chunk the loop's per-chunk cost (reading the head's weight twice, and reading and writing
+# its fp32 gradient when it trains) outweighs the memory a smaller chunk saves: bf16 255 x 256 x 8016, 1 thread,
+# forward + backward, head trained: 8 rows 118.7 ms, 16 rows 71.1, 32 rows 45.9 (torch's op: 257.2).
+MIN_CHUNK_ROWS = 32
 
 
 def torch_linear_cross_entropy_available() -> bool:
@@ -30,12 +36,18 @@ def resolve_implementation(impl: str, device: torch.device, softcap: float | Non
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"fused linear cross-entropy implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda":
-            return "liger"
-        impl = "torch"
+        return "liger" if device.type == "cuda" and liger_available() else "chunked"
     if impl == "torch" and (softcap is not None or not torch_linear_cross_entropy_available()):
         return None  # torch's op has no soft-capping
     return impl
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
 
 
 def shift_labels_of(labels: torch.Tensor) -> torch.Tensor:
@@ -72,6 +84,8 @@ def linear_cross_entropy(
             hidden2, weight, target, bias, None, IGNORE_INDEX, 0.0, 0.0, "sum", softcap
         )
         loss = loss[0] if isinstance(loss, tuple) else loss
+    elif chosen == "chunked":
+        loss = ChunkedLinearCrossEntropy.apply(hidden2, weight, target, bias, softcap)
     elif hidden2.dtype == torch.float32:
         # torch's own "sum" reduction: its "none" reduction runs about twice as long on CPU (2 cores, 1024 rows,
         # h 1024, vocab 32000: 26 s against 11-18 s forward + backward)
@@ -118,3 +132,84 @@ class _SafeDivide(torch.autograd.Function):
         (denominator,) = ctx.saved_tensors
         safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
         return torch.where(denominator == 0, torch.zeros_like(grad), grad / safe), None
+
+
+def chunk_rows(rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk: a chunk's logits no larger than the hidden input (``rows x hidden`` elements), the rule
+    torch's and Liger's chunked losses follow, but never under ``MIN_CHUNK_ROWS``, as a power of two."""
+    by_size = max(1, rows * hidden // max(vocab, 1))
+    return min(max(rows, 1), max(MIN_CHUNK_ROWS, 1 << (by_size.bit_length() - 1)))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed ``cross_entropy(softcap(hidden @ weight.T + bias), target)`` over row chunks, exactly as a causal LM's
+    own loss computes it: logits in the input dtype (the head's output), soft-capped there, then upcast to fp32 for
+    the log-softmax; per-row losses summed in fp32. The gradients are computed chunk by chunk during the forward
+    (a chunk's fp32 logits are freed before the next), so the backward only scales them: one backward per forward.
+
+    Args: hidden (N, H), weight (V, H), target (N,) with -100 for ignored rows, bias (V,) or None, softcap or None.
+    Returns: the fp32 sum of the counted rows' losses (0 when none counts).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, softcap):
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        need = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if need[0] else None
+        # the weight's and bias's gradients accumulate in fp32 over the chunks, rounded once in the backward
+        fp32 = dict(dtype=torch.float32, device=weight.device)
+        grad_weight = torch.zeros(weight.shape, **fp32) if need[1] else None
+        grad_bias = torch.zeros(vocab, **fp32) if bias is not None and need[3] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        step = chunk_rows(rows, hidden.shape[1], vocab)
+        for start in range(0, rows, step):
+            # one call per chunk: its (chunk x vocab) buffers are freed before the next chunk's are allocated
+            total += _chunk_loss_and_grads(hidden[start:start + step], weight, bias, target[start:start + step],
+                                           softcap, grad_hidden, grad_weight, grad_bias, start)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # the fp32 scale multiplies the rounded gradient (a 0-d tensor does not round to the input dtype first)
+        return (grad_hidden.mul_(grad_total) if need[0] else None,
+                grad_weight.mul_(grad_total).to(ctx.dtypes[0]) if need[1] else None,
+                None,
+                grad_bias.mul_(grad_total).to(ctx.dtypes[1]) if need[3] else None,
+                None)
+
+
+def _chunk_loss_and_grads(h, weight, bias, t, softcap, grad_hidden, grad_weight, grad_bias, start):
+    """One chunk of ``ChunkedLinearCrossEntropy``: its summed loss; its gradients written (``grad_hidden``'s rows
+    from ``start``) or accumulated (``grad_weight``, ``grad_bias``) into the buffers that are not None."""
+    logits = F.linear(h, weight, bias)
+    if softcap is not None:
+        capped = torch.tanh(logits / softcap)  # in the head's dtype, as the model's forward caps them
+        logits = capped * softcap
+    logits = logits.float()
+    counted = t != IGNORE_INDEX
+    safe_t = torch.where(counted, t, 0).unsqueeze(1)
+    target_logit = logits.gather(1, safe_t).squeeze(1)
+    # log-sum-exp by hand so that its exponentials become the softmax in place of the logits (torch.logsumexp would
+    # hold a second chunk x vocab fp32 buffer)
+    row_max = logits.amax(dim=1, keepdim=True)
+    softmax = logits.sub_(row_max).exp_()
+    sum_exp = softmax.sum(dim=1, keepdim=True)
+    loss = ((row_max + sum_exp.log()).squeeze(1) - target_logit).mul_(counted).sum()
+    if grad_hidden is None and grad_weight is None and grad_bias is None:
+        return loss
+    grad_logits = softmax.div_(sum_exp)
+    grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad_logits.dtype))
+    grad_logits.mul_(counted.unsqueeze(1))
+    if softcap is not None:
+        grad_logits.mul_(capped.float().square_().neg_().add_(1))  # d(cap tanh(z / cap)) / dz
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t(), h.float())
+    if grad_hidden is not None:
+        grad_hidden[start:start + h.shape[0]] = grad_logits.to(h.dtype) @ weight
+    return loss
