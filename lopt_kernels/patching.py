@@ -78,8 +78,8 @@ def patch(
     otherwise (full fine-tuning, FSDP2). ``backend`` selects the fused-loss kernels (``"auto"``: Triton on
     CUDA tensors, chunked PyTorch elsewhere). ``aux_mask="tokens"`` leaves padding positions out of
     the aux loss (``"all"``, the reference, counts them). ``fused_ce`` computes the task loss in
-    training without materialising logits (``"auto"``: Liger on CUDA, torch's chunked
-    ``linear_cross_entropy`` elsewhere; ``"off"``: the model's own loss, logits returned).
+    training without materialising logits (``"auto"``: Liger on CUDA, the library's chunked PyTorch
+    loop elsewhere; ``"torch"``: torch's ``linear_cross_entropy``; ``"off"``: the model's own loss, logits returned).
     """
     lm, backbone, layers, settings = validate(
         model, num_blocks, boundaries, lambda_aux, mode, backend, aux_mask, fused_ce
