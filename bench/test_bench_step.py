@@ -1,7 +1,7 @@
 """Benchmark: one LoPT training step against end-to-end training and the reference code.
 
 Run with ``pytest bench/test_bench_step.py --benchmark-only``. Each variant of
-``lopt-kernels compare`` (see ``lopt_kernels/compare.py``) is a pytest-benchmark case in one group,
+``lopt-kernels compare`` (see ``lopt_kernels/compare/``) is a pytest-benchmark case in one group,
 so the step times print side by side; its step-peak memory, gradient and parameter bytes and
 FLOPs go into ``benchmark.extra_info``, and the memory/FLOP target ratios print at the end.
 
