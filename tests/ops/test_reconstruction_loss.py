@@ -166,7 +166,7 @@ def test_autograd_matches_reference(backend, dtype, rows, chunk_rows, layout):
 def test_wide_strided_chunks_are_copied_contiguous(monkeypatch):
     """Above _STRIDED_MAX_BLOCK the kernels only ever see column stride 1 (a copy of the chunk), same results."""
     launches = []
-    real = rl_driver._ln_forward_kernel
+    real = rl_driver.ln_forward_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -176,7 +176,7 @@ def test_wide_strided_chunks_are_copied_contiguous(monkeypatch):
             return run
 
     monkeypatch.setattr(rl_driver, "_STRIDED_MAX_BLOCK", 64)  # H = 72: BLOCK_H 128 counts as wide
-    monkeypatch.setattr(rl_driver, "_ln_forward_kernel", Spy())
+    monkeypatch.setattr(rl_driver, "ln_forward_kernel", Spy())
     y, x, params = make_inputs(37, torch.float32, "strided")
     ref_loss, ref_grads = reference(y, x, params, scale=SCALE)
     loss, grads = reconstruction_loss_and_grads(y, x, *params, grad_scale=SCALE, backend="triton", chunk_rows=16)
@@ -211,7 +211,7 @@ def test_autograd_partial_requires_grad(backend):
 def test_compute_grads_false_returns_loss_only(backend, monkeypatch):
     y, x, params = make_inputs(37, torch.float32)
     ref_loss, _ = reference(y, x, params)
-    impl_name = "_triton_loss_and_grads" if backend == "triton" else "_torch_loss_and_grads"
+    impl_name = "triton_loss_and_grads" if backend == "triton" else "torch_loss_and_grads"
     calls = []
     real = getattr(rl_op, impl_name)
 
@@ -487,7 +487,7 @@ def test_triton_launches_run_under_the_device_guard_of_y(recording_cuda_device, 
 
             return run
 
-    kernels = [n for n in vars(rl_driver) if n.startswith("_") and n.endswith("_kernel")]
+    kernels = [n for n in vars(rl_driver) if n.endswith("_kernel")]
     assert len(kernels) == 9, kernels  # five row kernels, four epilogue GEMMs
     for name in kernels:
         monkeypatch.setattr(rl_driver, name, LaunchRecorder(name, getattr(rl_driver, name)))
@@ -577,7 +577,7 @@ def test_custom_ops_opcheck():
 def _round_probe_kernel(X, OUT, N: tl.constexpr):
     offs = tl.arange(0, N)
     v = tl.load(X + offs).to(tl.float32)
-    tl.store(OUT + offs, rl_kernels._round_bf16(v, True).to(tl.bfloat16))
+    tl.store(OUT + offs, rl_kernels.round_bf16(v, True).to(tl.bfloat16))
 
 
 @interpreter_only
@@ -601,7 +601,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
     rl = importlib.import_module("lopt_kernels.ops.reconstruction_loss.triton_driver")
     from lopt_kernels.ops.reconstruction_loss import default_chunk_rows
-    assert not rl._INTERPRETED, "kernels must be JIT functions here"
+    assert not rl.INTERPRETED, "kernels must be JIT functions here"
     target = GPUTarget("cuda", 90, 32)
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spill bytes of each kernel
     seen, spills, checked, table = set(), [], 0, []
@@ -665,26 +665,26 @@ _COMPILE_SCRIPT = textwrap.dedent(
             for masked in (False, True):  # aux_mask="tokens": the row mask read by three kernels
                 for flag in (True, False):
                     for add_bias in (True, False):  # False: the epilogue-GEMM path's w * xhat
-                        compile_kernel(rl._ln_forward_kernel,
+                        compile_kernel(rl.ln_forward_kernel,
                             dict(Y=mm, W=mm, B=mm, NORMED=mm, MEAN=f32, RSTD=f32, ROW_MASK="*u8", eps="fp32", **ys,
                                  **sizes_h),
                             dict(BLOCK_M=bm_h, BLOCK_H=bh, STORE_BWD=flag, HAS_ROW_MASK=masked, ROUND_BF16=False,
                                  ADD_BIAS=add_bias), w_h)
-                    compile_kernel(rl._squared_error_kernel,
+                    compile_kernel(rl.squared_error_kernel,
                         dict(RECON=mm, BU=mm, X=mm, COEF=f32, ROW_MASK="*u8", LOSS_PART=f32, DBU_PART=f32,
                              stride_part=part_stride if flag else 1, **xs, **sizes_h),
                         dict(BLOCK_M=bm_h, BLOCK_H=bh, COMPUTE_GRADS=flag, HAS_ROW_MASK=masked, ROUND_BF16=False),
                         w_h)
                 for dy_scale in (False, True):  # True: fp16 matmuls (d_recon stored scaled)
-                    compile_kernel(rl._ln_backward_kernel,
+                    compile_kernel(rl.ln_backward_kernel,
                         dict(DNORMED=mm, Y=mm, MEAN=f32, RSTD=f32, W=mm, DY=mm, DW_PART=f32, DB_PART=f32,
                              stride_part=part_stride, ROW_MASK="*u8", DY_SCALE=f32, **ys, stride_dym=h, stride_dyh=1,
                              **sizes_h),
                         dict(BLOCK_M=bm_h, BLOCK_H=bh, HAS_ROW_MASK=masked, HAS_DY_SCALE=dy_scale, ROUND_BF16=False),
                         w_h)
-        compile_kernel(rl._bias_gelu_forward_kernel, dict(PROJ=mm, BD=mm, ACT=mm, **sizes_r),
+        compile_kernel(rl.bias_gelu_forward_kernel, dict(PROJ=mm, BD=mm, ACT=mm, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
-        compile_kernel(rl._gelu_backward_kernel,
+        compile_kernel(rl.gelu_backward_kernel,
             dict(GRAD=mm, PROJ=mm, BD=mm, DBD_PART=f32, stride_part=part_stride, **sizes_r),
             dict(BLOCK_M=bm_r, BLOCK_R=br, ROUND_BF16=False), w_r)
     # the epilogue GEMMs (LOPT_RECON_GEMMS=triton) with the host code's tile configs: bf16 at the benchmark sizes (the
@@ -704,23 +704,23 @@ _COMPILE_SCRIPT = textwrap.dedent(
         weights_u = dict(WU=mm, stride_wu_h=r, stride_wu_r=1)
         part = dict(PART=f32, stride_part=3 * rl._round_up(h, 32) + rl._round_up(r, 32) + 32)
         for store in (True, False):
-            gemm(rl._down_gelu_kernel, "down_gelu", r, h,
+            gemm(rl.down_gelu_kernel, "down_gelu", r, h,
                  dict(NORMED=mm, BD=mm, DOWN_W_LN=f32, PROJ=mm, ACT=mm, **weights_d),
                  STORE_PROJ=store, ROUND_BF16=False)
         for col_stride in (1, None) if mm == "*bf16" else (1,):
             for masked in (False, True):
                 for grads in (True, False):
-                    gemm(rl._up_error_kernel, "up_error", h, r,
+                    gemm(rl.up_error_kernel, "up_error", h, r,
                          dict(ACT=mm, BU=mm, X=mm, stride_xm=h if col_stride else None, stride_xh=col_stride,
                               COEF=f32, ROW_MASK="*u8", D_RECON=mm, loss_col=None, bu_col=None, **weights_u, **part),
                          COMPUTE_GRADS=grads, HAS_ROW_MASK=masked, ROUND_BF16=False)
                 for dy_scale in (False, True):
-                    gemm(rl._ln_grad_kernel, "ln_grad", h, r,
+                    gemm(rl.ln_grad_kernel, "ln_grad", h, r,
                          dict(D_Z=mm, Y=mm, stride_ym=h if col_stride else None, stride_yh=col_stride, MEAN=f32,
                               RSTD=f32, W=mm, ROW_TERMS=f32, term_tiles=None, ROW_MASK="*u8", DY_SCALE=f32, DY=mm,
                               stride_dym=h, stride_dyh=1, w_col=None, b_col=None, **weights_d, **part),
                          HAS_ROW_MASK=masked, HAS_DY_SCALE=dy_scale, ROUND_BF16=False)
-        gemm(rl._act_grad_kernel, "act_grad", r, h,
+        gemm(rl.act_grad_kernel, "act_grad", r, h,
              dict(D_RECON=mm, PROJ=mm, BD=mm, DOWN_W_LN=f32, D_Z=mm, bd_col=None, ROW_TERMS=f32, **weights_u, **part),
              ROUND_BF16=False)
     for row in table:  # the register table (pytest -s shows it)

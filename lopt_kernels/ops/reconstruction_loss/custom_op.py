@@ -11,15 +11,15 @@ import torch
 from torch.utils import flop_counter
 
 from .request import LossRequest
-from .torch_twin import _torch_loss_and_grads
-from .triton_driver import _triton_loss_and_grads
+from .torch_twin import torch_loss_and_grads
+from .triton_driver import triton_loss_and_grads
 
 def _run_impl(y, x, params, eps, grad_scale, compute_grads, backend, chunk_rows, row_mask=None, param_scale=1.0):
     request = LossRequest.of(y, x, params, eps, grad_scale, compute_grads, chunk_rows, row_mask, param_scale)
     # The op fixes its own precision (fp32 statistics and accumulation): an enclosing autocast
     # region must not recast its matmuls.
     with torch.autocast(y.device.type, enabled=False):
-        implementation = _triton_loss_and_grads if backend == "triton" else _torch_loss_and_grads
+        implementation = triton_loss_and_grads if backend == "triton" else torch_loss_and_grads
         loss, grads = implementation(request)
     if grads is not None:
         grads = (grads[0].reshape(y.shape), *grads[1:])

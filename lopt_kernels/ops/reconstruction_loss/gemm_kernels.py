@@ -3,12 +3,12 @@
 The ``"triton"`` GEMM path (``triton_driver``, ``LOPT_RECON_GEMMS=triton``) runs four of the six matmuls here, so
 the reconstruction, ``d_act`` and ``d_normed`` never reach memory and the separate row kernels disappear:
 
-- ``_down_gelu_kernel``:  ``proj = normed @ W_down^T``; epilogue ``act = gelu(z)``, ``z = proj + b_down + W_down b``;
-- ``_up_error_kernel``:   ``recon = act @ W_up^T``; epilogue ``+ b_up - x``, the loss partials,
+- ``down_gelu_kernel``:  ``proj = normed @ W_down^T``; epilogue ``act = gelu(z)``, ``z = proj + b_down + W_down b``;
+- ``up_error_kernel``:   ``recon = act @ W_up^T``; epilogue ``+ b_up - x``, the loss partials,
   ``d_recon = coef * (recon - x)`` and the up-bias partials (the reconstruction is never stored);
-- ``_act_grad_kernel``:   ``d_act = d_recon @ W_up``; epilogue ``d_z = d_act * gelu'(z)``, the down-bias partials
+- ``act_grad_kernel``:   ``d_act = d_recon @ W_up``; epilogue ``d_z = d_act * gelu'(z)``, the down-bias partials
   and the LayerNorm backward's two row terms (below);
-- ``_ln_grad_kernel``:    ``d_normed = d_z @ W_down``; epilogue the LayerNorm backward: the rows of ``grad_y`` and the
+- ``ln_grad_kernel``:    ``d_normed = d_z @ W_down``; epilogue the LayerNorm backward: the rows of ``grad_y`` and the
   LayerNorm weight/bias partials (``d_normed`` is never stored).
 
 The weight gradients (``d_recon^T @ act``, ``d_z^T @ normed``) stay on cuBLAS, accumulating in fp32.
@@ -25,8 +25,8 @@ tile of the ``d_normed`` GEMM does not see. Since ``d_normed = d_z @ W_down`` an
     h * c1 = sum_k d_z[k] * proj[k]      h * c2 = sum_k d_z[k] * (W_down @ w)[k]
 
 (exact in real arithmetic, ``proj`` as stored; with the bias left in ``normed``, c1 would be a difference of two large
-stored values when |b| >> |w|, and lose its precision): sums over r that ``_act_grad_kernel``'s tiles form from the
-``d_z`` and ``proj`` they already hold, one fp32 pair per row and column tile, summed in ``_ln_grad_kernel``.
+stored values when |b| >> |w|, and lose its precision): sums over r that ``act_grad_kernel``'s tiles form from the
+``d_z`` and ``proj`` they already hold, one fp32 pair per row and column tile, summed in ``ln_grad_kernel``.
 
 Column sums (bias and LayerNorm gradients) and the loss go to per-row-tile fp32 partial rows (each row tile and
 column owned by one program: no atomics, deterministic), summed once per call. Under the interpreter the operands are
@@ -37,7 +37,7 @@ converted to fp32 before ``tl.dot`` (numpy has no bfloat16) and bf16 stores are 
 import triton
 import triton.language as tl
 
-from .kernels import _round_bf16
+from .kernels import round_bf16
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _matmul_tile(
 def _as_stored(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
     """fp32 ``v`` rounded to ``dtype`` and back: the value a store of ``v`` keeps."""
     if ROUND_BF16:
-        return _round_bf16(v, ROUND_BF16)
+        return round_bf16(v, ROUND_BF16)
     return v.to(dtype).to(tl.float32)
 
 
@@ -107,7 +107,7 @@ def _down_bias(BD, DOWN_W_LN, cols, cmask):
 
 
 @triton.jit
-def _down_gelu_kernel(
+def down_gelu_kernel(
     NORMED,  # (M, K=h) LayerNorm output, contiguous, matmul dtype
     WD, stride_wd_r, stride_wd_h,  # (r, h) down weight
     BD,  # (r,) down bias
@@ -130,11 +130,11 @@ def _down_gelu_kernel(
     act = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     if STORE_PROJ:
         tl.store(PROJ + offs, proj, mask=mask)
-    tl.store(ACT + offs, _round_bf16(act, ROUND_BF16), mask=mask)
+    tl.store(ACT + offs, round_bf16(act, ROUND_BF16), mask=mask)
 
 
 @triton.jit
-def _up_error_kernel(
+def up_error_kernel(
     ACT,  # (M, K=r) gelu output, contiguous, matmul dtype
     WU, stride_wu_h, stride_wu_r,  # (h, r) up weight
     BU,  # (h,) up bias
@@ -166,13 +166,13 @@ def _up_error_kernel(
     tl.store(loss_ptr, tl.load(loss_ptr) + tl.sum(tl.sum(diff * diff, axis=1), axis=0))
     if COMPUTE_GRADS:
         d_recon = diff * tl.load(COEF)
-        tl.store(D_RECON + rows64[:, None] * N + cols[None, :], _round_bf16(d_recon, ROUND_BF16), mask=store_mask)
+        tl.store(D_RECON + rows64[:, None] * N + cols[None, :], round_bf16(d_recon, ROUND_BF16), mask=store_mask)
         bu_ptrs = part_row + bu_col + cols
         tl.store(bu_ptrs, tl.load(bu_ptrs, mask=cmask, other=0.0) + tl.sum(d_recon, axis=0), mask=cmask)
 
 
 @triton.jit
-def _act_grad_kernel(
+def act_grad_kernel(
     D_RECON,  # (M, K=h) contiguous, matmul dtype
     WU, stride_wu_h, stride_wu_r,  # (h, r) up weight
     PROJ,  # (M, N=r) the forward's proj (contiguous, matmul dtype)
@@ -196,7 +196,7 @@ def _act_grad_kernel(
     cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
     pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
     d_z = tl.where(mask, acc * (cdf + z * pdf), 0.0)
-    tl.store(D_Z + offs, _round_bf16(d_z, ROUND_BF16), mask=mask)
+    tl.store(D_Z + offs, round_bf16(d_z, ROUND_BF16), mask=mask)
     bd_ptrs = PART + pid_m.to(tl.int64) * stride_part + bd_col + cols
     tl.store(bd_ptrs, tl.load(bd_ptrs, mask=cmask, other=0.0) + tl.sum(d_z, axis=0), mask=cmask)
     # the row terms from the d_z that the d_normed GEMM will read (as stored)
@@ -208,13 +208,13 @@ def _act_grad_kernel(
 
 
 @triton.jit
-def _ln_grad_kernel(
+def ln_grad_kernel(
     D_Z,  # (M, K=r) contiguous, matmul dtype
     WD, stride_wd_r, stride_wd_h,  # (r, h) down weight
     Y, stride_ym, stride_yh,  # (M, N=h) the block output rows, any strides, re-read to recompute xhat
     MEAN, RSTD,  # (M,) fp32 row statistics of the LayerNorm forward
     W,  # (h,) LayerNorm weight
-    ROW_TERMS, term_tiles,  # (term_tiles, 2, M) fp32 from _act_grad_kernel
+    ROW_TERMS, term_tiles,  # (term_tiles, 2, M) fp32 from act_grad_kernel
     ROW_MASK,  # (M,) uint8, 1 where the row counts (read only if HAS_ROW_MASK)
     DY_SCALE,  # (1,) fp32 factor for grad_y (read only if HAS_DY_SCALE): undoes d_recon's storage scale
     DY, stride_dym, stride_dyh,  # out: (M, N) rows of grad_y
@@ -247,7 +247,7 @@ def _ln_grad_kernel(
     dy = (d_normed * w[None, :] - (xhat * (c1 / N)[:, None] + (c2 / N)[:, None])) * rstd[:, None]
     if HAS_DY_SCALE:
         dy = dy * tl.load(DY_SCALE)
-    tl.store(DY + rows64[:, None] * stride_dym + cols[None, :] * stride_dyh, _round_bf16(dy, ROUND_BF16), mask=mask)
+    tl.store(DY + rows64[:, None] * stride_dym + cols[None, :] * stride_dyh, round_bf16(dy, ROUND_BF16), mask=mask)
     part_row = PART + pid_m.to(tl.int64) * stride_part + cols
     tl.store(part_row + w_col, tl.load(part_row + w_col, mask=cmask, other=0.0) + tl.sum(d_normed * xhat, axis=0),
              mask=cmask)

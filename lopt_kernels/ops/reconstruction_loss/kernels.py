@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 @triton.jit
-def _round_bf16(v, ROUND_BF16: tl.constexpr):
+def round_bf16(v, ROUND_BF16: tl.constexpr):
     """Round fp32 ``v`` to the nearest bf16-representable value (ties to even) when ``ROUND_BF16``.
 
     Only used under the interpreter, whose fp32 -> bf16 conversion truncates; compiled kernels convert
@@ -32,7 +32,7 @@ def _round_bf16(v, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _ln_forward_kernel(
+def ln_forward_kernel(
     Y, stride_ym, stride_yh,  # chunk of y (strided)
     W, B,  # LayerNorm weight / bias (contiguous)
     NORMED,  # out: (m, h) in the matmul dtype
@@ -68,14 +68,14 @@ def _ln_forward_kernel(
         if ADD_BIAS:
             normed = normed + b[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
-        tl.store(NORMED + offs, _round_bf16(normed, ROUND_BF16), mask=mask)
+        tl.store(NORMED + offs, round_bf16(normed, ROUND_BF16), mask=mask)
         if STORE_BWD:  # 8 bytes a row: the backward recomputes xhat from y (no m x h fp32 buffer)
             tl.store(MEAN + rows64, mean, mask=rmask)
             tl.store(RSTD + rows64, rstd, mask=rmask)
 
 
 @triton.jit
-def _bias_gelu_forward_kernel(
+def bias_gelu_forward_kernel(
     PROJ,  # (m, r) matmul output without bias, matmul dtype
     BD,  # (r,) down bias
     ACT,  # out: (m, r) gelu(z) in the matmul dtype
@@ -95,11 +95,11 @@ def _bias_gelu_forward_kernel(
         offs = rows64[:, None] * n_cols + cols64[None, :]
         z = tl.load(PROJ + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         act = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-        tl.store(ACT + offs, _round_bf16(act, ROUND_BF16), mask=mask)
+        tl.store(ACT + offs, round_bf16(act, ROUND_BF16), mask=mask)
 
 
 @triton.jit
-def _squared_error_kernel(
+def squared_error_kernel(
     RECON,  # (m, h) in/out: act @ W_up^T without bias -> d_recon (matmul dtype)
     BU,  # (h,) up bias
     X, stride_xm, stride_xh,  # chunk of the target x (strided)
@@ -139,7 +139,7 @@ def _squared_error_kernel(
         loss_rows += tl.sum(diff * diff, axis=1)
         if COMPUTE_GRADS:
             d_recon = diff * coef
-            tl.store(RECON + offs, _round_bf16(d_recon, ROUND_BF16), mask=mask)
+            tl.store(RECON + offs, round_bf16(d_recon, ROUND_BF16), mask=mask)
             dbias += tl.sum(d_recon, axis=0)
     loss_part = LOSS_PART + pid.to(tl.int64) * stride_part
     tl.store(loss_part, tl.load(loss_part) + tl.sum(loss_rows, axis=0))
@@ -149,7 +149,7 @@ def _squared_error_kernel(
 
 
 @triton.jit
-def _gelu_backward_kernel(
+def gelu_backward_kernel(
     GRAD,  # (m, r) in/out: d_act -> d_z (matmul dtype)
     PROJ,  # (m, r) the forward's matmul output without bias (matmul dtype), kept for this kernel
     BD,  # (r,) down bias
@@ -171,19 +171,19 @@ def _gelu_backward_kernel(
         mask = (rows < n_rows)[:, None] & cmask[None, :]
         offs = rows64[:, None] * n_cols + cols64[None, :]
         d_act = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
-        # the forward's fp32 pre-activation, recomputed exactly as ``_bias_gelu_forward_kernel`` formed it
+        # the forward's fp32 pre-activation, recomputed exactly as ``bias_gelu_forward_kernel`` formed it
         z = tl.load(PROJ + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         d_z = tl.where(mask, d_act * (cdf + z * pdf), 0.0)
-        tl.store(GRAD + offs, _round_bf16(d_z, ROUND_BF16), mask=mask)
+        tl.store(GRAD + offs, round_bf16(d_z, ROUND_BF16), mask=mask)
         dbias += tl.sum(d_z, axis=0)
     part = DBD_PART + pid.to(tl.int64) * stride_part + cols64
     tl.store(part, tl.load(part, mask=cmask, other=0.0) + dbias, mask=cmask)
 
 
 @triton.jit
-def _ln_backward_kernel(
+def ln_backward_kernel(
     DNORMED,  # (m, h) gradient w.r.t. the LayerNorm output (matmul dtype)
     Y, stride_ym, stride_yh,  # chunk of y (strided), re-read to recompute xhat
     MEAN, RSTD,  # (m,) fp32 row statistics saved by the forward kernel
@@ -233,11 +233,11 @@ def _ln_backward_kernel(
         if HAS_DY_SCALE:
             dy = dy * dy_scale
         dy_ptrs = DY + rows64[:, None] * stride_dym + cols64[None, :] * stride_dyh
-        tl.store(dy_ptrs, _round_bf16(dy, ROUND_BF16), mask=mask)
+        tl.store(dy_ptrs, round_bf16(dy, ROUND_BF16), mask=mask)
     part = pid.to(tl.int64) * stride_part + cols64
     tl.store(DW_PART + part, tl.load(DW_PART + part, mask=cmask, other=0.0) + dw, mask=cmask)
     tl.store(DB_PART + part, tl.load(DB_PART + part, mask=cmask, other=0.0) + db, mask=cmask)
 
 
 # Under TRITON_INTERPRET=1 (read when ``triton.jit`` decorates) the kernels are InterpretedFunctions.
-_INTERPRETED = not isinstance(_ln_forward_kernel, JITFunction)
+INTERPRETED = not isinstance(ln_forward_kernel, JITFunction)

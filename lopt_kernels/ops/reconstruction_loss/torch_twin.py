@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .request import LossRequest
 
 
-def _torch_loss_and_grads(request: LossRequest):
+def torch_loss_and_grads(request: LossRequest):
     """Chunked PyTorch implementation; every intermediate in fp32.
 
     Uses ATen's fused LayerNorm / GELU forward and backward kernels on fp32 chunks, so it costs about

@@ -3,20 +3,20 @@
 Triton path, per chunk of ``m`` rows (modelled on Liger-Kernel's fused linear cross-entropy; the
 matmuls run through torch in the decoder's dtype, the row-wise work runs in Triton in fp32):
 
-1. ``_ln_forward_kernel`` reads the chunk of ``y`` once and writes the normalised rows in the matmul
+1. ``ln_forward_kernel`` reads the chunk of ``y`` once and writes the normalised rows in the matmul
    dtype, plus (only when gradients are wanted) the row ``mean`` and ``rstd`` in fp32 (8 bytes a row);
    no fp32 ``xhat`` is kept: the LayerNorm backward re-reads ``y`` and recomputes it;
-2. ``proj = normed @ W_down^T`` (torch), then ``_bias_gelu_forward_kernel`` adds the bias in fp32,
+2. ``proj = normed @ W_down^T`` (torch), then ``bias_gelu_forward_kernel`` adds the bias in fp32,
    applies the exact erf GELU and writes ``act`` in the matmul dtype; ``proj`` is kept, so no fp32 ``z``
    is stored: the GELU backward recomputes ``z = proj + b_down`` in fp32 (bitwise the forward's ``z``);
-3. ``recon = act @ W_up^T`` (torch), then ``_squared_error_kernel`` adds the up bias, subtracts ``x``
+3. ``recon = act @ W_up^T`` (torch), then ``squared_error_kernel`` adds the up bias, subtracts ``x``
    (read strided, no copy), accumulates the chunk's loss into per-program fp32 partials and overwrites
    ``recon`` in place with ``d_recon = 2 * grad_scale / (N * h) * (recon - x)``, accumulating the up-bias
    gradient in per-program fp32 partials (the Liger layer_norm scheme);
 4. backward: ``dW_up += d_recon^T @ act``; ``d_act = d_recon @ W_up`` (into the ``act`` buffer, which is
-   spent); ``_gelu_backward_kernel`` reads ``proj`` and turns ``d_act`` in place into
+   spent); ``gelu_backward_kernel`` reads ``proj`` and turns ``d_act`` in place into
    ``d_z = d_act * gelu'(z)`` with the down-bias partials; ``dW_down += d_z^T @ normed``;
-   ``d_normed = d_z @ W_down`` (into the ``recon`` buffer); ``_ln_backward_kernel`` re-reads the chunk of
+   ``d_normed = d_z @ W_down`` (into the ``recon`` buffer); ``ln_backward_kernel`` re-reads the chunk of
    ``y`` (strided), recomputes ``xhat = (y - mean) * rstd`` and writes the rows of ``grad_y`` and the
    LayerNorm weight/bias partials.
 
@@ -47,14 +47,14 @@ import os
 import torch
 import triton
 
-from .gemm_kernels import _act_grad_kernel, _down_gelu_kernel, _ln_grad_kernel, _up_error_kernel
+from .gemm_kernels import act_grad_kernel, down_gelu_kernel, ln_grad_kernel, up_error_kernel
 from .kernels import (
-    _INTERPRETED,
-    _bias_gelu_forward_kernel,
-    _gelu_backward_kernel,
-    _ln_backward_kernel,
-    _ln_forward_kernel,
-    _squared_error_kernel,
+    INTERPRETED,
+    bias_gelu_forward_kernel,
+    gelu_backward_kernel,
+    ln_backward_kernel,
+    ln_forward_kernel,
+    squared_error_kernel,
 )
 from .request import LossRequest
 
@@ -148,7 +148,7 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _triton_loss_and_grads(request: LossRequest):
+def triton_loss_and_grads(request: LossRequest):
     """Chunked fused implementation of a ``LossRequest``: Triton kernels for the row-wise work (in GEMM epilogues on
     the ``"triton"`` matmul path), every launch with ``y``'s device current."""
     chunks = _triton_gemm_chunks if gemm_path() == "triton" else _triton_chunks
@@ -187,7 +187,7 @@ _GROUP_M = 8  # row tiles per group in the launch order (each weight tile read f
 
 
 def _gemm_config(kernel: str, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    if _INTERPRETED:
+    if INTERPRETED:
         return _GEMM_CONFIG_INTERPRETED
     return _GEMM_CONFIG_FP32 if dtype == torch.float32 else _GEMM_CONFIGS[kernel]
 
@@ -196,7 +196,7 @@ def _gemm_launch(kernel, name, m, n, dtype, precision, *args, **constexprs) -> N
     """Launch one epilogue GEMM over an ``m x n`` output with the tile config of ``name``."""
     block_m, block_n, block_k, warps, stages = _gemm_config(name, dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M, DOT_FP32=_INTERPRETED,
+    kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M, DOT_FP32=INTERPRETED,
                  INPUT_PRECISION=precision, num_warps=warps, num_stages=stages, **constexprs)
 
 
@@ -213,8 +213,8 @@ def _triton_gemm_chunks(request: LossRequest):
     if block_h > _MAX_BLOCK:
         raise ValueError(f"reconstruction loss: hidden size {h} too large for the Triton kernels")
     mm_dtype = down_w.dtype
-    round_mm = _INTERPRETED and mm_dtype == torch.bfloat16
-    round_y = _INTERPRETED and y2.dtype == torch.bfloat16
+    round_mm = INTERPRETED and mm_dtype == torch.bfloat16
+    round_y = INTERPRETED and y2.dtype == torch.bfloat16
     # fp32 operands: IEEE products unless the user allows TF32 for matmuls (as cuBLAS follows the same flag)
     precision = "tf32" if mm_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     f32 = torch.float32
@@ -248,18 +248,18 @@ def _triton_gemm_chunks(request: LossRequest):
     for start, m, yc, xc, mask_c in _row_chunks(y2, x2, row_mask, chunk, partials, block_h):
         normed_c, act_c, proj_c, d_recon_c = normed[:m], act[:m], proj[:m], d_recon[:m]
         grid_h_fwd = min(_FWD_OVERSUBSCRIBE * _num_programs(device.type, device.index), triton.cdiv(m, bm_h))
-        _ln_forward_kernel[(grid_h_fwd,)](
+        ln_forward_kernel[(grid_h_fwd,)](
             yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, mask_c, m, h, eps, grid_h_fwd,
             BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
             ADD_BIAS=False, num_warps=warps_h,
         )
         _gemm_launch(
-            _down_gelu_kernel, "down_gelu", m, r, mm_dtype, precision,
+            down_gelu_kernel, "down_gelu", m, r, mm_dtype, precision,
             normed_c, down_w, down_w.stride(0), down_w.stride(1), down_b_c, down_w_ln, proj_c, act_c, m, r, h,
             STORE_PROJ=compute_grads, ROUND_BF16=round_mm,
         )
         _gemm_launch(
-            _up_error_kernel, "up_error", m, h, mm_dtype, precision,
+            up_error_kernel, "up_error", m, h, mm_dtype, precision,
             act_c, up_w, up_w.stride(0), up_w.stride(1), up_b_c, xc, xc.stride(0), xc.stride(1), coef, mask_c,
             d_recon_c, partials, stride_part, loss_col, 2 * seg_h, m, h, r,
             COMPUTE_GRADS=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
@@ -269,7 +269,7 @@ def _triton_gemm_chunks(request: LossRequest):
         _accumulate_mm(acc_up, d_recon_c.t(), act_c, first=start == 0)
         d_z = act_c  # act is spent: d_z takes its place
         _gemm_launch(
-            _act_grad_kernel, "act_grad", m, r, mm_dtype, precision,
+            act_grad_kernel, "act_grad", m, r, mm_dtype, precision,
             d_recon_c, up_w, up_w.stride(0), up_w.stride(1), proj_c, down_b_c, down_w_ln, d_z, partials, stride_part,
             3 * seg_h, row_terms, m, r, h,
             ROUND_BF16=round_mm,
@@ -277,7 +277,7 @@ def _triton_gemm_chunks(request: LossRequest):
         _accumulate_mm(acc_down, d_z.t(), normed_c, first=start == 0)
         gy = grad_y[start : start + m]
         _gemm_launch(
-            _ln_grad_kernel, "ln_grad", m, h, mm_dtype, precision,
+            ln_grad_kernel, "ln_grad", m, h, mm_dtype, precision,
             d_z, down_w, down_w.stride(0), down_w.stride(1), yc, yc.stride(0), yc.stride(1), mean, rstd, norm_w_c,
             row_terms, term_tiles, mask_c, dy_scale, gy, gy.stride(0), gy.stride(1), partials, stride_part, 0, seg_h, m, h, r,
             HAS_ROW_MASK=has_mask, HAS_DY_SCALE=rescale, ROUND_BF16=round_y,
@@ -299,8 +299,8 @@ def _triton_chunks(request: LossRequest):
     if max(block_h, block_r) > _MAX_BLOCK:
         raise ValueError(f"reconstruction loss: hidden size {h} / bottleneck {r} too large for the Triton kernels")
     mm_dtype = down_w.dtype
-    round_mm = _INTERPRETED and mm_dtype == torch.bfloat16
-    round_y = _INTERPRETED and y2.dtype == torch.bfloat16
+    round_mm = INTERPRETED and mm_dtype == torch.bfloat16
+    round_y = INTERPRETED and y2.dtype == torch.bfloat16
     f32 = torch.float32
     sms = _num_programs(device.type, device.index)
     progs = sms * _PARTIAL_PROGRAMS_PER_SM  # programs (and partial-sum rows) of the kernels that keep partials
@@ -340,18 +340,18 @@ def _triton_chunks(request: LossRequest):
         grid_h_fwd = min(_FWD_OVERSUBSCRIBE * sms, triton.cdiv(m, bm_h))
         grid_r_fwd = min(_FWD_OVERSUBSCRIBE * sms, triton.cdiv(m, bm_r))
 
-        _ln_forward_kernel[(grid_h_fwd,)](
+        ln_forward_kernel[(grid_h_fwd,)](
             yc, yc.stride(0), yc.stride(1), norm_w_c, norm_b_c, normed_c, mean, rstd, mask_c, m, h, eps, grid_h_fwd,
             BLOCK_M=bm_h, BLOCK_H=block_h, STORE_BWD=compute_grads, HAS_ROW_MASK=has_mask, ROUND_BF16=round_mm,
             num_warps=warps_h,
         )
         torch.mm(normed_c, down_w.t(), out=proj_c)
-        _bias_gelu_forward_kernel[(grid_r_fwd,)](
+        bias_gelu_forward_kernel[(grid_r_fwd,)](
             proj_c, down_b_c, act_c, m, r, grid_r_fwd,
             BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
         )
         torch.mm(act_c, up_w.t(), out=recon_c)
-        _squared_error_kernel[(grid_h,)](
+        squared_error_kernel[(grid_h,)](
             recon_c, up_b_c, xc, xc.stride(0), xc.stride(1), coef, mask_c, loss_part, part_h[2], stride_part, m, h,
             grid_h,
             BLOCK_M=bm_h, BLOCK_H=block_h, COMPUTE_GRADS=compute_grads, HAS_ROW_MASK=has_mask,
@@ -362,14 +362,14 @@ def _triton_chunks(request: LossRequest):
         d_recon = recon_c
         _accumulate_mm(acc_up, d_recon.t(), act_c, first=start == 0)
         d_z = torch.mm(d_recon, up_w, out=act_c)  # d_act (act is spent), turned into d_z in place below
-        _gelu_backward_kernel[(grid_r,)](
+        gelu_backward_kernel[(grid_r,)](
             d_z, proj_c, down_b_c, part_r, stride_part, m, r, grid_r,
             BLOCK_M=bm_r, BLOCK_R=block_r, ROUND_BF16=round_mm, num_warps=warps_r,
         )
         _accumulate_mm(acc_down, d_z.t(), normed_c, first=start == 0)
         d_normed = torch.mm(d_z, down_w, out=recon_c)
         gy = grad_y[start : start + m]
-        _ln_backward_kernel[(grid_h,)](
+        ln_backward_kernel[(grid_h,)](
             d_normed, yc, yc.stride(0), yc.stride(1), mean, rstd, norm_w_c, gy, gy.stride(0), gy.stride(1),
             part_h[0], part_h[1], stride_part, mask_c, dy_scale, m, h, grid_h,
             BLOCK_M=bm_h, BLOCK_H=block_h, HAS_ROW_MASK=has_mask, HAS_DY_SCALE=rescale, ROUND_BF16=round_y,
@@ -421,7 +421,7 @@ def _int32_indexable(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _require_interpreter_or_cuda(device: torch.device) -> None:
-    if device.type != "cuda" and not _INTERPRETED:
+    if device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
             f"backend='triton' on {device.type} tensors needs the Triton interpreter, but the kernels were "
             "compiled for a GPU: set TRITON_INTERPRET=1 before importing triton (and lopt_kernels)."
