@@ -193,7 +193,7 @@ def user_fused_loss(head: torch.nn.Module, shift_labels: torch.Tensor, softcap: 
 
         loss_fn = LigerFusedLinearCrossEntropyLoss(softcap=softcap)
         return lambda hidden: loss_fn(weight, hidden.reshape(-1, hidden.shape[-1]), labels, bias)
-    if resolve_implementation("auto", weight.device, softcap) is None:
+    if resolve_implementation("torch", weight.device, softcap) is None:
         return None
     return lambda hidden: F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels,
                                                  linear_bias=bias, options=torch.nn.LinearCrossEntropyOptions())

@@ -259,7 +259,8 @@ class PipelineStage:
                 head = self.lm.get_output_embeddings()
                 task = lce.linear_cross_entropy(captured["head_input"], head.weight,
                                                 lce.shift_labels_of(batch["labels"]), bias=head.bias,
-                                                num_items_in_batch=num_items, impl=self.fused_ce)
+                                                num_items_in_batch=num_items, impl=self.fused_ce,
+                                                softcap=getattr(config, "final_logit_softcapping", None))
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
             for key, (whole, _) in self._per_layer_config.items():
