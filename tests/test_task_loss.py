@@ -166,7 +166,7 @@ def test_chunked_loss_and_gradients_are_the_models_own(dtype, softcap, head_trai
 
     g = torch.Generator().manual_seed(0)
     rows, hidden_size, vocab = 77, 24, 301
-    assert chunk_rows(rows, hidden_size, vocab) == MIN_CHUNK_ROWS == 32
+    assert chunk_rows(rows, hidden_size, dtype) == MIN_CHUNK_ROWS == 32
     hidden = torch.randn(rows, hidden_size, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=g) * 0.3).to(dtype).requires_grad_(head_trains)
     bias = torch.randn(vocab, generator=g).to(dtype).requires_grad_(head_trains)
@@ -197,7 +197,7 @@ def test_chunked_loss_holds_one_chunk_of_fp32_logits_and_a_copy():
     target = torch.randint(0, vocab, (rows,), generator=g)
     with _StepAllocations() as tracker:
         linear_cross_entropy(hidden, weight, target, impl="chunked").backward()
-    chunk = chunk_rows(rows, hidden_size, vocab)
+    chunk = chunk_rows(rows, hidden_size, torch.bfloat16)
     assert chunk == 32
     chunk_bytes = chunk * vocab * (4 + 2)
     assert chunk_bytes < tracker.peak <= chunk_bytes + 3 * rows * hidden_size * 2 + 64 * 1024, tracker.peak
@@ -229,3 +229,18 @@ def test_auto_task_loss_in_bf16_is_the_models_to_fp32_rounding():
     lopt_kernels.patch(model)
     b = batch()
     torch.testing.assert_close(model(**b).task_loss, original(**b).loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("hidden_size,dtype,expected", [(256, torch.bfloat16, 32), (1024, torch.bfloat16, 128),
+                                                        (1024, torch.float32, 512), (4096, torch.bfloat16, 512)])
+def test_chunk_rows_keep_the_temporaries_within_half_the_head_weight(hidden_size, dtype, expected):
+    """A chunk's (rows x vocab) temporaries (fp32 logits, plus their copy in a narrower dtype) stay within half the
+    head weight's bytes at any vocabulary, never under 32 rows, never over the rows there are."""
+    from lopt_kernels.ops.linear_cross_entropy import chunk_rows
+
+    width = torch.empty((), dtype=dtype).element_size()
+    per_logit = 4 + (width if width < 4 else 0)
+    rows = chunk_rows(4096, hidden_size, dtype)
+    assert rows == expected
+    assert rows == 32 or rows * per_logit <= hidden_size * width / 2 < 2 * rows * per_logit
+    assert chunk_rows(20, hidden_size, dtype) == 20
