@@ -166,7 +166,7 @@ def test_chunked_loss_and_gradients_are_the_models_own(dtype, softcap, head_trai
 
     g = torch.Generator().manual_seed(0)
     rows, hidden_size, vocab = 77, 24, 301
-    assert chunk_rows(rows, hidden_size, dtype) == MIN_CHUNK_ROWS == 32
+    assert chunk_rows(rows, hidden_size, vocab, dtype) == MIN_CHUNK_ROWS == 32
     hidden = torch.randn(rows, hidden_size, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=g) * 0.3).to(dtype).requires_grad_(head_trains)
     bias = torch.randn(vocab, generator=g).to(dtype).requires_grad_(head_trains)
@@ -197,7 +197,7 @@ def test_chunked_loss_holds_one_chunk_of_fp32_logits_and_a_copy():
     target = torch.randint(0, vocab, (rows,), generator=g)
     with _StepAllocations() as tracker:
         linear_cross_entropy(hidden, weight, target, impl="chunked").backward()
-    chunk = chunk_rows(rows, hidden_size, torch.bfloat16)
+    chunk = chunk_rows(rows, hidden_size, vocab, torch.bfloat16)
     assert chunk == 32
     chunk_bytes = chunk * vocab * (4 + 2)
     assert chunk_bytes < tracker.peak <= chunk_bytes + 3 * rows * hidden_size * 2 + 64 * 1024, tracker.peak
@@ -231,16 +231,22 @@ def test_auto_task_loss_in_bf16_is_the_models_to_fp32_rounding():
     torch.testing.assert_close(model(**b).task_loss, original(**b).loss, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("hidden_size,dtype,expected", [(256, torch.bfloat16, 32), (1024, torch.bfloat16, 128),
-                                                        (1024, torch.float32, 512), (4096, torch.bfloat16, 512)])
-def test_chunk_rows_keep_the_temporaries_within_half_the_head_weight(hidden_size, dtype, expected):
+@pytest.mark.parametrize("rows,hidden_size,vocab,dtype,expected", [
+    (4096, 256, 8016, torch.bfloat16, 32),  # both bounds under the 32-row floor
+    (4096, 1024, 32000, torch.bfloat16, 128),  # half the weight binds
+    (4096, 1024, 32000, torch.float32, 512),  # half the weight binds
+    (1023, 1024, 32000, torch.float32, 128),  # 4 x the hidden input binds
+    (20, 1024, 32000, torch.float32, 20),  # never more than the rows
+])
+def test_chunk_rows_keep_the_temporaries_within_half_the_head_weight_and_four_hidden_inputs(rows, hidden_size, vocab,
+                                                                                             dtype, expected):
     """A chunk's (rows x vocab) temporaries (fp32 logits, plus their copy in a narrower dtype) stay within half the
-    head weight's bytes at any vocabulary, never under 32 rows, never over the rows there are."""
+    head weight's bytes and 4 x the hidden input's, as the largest power of two, never under 32 rows."""
     from lopt_kernels.ops.linear_cross_entropy import chunk_rows
 
     width = torch.empty((), dtype=dtype).element_size()
     per_logit = 4 + (width if width < 4 else 0)
-    rows = chunk_rows(4096, hidden_size, dtype)
-    assert rows == expected
-    assert rows == 32 or rows * per_logit <= hidden_size * width / 2 < 2 * rows * per_logit
-    assert chunk_rows(20, hidden_size, dtype) == 20
+    chunk = chunk_rows(rows, hidden_size, vocab, dtype)
+    assert chunk == expected
+    budget = min(vocab * hidden_size * width / 2, 4 * rows * hidden_size * width)
+    assert chunk in (32, rows) or chunk * vocab * per_logit <= budget < 2 * chunk * vocab * per_logit

@@ -25,6 +25,7 @@ IGNORE_INDEX = -100
 # gradient once more when it trains) outweighs the memory a smaller chunk saves (bf16 255 x 256 x 8016, head trained,
 # 1 thread, forward + backward: 8 rows 118.7 ms, 16 rows 71.1, 32 rows 45.9; torch's op 257.2).
 MIN_CHUNK_ROWS = 32
+HIDDEN_MULTIPLE = 4  # a chunk's temporaries at most this many times the hidden input's bytes (see chunk_rows)
 
 
 def torch_linear_cross_entropy_available() -> bool:
@@ -134,16 +135,18 @@ class _SafeDivide(torch.autograd.Function):
         return torch.where(denominator == 0, torch.zeros_like(grad), grad / safe), None
 
 
-def chunk_rows(rows: int, hidden: int, dtype: torch.dtype) -> int:
+def chunk_rows(rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk: the most (a power of two, at least ``MIN_CHUNK_ROWS``) whose (chunk x vocab) temporaries (fp32
-    logits, and their copy in ``dtype`` when that is narrower) stay within half the head weight's bytes, whatever the
-    vocabulary. Each chunk re-reads the weight; once it no longer fits a cache, small chunks are slow: h 1024, vocab
-    32000, 1023 rows, fp32, head frozen, 2 threads: 32 rows 2385 ms, 128 rows 1318, 512 rows 1109 (logits whole:
-    1091 ms at a 375 MiB peak, against 69 MiB)."""
+    logits, and their copy in ``dtype`` when that is narrower) stay within half the head weight's bytes and within
+    ``HIDDEN_MULTIPLE`` times the hidden input's. Each chunk re-reads the weight, and once that leaves the cache
+    small chunks are slow (h 1024, vocab 32000, 1023 rows, fp32, head frozen, 2 threads, forward + backward: 32 rows
+    2385 ms, 128 rows 1318, 512 rows 1109, the whole logits 1091 ms); the hidden bound keeps the loss's share of a
+    step's peak small (there, ``compare --config cpu-1b --seq 512 --lora 16 --fake``'s lopt step peak: 668.0 MiB with
+    512-row chunks, 619.6 with the 128 rows this gives)."""
     width = torch.empty((), dtype=dtype).element_size()
     per_logit = 4 + (width if width < 4 else 0)
-    fit = max(1, hidden * width // (2 * per_logit))
-    return min(max(rows, 1), max(MIN_CHUNK_ROWS, 1 << (fit.bit_length() - 1)))
+    fit = min(hidden * width // (2 * per_logit), HIDDEN_MULTIPLE * rows * hidden * width // (max(vocab, 1) * per_logit))
+    return min(max(rows, 1), max(MIN_CHUNK_ROWS, 1 << (max(fit, 1).bit_length() - 1)))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -166,7 +169,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, **fp32) if need[1] else None
         grad_bias = torch.zeros(vocab, **fp32) if bias is not None and need[3] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = chunk_rows(rows, hidden.shape[1], hidden.dtype)
+        step = chunk_rows(rows, hidden.shape[1], vocab, hidden.dtype)
         for start in range(0, rows, step):
             # one call per chunk: its (chunk x vocab) buffers are freed before the next chunk's are allocated
             total += _chunk_loss_and_grads(hidden[start:start + step], weight, bias, target[start:start + step],
