@@ -87,7 +87,7 @@ def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int,
             losses = stage.run_micro_batch(batch, loss_weight, num_items)
             task = task + losses.get("task_loss", 0.0) * to_window
             aux = aux + losses.get("aux_loss", 0.0) * to_window
-        with stage._span("send"):
+        with stage.timed_span("send"):
             stage.wait_sends()
         # the boundaries' aux losses travel downstream with the flow: one small message per step and stage
         auxes = torch.zeros(stage.world - 1, dtype=torch.float32, device=stage.device)  # NCCL sends device tensors
@@ -96,7 +96,7 @@ def train_pipeline(stage: PipelineStage, batches, optimizer, *, grad_accum: int,
         if not stage.is_last:
             auxes[stage.rank] = aux
             stage.send(auxes, stage.rank + 1)
-        with stage._span("step"):
+        with stage.timed_span("step"):
             if data_parallel_group is not None:
                 average_gradients(stage.parameters_to_train(), data_parallel_group)
             optimizer.step()

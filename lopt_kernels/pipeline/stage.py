@@ -313,7 +313,7 @@ class PipelineStage:
             return self._run_micro_batch(batch, loss_weight, num_items_in_batch)
 
     def _run_micro_batch(self, batch, loss_weight, num_items):
-        span = self._span
+        span = self.timed_span
         received = None
         if not self.is_first:
             with span("receive"):
@@ -369,7 +369,8 @@ class PipelineStage:
             finally:
                 self._random_state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
 
-    def _span(self, kind: str):
+    def timed_span(self, kind: str):
+        """A context manager that records its wall-clock span in ``timeline`` as ``kind``."""
         return _timed(self.timeline.spans, kind)
 
     # checkpoints ---------------------------------------------------------------------------------
