@@ -128,11 +128,15 @@ def _fusable_shapes(kwargs, labels: torch.Tensor, shift_labels) -> bool:
     return labels.shape == positions and (shift_labels is None or shift_labels.shape == positions)
 
 
+_IMPLEMENTATION_NAMES = {"liger": "Liger's fused linear cross-entropy", "torch": "torch's fused linear cross-entropy",
+                         "chunked": "the library's chunked linear cross-entropy"}
+
+
 def _second_backward_message(state: PatchState) -> str:
     impl = state.fused_ce_impl
     message = (
         f"lopt_kernels: a second backward (retain_graph=True) reached the fused task loss (fused_ce={state.settings.fused_ce!r}: "
-        f"{'Liger' if impl == 'liger' else 'torch'}'s fused linear cross-entropy, which supports one backward per forward). "
+        f"{_IMPLEMENTATION_NAMES.get(impl, impl)}, which supports one backward per forward). "
         "To backpropagate twice through one output, patch with fused_ce='off' (the model's own loss, logits materialised)"
     )
     boundary = state.current.boundary

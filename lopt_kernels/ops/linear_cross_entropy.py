@@ -86,6 +86,9 @@ def linear_cross_entropy(
         )
         loss = loss[0] if isinstance(loss, tuple) else loss
     elif chosen == "chunked":
+        if not torch.is_grad_enabled():  # its forward would compute gradients for inputs that require them
+            hidden2, weight = hidden2.detach(), weight.detach()
+            bias = bias.detach() if bias is not None else None
         loss = ChunkedLinearCrossEntropy.apply(hidden2, weight, target, bias, softcap)
     elif hidden2.dtype == torch.float32:
         # torch's own "sum" reduction: its "none" reduction runs about twice as long on CPU (2 cores, 1024 rows,
@@ -180,6 +183,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        if torch.is_grad_enabled():  # create_graph=True: gradients without their second-order terms would be wrong
+            raise RuntimeError(
+                "lopt_kernels: the chunked linear cross-entropy computes its gradients in the forward and has no "
+                "double backward (create_graph=True); patch with fused_ce='off' for the model's own, twice-"
+                "differentiable loss"
+            )
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         # the fp32 scale multiplies the rounded gradient (a 0-d tensor does not round to the input dtype first)

@@ -124,3 +124,30 @@ def test_chunk_rows_keep_the_temporaries_within_half_the_head_weight_and_four_hi
     assert chunk == expected
     budget = min(vocab * hidden_size * width / 2, 4 * rows * hidden_size * width)
     assert chunk in (32, rows) or chunk * vocab * per_logit <= budget < 2 * chunk * vocab * per_logit
+
+
+def test_chunked_loss_under_no_grad_computes_no_gradients():
+    """Under ``torch.no_grad()`` the loop skips the gradients even for inputs that require them: before, it still
+    allocated the fp32 (vocab x hidden) weight-gradient buffer and ran both gradient matmuls (3x the time)."""
+    from lopt_kernels.measure import _StepAllocations
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(70, 256, generator=g, requires_grad=True)
+    weight = torch.randn(500, 256, generator=g, requires_grad=True)
+    target = torch.randint(0, 500, (70,), generator=g)
+    with torch.no_grad(), _StepAllocations() as tracker:
+        loss = linear_cross_entropy(hidden, weight, target, impl="chunked")
+    assert tracker.peak < 500 * 256 * 4 / 2, tracker.peak  # the weight gradient's buffer alone is 500 x 256 x 4
+    ref = torch.nn.functional.cross_entropy(hidden.detach() @ weight.detach().T, target)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_refuses_a_double_backward():
+    """Its gradients are computed in the forward: ``create_graph=True`` raises rather than returning gradients
+    without their second-order terms (it returned a graph-less gradient silently, so a gradient penalty added to
+    a loss contributed nothing)."""
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.randint(0, 11, (5,)), impl="chunked")
+    with pytest.raises(RuntimeError, match="no double backward.*fused_ce='off'"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
