@@ -38,7 +38,9 @@ def _untie_embeddings(lm) -> bool:
     if out.weight is not inp.weight:
         return False
     tied = inp.weight
-    out.weight = nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad)
+    # a PEFT-adapted head (LoRA on lm_head) exposes its base layer's weight as a property: untie that layer's
+    head = out.get_base_layer() if hasattr(out, "get_base_layer") else out
+    head.weight = nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad)
     configs = {id(c): c for c in (lm.config, text_config(lm))}
     for cfg in configs.values():
         cfg.tie_word_embeddings = False

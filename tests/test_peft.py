@@ -110,3 +110,23 @@ def test_param_groups_keep_the_prompt_encoder(kind, group, order):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert set(grouped) == {id(p) for p in trainable.values()}, "a trainable parameter is in no group"
     assert grouped[id(trainable["prompt_encoder.default.embedding.weight"])] == group
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_lora_on_a_tied_output_head_is_untied_at_patch(family):
+    """A tied-embedding model whose lm_head carries LoRA: patch unties the head's base layer (the embedding learns
+    in the bottom block, the head in the top). It raised KeyError("attribute 'weight' already exists"): PEFT's LoRA
+    layer exposes its base layer's weight as a property, which cannot take a new parameter."""
+    base = tiny_model(family)
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    targets = ["q_proj", "lm_head"] if family == "gemma2" else ["c_attn", "lm_head"]
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    before = model.get_input_embeddings().weight.detach().clone()
+    lopt_kernels.patch(model)
+    head = model.get_base_model().get_output_embeddings()
+    assert head.get_base_layer().weight is not model.get_input_embeddings().weight
+    torch.testing.assert_close(head.get_base_layer().weight, before, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="fused task loss is off"):
+        out = model(**batch())
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and "lm_head" in n)
