@@ -2,6 +2,8 @@
 
     python bench/task_loss_chunking.py --rows 255 --hidden 256 --vocab 8016 --dtype bf16     # compare's default shape
     python bench/task_loss_chunking.py --rows 1023 --hidden 1024 --vocab 32000 --dtype fp32  # cpu-1b, 2 x 512
+    python bench/task_loss_chunking.py --rows 1023 --hidden 1024 --vocab 32000 --dtype fp32 --chunks \
+        --library-chunks 32 128 512 --materialised --rounds 3     # the loop's rows per chunk (chunk_rows's figures)
 
 Off CUDA the library's task loss is ``ChunkedLinearCrossEntropy`` (``lopt_kernels/ops/linear_cross_entropy.py``): a
 loop of PyTorch ops over row chunks that computes the gradients in the forward, logits rounded to the input dtype as
@@ -30,9 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 from lopt_kernels.measure import _StepAllocations  # noqa: E402
 
 
-def variants(x, w, t, chunks) -> dict:
+def variants(x, w, t, chunks, library_chunks=(), materialised=False) -> dict:
     """name -> a zero-argument loss (the summed loss, fp32)."""
-    from lopt_kernels.ops.linear_cross_entropy import linear_cross_entropy  # noqa: PLC0415
+    from lopt_kernels.ops.linear_cross_entropy import ChunkedLinearCrossEntropy, linear_cross_entropy  # noqa: PLC0415
 
     def torch_op(reduction, options):
         def run():
@@ -40,11 +42,18 @@ def variants(x, w, t, chunks) -> dict:
             return loss.float().sum() if reduction == "none" else loss.float() * (t.numel() if reduction == "mean" else 1)
         return run
 
+    def library_rows(rows):
+        return lambda: ChunkedLinearCrossEntropy.apply(x, w, t, None, None, rows)
+
     out = {"chunked (the library's)": lambda: linear_cross_entropy(x, w, t, impl="chunked") * t.numel(),
            "torch mean auto (the user's)": torch_op("mean", torch.nn.LinearCrossEntropyOptions()),
            "torch none auto": torch_op("none", torch.nn.LinearCrossEntropyOptions())}
     for c in chunks:
         out[f"torch none chunks of {c}"] = torch_op("none", torch.nn.LinearCrossEntropyOptions(batch_chunk_size=c))
+    for c in library_chunks:
+        out[f"chunked, {c}-row chunks"] = library_rows(c)
+    if materialised:
+        out["logits whole (the model's)"] = lambda: F.cross_entropy((x @ w.T).float(), t, reduction="sum")
     return out
 
 
@@ -56,6 +65,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--chunks", type=int, nargs="*", default=[64, 256])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--library-chunks", type=int, nargs="*", default=[],
+                   help="also the library's loop with these explicit rows per chunk")
+    p.add_argument("--materialised", action="store_true", help="also the model's own loss: the whole logits, fp32")
     p.add_argument("--head-trains", action="store_true", help="the head weight gets a gradient (full fine-tuning)")
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -64,7 +76,7 @@ def main(argv=None):
     w = (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).to(dtype).requires_grad_(args.head_trains)
     t = torch.randint(0, args.vocab, (args.rows,), generator=g)
     exact = float(F.cross_entropy((x.detach() @ w.detach().T).float(), t, reduction="sum"))  # the model's own
-    steps = variants(x, w, t, args.chunks)
+    steps = variants(x, w, t, args.chunks, args.library_chunks, args.materialised)
     peaks, errors, times = {}, {}, {name: [] for name in steps}
     for name, step in steps.items():
         x.grad = w.grad = None

@@ -158,12 +158,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     the log-softmax; per-row losses summed in fp32. The gradients are computed chunk by chunk during the forward
     (a chunk's fp32 logits are freed before the next), so the backward only scales them: one backward per forward.
 
-    Args: hidden (N, H), weight (V, H), target (N,) with -100 for ignored rows, bias (V,) or None, softcap or None.
+    Args: hidden (N, H), weight (V, H), target (N,) with -100 for ignored rows, bias (V,) or None, softcap or None,
+    rows_per_chunk (None: ``chunk_rows``'s choice).
     Returns: the fp32 sum of the counted rows' losses (0 when none counts).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, softcap):
+    def forward(ctx, hidden, weight, target, bias, softcap, rows_per_chunk=None):
         rows, vocab = hidden.shape[0], weight.shape[0]
         need = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if need[0] else None
@@ -172,7 +173,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, **fp32) if need[1] else None
         grad_bias = torch.zeros(vocab, **fp32) if bias is not None and need[3] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = chunk_rows(rows, hidden.shape[1], vocab, hidden.dtype)
+        step = rows_per_chunk or chunk_rows(rows, hidden.shape[1], vocab, hidden.dtype)
         for start in range(0, rows, step):
             # one call per chunk: its (chunk x vocab) buffers are freed before the next chunk's are allocated
             total += _chunk_loss_and_grads(hidden[start:start + step], weight, bias, target[start:start + step],
@@ -196,7 +197,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight.mul_(grad_total).to(ctx.dtypes[0]) if need[1] else None,
                 None,
                 grad_bias.mul_(grad_total).to(ctx.dtypes[1]) if need[3] else None,
-                None)
+                None, None)
 
 
 def _chunk_loss_and_grads(h, weight, bias, t, softcap, grad_hidden, grad_weight, grad_bias, start):
