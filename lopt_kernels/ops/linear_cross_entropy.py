@@ -142,8 +142,9 @@ def chunk_rows(rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk: the most (a power of two, at least ``MIN_CHUNK_ROWS``) whose (chunk x vocab) temporaries (fp32
     logits, and their copy in ``dtype`` when that is narrower) stay within half the head weight's bytes and within
     ``HIDDEN_MULTIPLE`` times the hidden input's. Each chunk re-reads the weight, and once that leaves the cache
-    small chunks are slow (h 1024, vocab 32000, 1023 rows, fp32, head frozen, 2 threads, forward + backward: 32 rows
-    2385 ms, 128 rows 1318, 512 rows 1109, the whole logits 1091 ms); the hidden bound keeps the loss's share of a
+    small chunks are slow (``bench/task_loss_chunking.py --library-chunks``: h 1024, vocab 32000, 1023 rows, fp32,
+    head frozen, 2 threads, forward + backward: 32 rows 2056 ms, 128 rows 1164, 512 rows 878, the whole logits 945 ms
+    at a 375 MiB peak against 8 / 20 / 69 MiB); the hidden bound keeps the loss's share of a
     step's peak small (there, ``compare --config cpu-1b --seq 512 --lora 16 --fake``'s lopt step peak: 668.0 MiB with
     512-row chunks, 619.6 with the 128 rows this gives)."""
     width = torch.empty((), dtype=dtype).element_size()
