@@ -16,6 +16,8 @@ model's ``cross_entropy`` does, zero gradients (never NaN ones).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +45,9 @@ def resolve_implementation(impl: str, device: torch.device, softcap: float | Non
     return impl
 
 
+@functools.lru_cache(maxsize=None)
 def liger_available() -> bool:
+    """Whether Liger-Kernel's fused linear cross-entropy imports (asked once per process)."""
     try:
         import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401, PLC0415
     except ImportError:
