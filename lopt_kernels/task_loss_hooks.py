@@ -270,6 +270,21 @@ def output_head_pre_hook(state: PatchState):
     return hook
 
 
+def head_task_loss(lm, hidden, shift_labels, *, num_items_in_batch, impl: str, autocast=None) -> torch.Tensor:
+    """``lm``'s causal-LM loss from its output head's input ``hidden``, by the fused linear cross-entropy ``impl``:
+    the head's weight and bias, its ``final_logit_softcapping``, and (``autocast``: the ``(device type, dtype)`` the
+    head ran under) the dtype its logits were computed in."""
+    head = lm.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if autocast is not None and autocast[0] == hidden.device.type:
+        # the head ran under autocast (accelerate's AMP): its logits were computed in that dtype
+        dtype = autocast[1]
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return lce.linear_cross_entropy(hidden, weight, shift_labels, bias=bias, num_items_in_batch=num_items_in_batch,
+                                    softcap=getattr(text_config(lm), "final_logit_softcapping", None), impl=impl)
+
+
 def causal_lm_post_hook(state: PatchState):
     def hook(module, args, kwargs, output):
         run = state.current
@@ -289,19 +304,9 @@ def causal_lm_post_hook(state: PatchState):
                     "to let the model compute its own loss."
                 )
             if request.hidden is not None:
-                head = state.causal_lm.get_output_embeddings()
-                hidden, weight, bias = request.hidden, head.weight, head.bias
-                if request.autocast is not None and request.autocast[0] == hidden.device.type:
-                    # the head ran under autocast (accelerate's AMP): its logits were computed in that dtype
-                    dtype = request.autocast[1]
-                    hidden, weight = hidden.to(dtype), weight.to(dtype)
-                    bias = bias.to(dtype) if bias is not None else None
-                task = lce.linear_cross_entropy(
-                    hidden, weight, request.shift_labels, bias=bias,
-                    num_items_in_batch=request.num_items_in_batch,
-                    softcap=getattr(text_config(state.causal_lm), "final_logit_softcapping", None),
-                    impl=state.fused_ce_impl,
-                )
+                task = head_task_loss(state.causal_lm, request.hidden, request.shift_labels,
+                                      num_items_in_batch=request.num_items_in_batch, impl=state.fused_ce_impl,
+                                      autocast=request.autocast)
                 task = _OneBackward.apply(task, _second_backward_message(state))
                 if not isinstance(output, tuple):
                     task = with_router_loss(state.causal_lm, task, output.get("aux_loss"))

@@ -151,7 +151,7 @@ def chunk_rows(rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> int:
     at a 375 MiB peak against 8 / 20 / 69 MiB); the hidden bound keeps the loss's share of a
     step's peak small (there, ``compare --config cpu-1b --seq 512 --lora 16 --fake``'s lopt step peak: 668.0 MiB with
     512-row chunks, 619.6 with the 128 rows this gives)."""
-    width = torch.empty((), dtype=dtype).element_size()
+    width = dtype.itemsize
     per_logit = 4 + (width if width < 4 else 0)
     fit = min(hidden * width // (2 * per_logit), HIDDEN_MULTIPLE * rows * hidden * width // (max(vocab, 1) * per_logit))
     return min(max(rows, 1), max(MIN_CHUNK_ROWS, 1 << (max(fit, 1).bit_length() - 1)))

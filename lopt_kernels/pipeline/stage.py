@@ -18,7 +18,7 @@ from ..boundary.common import BoundarySpec, hidden_of
 from ..discovery import AUX_DECODERS_ATTR, LoptPatchError, find_layer_stack, text_config
 from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, per_layer_config
 from ..ops import linear_cross_entropy as lce
-from ..task_loss_hooks import fused_ce_choice, item_share, label_count
+from ..task_loss_hooks import fused_ce_choice, head_task_loss, item_share, label_count
 from .checkpoint import SHARD_PREFIX
 from .placement import StagePlan, check_ranks_agree
 
@@ -256,11 +256,8 @@ class PipelineStage:
         except _StageDone:
             task = None
             if self.is_last:
-                head = self.lm.get_output_embeddings()
-                task = lce.linear_cross_entropy(captured["head_input"], head.weight,
-                                                lce.shift_labels_of(batch["labels"]), bias=head.bias,
-                                                num_items_in_batch=num_items, impl=self.fused_ce,
-                                                softcap=getattr(config, "final_logit_softcapping", None))
+                task = head_task_loss(self.lm, captured["head_input"], lce.shift_labels_of(batch["labels"]),
+                                      num_items_in_batch=num_items, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
             for key, (whole, _) in self._per_layer_config.items():

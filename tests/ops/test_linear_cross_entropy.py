@@ -118,7 +118,7 @@ def test_chunk_rows_keep_the_temporaries_within_half_the_head_weight_and_four_hi
     head weight's bytes and 4 x the hidden input's, as the largest power of two, never under 32 rows."""
     from lopt_kernels.ops.linear_cross_entropy import chunk_rows
 
-    width = torch.empty((), dtype=dtype).element_size()
+    width = dtype.itemsize
     per_logit = 4 + (width if width < 4 else 0)
     chunk = chunk_rows(rows, hidden_size, vocab, dtype)
     assert chunk == expected
