@@ -63,6 +63,16 @@ def _output_tile(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _tile_masks(ROW_MASK, rows64, rmask, cmask, HAS_ROW_MASK: tl.constexpr):
+    """The output tile's bounds mask, and the same with the rows ``ROW_MASK`` leaves out switched off."""
+    inside = rmask[:, None] & cmask[None, :]
+    counted = inside
+    if HAS_ROW_MASK:
+        counted = inside & (tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0)[:, None]
+    return inside, counted
+
+
+@triton.jit
 def _matmul_tile(
     A, stride_am, stride_ak,  # (M, K) operand, any strides
     B, stride_bk, stride_bn,  # (K, N) operand, any strides (a weight or its transpose, as a view)
@@ -153,10 +163,7 @@ def up_error_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
     rows, cols, rmask, cmask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     rows64 = rows.to(tl.int64)
-    counted = rmask[:, None] & cmask[None, :]
-    store_mask = counted
-    if HAS_ROW_MASK:
-        counted = counted & (tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0)[:, None]
+    store_mask, counted = _tile_masks(ROW_MASK, rows64, rmask, cmask, HAS_ROW_MASK)
     target = tl.load(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xh, mask=counted, other=0.0)
     recon = acc + tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     # an excluded row's d_recon is exactly 0, so is every gradient downstream of it
@@ -229,10 +236,8 @@ def ln_grad_kernel(
                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
     rows, cols, rmask, cmask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     rows64 = rows.to(tl.int64)
-    mask = rmask[:, None] & cmask[None, :]
-    y_mask = mask
-    if HAS_ROW_MASK:  # as in the forward: an excluded row is zeros (finite whatever it holds), its d_z is 0
-        y_mask = mask & (tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0)[:, None]
+    # as in the forward: an excluded row is zeros (finite whatever it holds), its d_z is 0
+    mask, y_mask = _tile_masks(ROW_MASK, rows64, rmask, cmask, HAS_ROW_MASK)
     yv = tl.load(Y + rows64[:, None] * stride_ym + cols[None, :] * stride_yh, mask=y_mask, other=0.0)
     mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
     rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
