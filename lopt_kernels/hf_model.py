@@ -15,6 +15,7 @@ import ast
 import functools
 import inspect
 import textwrap
+from contextlib import contextmanager
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -181,6 +182,31 @@ def drop_cache(output):
     if hasattr(output, "items"):
         return type(output)(**{k: (None if is_kv_cache(v) else v) for k, v in output.items()})
     return None
+
+
+@contextmanager
+def outputs_not_recorded():
+    """transformers' output capture paused: while a model's forward runs, forward hooks on its submodules record
+    ``output_hidden_states``, ``output_attentions`` and a mixture-of-experts model's router logits (for the
+    router load-balancing loss) into the forward's collector (``transformers.utils.output_capturing``). A
+    checkpointed layer recomputed inside that forward (eager mode's local backward) would record its submodules'
+    outputs a second time: a MoE model's router-logit tuple one entry per recomputed layer too long, and its
+    router loss built partly from the recomputation's graph. Nothing to do where transformers has no such
+    collector."""
+    try:
+        from transformers.utils import output_capturing  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - transformers without output capture
+        yield
+        return
+    collector = getattr(output_capturing, "_active_collector", None)
+    if collector is None or collector.get() is None:
+        yield
+        return
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 def non_reentrant_checkpoint(func):

@@ -12,6 +12,9 @@ from torch import nn
 # Where each family keeps its decoder layers (written out here on purpose: the reference must not
 # share the library's structural discovery).
 LAYER_PATHS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
+# Mixture-of-experts routers inside a layer, whose first output (the router logits) feeds the router load-balancing
+# loss: LoPT detaches the non-final blocks' (the task loss trains only the final block).
+ROUTER_PATHS = {"mixtral": "mlp.gate"}
 
 
 def layer_list(model, family):
@@ -53,6 +56,12 @@ class ReferenceLoPT:
             out.weight = nn.Parameter(inp.weight.detach().clone())
         self.layers = layer_list(self.model, family)
         self.starts = starts
+        if family in ROUTER_PATHS:
+            for layer in self.layers[: starts[-2]]:
+                router = layer.get_submodule(ROUTER_PATHS[family])
+                # on the instance: before transformers' output-recording hooks see the logits
+                router.forward = lambda *a, _forward=router.forward, **k: (
+                    lambda out: (out[0].detach(), *out[1:]))(_forward(*a, **k))
         self.lambda_aux = lambda_aux
         self.decoders = nn.ModuleList()
         for src in decoders_from:

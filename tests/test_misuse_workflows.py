@@ -168,6 +168,19 @@ def test_one_behaviour_in_every_mode_for_a_loss_on_recorded_states(key, index, c
         assert changed  # the term trains what it reaches
 
 
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
+def test_recorded_states_are_recorded_once_with_checkpointing(mode):
+    """With gradient checkpointing, eager mode's local backward recomputes the bottom layers inside the forward:
+    transformers' output capture recorded their attention maps again (8 for 5 layers; a MoE model's router logits
+    likewise, whose router loss then reached the freed bottom graphs)."""
+    model = lopt_kernels.patch(tiny_model("llama", attn="eager"), mode=mode)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    out = model(**batch(), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 6 and len(out.attentions) == 5
+    out.loss.backward()
+
+
 # -- the fused task-loss decision follows the model after the first step ------------------------------------
 
 

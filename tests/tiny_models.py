@@ -40,13 +40,21 @@ FAMILIES = {
 }
 
 
+# Mixture-of-experts families, router load-balancing loss on (kept apart from FAMILIES, whose tests assume dense
+# layers).
+MOE_FAMILIES = {
+    "mixtral": lambda **kw: tf.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2,
+                                                       output_router_logits=True, router_aux_loss_coef=0.5, **kw)),
+}
+
+
 # Families whose transformers implementation has no sdpa path.
 EAGER_ONLY = {"gemma2"}
 
 
 def tiny_model(family: str, *, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **config_overrides):
     """A freshly initialised tiny causal LM of ``family`` in train mode."""
-    config = FAMILIES[family](**config_overrides)
+    config = {**FAMILIES, **MOE_FAMILIES}[family](**config_overrides)
     if family in EAGER_ONLY:
         attn = "eager"
     torch.manual_seed(seed)

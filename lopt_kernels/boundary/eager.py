@@ -24,11 +24,13 @@ parameters' gradients (tiny for LoRA) held from the block's forward to the calle
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LoptPatchError
+from ..hf_model import outputs_not_recorded
 from .common import (BoundaryMode, BoundarySpec, accumulate_gathered, block_params, input_gradient_needed, is_zero3,
                      local_loss_and_grads, trainable_outside_inputs, zero3_anchor)
 
@@ -86,6 +88,20 @@ class _GradientSeed(torch.autograd.Function):
         return grad, None
 
 
+@contextmanager
+def local_backward(spec: BoundarySpec):
+    """Around a block's local backward inside the forward: a checkpointed layer's recompute must neither re-enter
+    the hooks (the replay guard) nor be recorded by transformers' output capture as if it were another layer
+    (a MoE model's router logits, hidden states, attention maps: see ``outputs_not_recorded``)."""
+    guard = spec.replay_guard
+    guard.replaying = True
+    try:
+        with outputs_not_recorded():
+            yield
+    finally:
+        guard.replaying = False
+
+
 def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
     """The block's aux loss and its unscaled-by-the-caller local gradients, computed now.
 
@@ -116,12 +132,8 @@ def run_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor):
         swap = {id(p): q for p, q in zip(layer_params, sharded)}
         params = [swap.get(id(p), p) for p in params]
     elif wrt and y.requires_grad:
-        guard = spec.replay_guard
-        guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
-        try:
+        with local_backward(spec):
             local = torch.autograd.grad(_GradientSeed.apply(y, box), wrt, allow_unused=True)
-        finally:
-            guard.replaying = False
         by_id.update((id(p), g) for p, g in zip(layer_params, local))
         extra_grads = list(local[len(layer_params) : len(layer_params) + len(tape.extras)])
         if tape.leaf.requires_grad:
@@ -168,8 +180,6 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
     for g in groups:
         g.reduce_grads = g.all_reduce_grads = True
     ctx.post_backward_final_callback_queued = True
-    guard = spec.replay_guard
-    guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
     # No implicit backward prefetch inside the block: it would hold the next bottom layer all-gathered beside the
     # current one (one layer's unsharded weights, 3.2 MiB of LoRA eager's 36.9 MiB step peak in bench/fsdp2_modes.py;
     # 33.6 without, under activation-free's 33.0 + its held gradients). Each layer is all-gathered when its backward
@@ -178,7 +188,8 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
     for g in groups:
         g._post_forward_indices = []
     try:
-        torch.autograd.backward(_GradientSeed.apply(y, box))
+        with local_backward(spec):
+            torch.autograd.backward(_GradientSeed.apply(y, box))
         for g in reversed(groups):
             if g._training_state != TrainingState.POST_BACKWARD:  # a layer whose inputs needed no gradient
                 g.post_backward()
@@ -198,7 +209,6 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
     finally:
         for g, indices in zip(groups, saved_indices):
             g._post_forward_indices = indices
-        guard.replaying = False
         ctx.post_backward_final_callback_queued = saved_queued
         for g, (reduce, all_reduce) in zip(groups, saved_sync):
             g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
@@ -347,12 +357,8 @@ def learn_now(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, weight: floa
             if p.requires_grad:
                 p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g)
     if y.requires_grad:
-        guard = spec.replay_guard
-        guard.replaying = True  # a checkpointed layer's recompute must not re-enter the hooks
-        try:
+        with local_backward(spec):
             torch.autograd.backward(y, grad_y)
-        finally:
-            guard.replaying = False
         leaf = tape.leaf
         if leaf.requires_grad and leaf.grad is not None:  # block 0: on into the input embeddings
             grad_x, leaf.grad = leaf.grad, None

@@ -28,11 +28,18 @@ def _sum_ce(outputs, labels, num_items_in_batch=None):
     return loss / num_items_in_batch
 
 
-@pytest.mark.parametrize("variant", ["num_items_in_batch", "divide_by_ga", "compute_loss_func"])
-def test_one_step_gradients_equal_the_reference_loop(tmp_path, variant):
-    model, ref = patched_and_reference()
+@pytest.mark.parametrize("variant,family,checkpointing", [
+    ("num_items_in_batch", "llama", False), ("divide_by_ga", "llama", False), ("compute_loss_func", "llama", False),
+    # a MoE model (router loss in its task loss) with checkpointing: in eager mode the bottom blocks' recompute ran
+    # inside the forward and transformers recorded their routers' logits twice, so the task loss backpropagated
+    # into the freed bottom graphs (RuntimeError: backward through the graph a second time)
+    ("num_items_in_batch", "mixtral", True),
+])
+def test_one_step_gradients_equal_the_reference_loop(tmp_path, variant, family, checkpointing):
+    model, ref = patched_and_reference(family)
     collator = RecordingCollator()
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=VariableLengthSequences(),
+    args = _args(tmp_path, gradient_checkpointing=checkpointing)
+    trainer = Trainer(model=model, args=args, train_dataset=VariableLengthSequences(),
                       data_collator=collator, compute_loss_func=_sum_ce if variant == "compute_loss_func" else None)
     if variant == "divide_by_ga":
         trainer.model_accepts_loss_kwargs = False  # the Trainer then divides each micro-batch loss by GA
@@ -51,7 +58,7 @@ def test_one_step_gradients_equal_the_reference_loop(tmp_path, variant):
     grads = capture.steps[0]
     assert_grads_match(grads, expected)
     # the bottom half and the decoder are trained, by the local loss only
-    assert grads["model.layers.0.mlp.down_proj.weight"].abs().max() > 0
+    assert grads["model.layers.0.self_attn.o_proj.weight"].abs().max() > 0
     assert grads["lopt_aux_decoders.0.up.weight"].abs().max() > 0
 
 
