@@ -86,17 +86,23 @@ def _check_decoders_trainable(state: PatchState) -> None:
             what="If that is on purpose, ignore this warning."))
 
 
-def _run_block_ends_after_fsdp2(state: PatchState) -> None:
-    """Re-register the hook on each non-final block's last layer so that it runs after FSDP2's post-forward hook
-    (``fully_shard`` after ``patch`` registered FSDP2's after it): the eager local backward then starts from an
-    output FSDP2 has hooked for its backward (unshard, reduce-scatter), as any backward does."""
+def _run_block_ends_last(state: PatchState) -> None:
+    """Move the hook on each non-final block's last layer behind every other forward hook of that layer, so that it
+    gets the layer's output as the other hooks leave it. Sharding wrappers applied after ``patch`` hook the output
+    for its backward: FSDP2's post-forward hook (unshard, reduce-scatter) and DeepSpeed ZeRO-3's (a Function that
+    gathers the layer's own parameters when its backward starts, and that the coordinator must see before the hook
+    on the layer's inputs releases them after it). The eager local backward then starts from such an output, as any
+    backward does; run before them, its backward released a layer ZeRO-3 had never fetched for it
+    (``AssertionError: active_backward_submodules is empty during backward pass`` on GPT-2, whose attention leaves no
+    submodule active to mask it). Checked on every training forward: the wrappers may arrive after the first one."""
     for layer, (_, post) in state.layer_hooks.items():
         if post is None:
             continue
-        for i, handle in enumerate(state.handles):
-            if layer._forward_hooks.get(handle.id) is post:
-                handle.remove()
-                state.handles[i] = layer.register_forward_hook(post, with_kwargs=True)
+        hooks = layer._forward_hooks
+        if hooks and next(reversed(hooks.values())) is not post:
+            for key, fn in list(hooks.items()):
+                if fn is post:
+                    hooks.move_to_end(key)
 
 
 def _fsdp2_sharded(layers) -> bool:
@@ -216,8 +222,7 @@ def backbone_pre_hook(state: PatchState):
             run.cache_requested = bool(kwargs.get("use_cache")) or cache_in(args, kwargs) is not None
             if state.bottom_fsdp2 is None:  # once: sharding happens before training starts
                 state.bottom_fsdp2 = _fsdp2_sharded(_bottom_layers(state))
-                if state.bottom_fsdp2:
-                    _run_block_ends_after_fsdp2(state)
+            _run_block_ends_last(state)
             final_layers = state.layers[state.block_starts[-1] :]
             run.layerwise_rebuild = any(getattr(layer, "gradient_checkpointing", False) for layer in final_layers)
             _hoist_hooks_out_of_checkpoint(state)

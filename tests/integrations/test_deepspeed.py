@@ -49,18 +49,20 @@ def _result(out, name):
 
 def test_zero_stages_equal_one_process(launch):
     import deepspeed_train
+    from reference import LAYER_PATHS
 
     tmp_path = launch
     references, initial = {}, {}
     for name in deepspeed_train.CASES:
         err = tmp_path / f"{name}.err"
         assert not err.exists(), err.read_text()[:3000]
-        lora = "-lora" in name
-        if lora not in references:
-            initial[lora] = {}
-            references[lora] = deepspeed_train.run(str(tmp_path), "zero0-stored" + ("-lora" if lora else ""),
-                                                   deepspeed=False, initial=initial[lora])
-        single, init = references[lora], initial[lora]
+        lora, family = "-lora" in name, deepspeed_train.family_of(name)
+        key = (lora, family)
+        if key not in references:
+            initial[key] = {}
+            one = "zero0-stored" + ("-lora" if lora else "") + ("" if family == "llama" else f"-{family}")
+            references[key] = deepspeed_train.run(str(tmp_path), one, deepspeed=False, initial=initial[key])
+        single, init = references[key], initial[key]
         got = torch.load(tmp_path / f"{name}.pt")
         assert got.keys() == single.keys(), name
         worst = max((got[n] - p).abs().max().item() for n, p in single.items())
@@ -76,7 +78,8 @@ def test_zero_stages_equal_one_process(launch):
             for k, v in saved.items():
                 torch.testing.assert_close(v, got[f"lopt_aux_decoders.{k}"], rtol=0, atol=0, msg=f"{name}: saved {k}")
         # both halves (block 0's first layer, the final block's last layer) and the aux decoder trained
-        for part in ("layers.0.", "layers.4.", "lopt_aux_decoders.0."):
+        layers = LAYER_PATHS.get(family, "model.layers")
+        for part in (f"{layers}.0.", f"{layers}.4.", "lopt_aux_decoders.0."):
             moved = [n for n in got if part in n and not torch.equal(got[n], init[n])]
             assert moved, f"{name}: nothing in {part} trained"
 
