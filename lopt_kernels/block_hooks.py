@@ -126,6 +126,30 @@ def held_gradient_bytes(state: PatchState) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params.values())
 
 
+def zero3_leaf_modules_trained(state: PatchState) -> list[str]:
+    """Class names of the DeepSpeed ZeRO-3 leaf modules with trainable parameters in the non-final blocks. DeepSpeed
+    flags transformers' mixture-of-experts blocks (MixtralSparseMoeBlock, Qwen2/3-MoE's) as leaf modules: it
+    gathers their parameters whole and reduces their gradients from a backward hook on the module, not from each
+    parameter's gradient accumulation."""
+    names = set()
+    for layer in _bottom_layers(state):
+        for module in layer.modules():
+            if getattr(module, "_z3_leaf", False) and any(p.requires_grad and hasattr(p, "ds_id")
+                                                          for p in module.parameters()):
+                names.add(type(module).__name__)
+    return sorted(names)
+
+
+ZERO3_LEAF_EAGER_MESSAGE = (
+    "mode='eager' cannot train this model under DeepSpeed ZeRO-3: its bottom blocks hold ZeRO-3 leaf modules with "
+    "trainable parameters ({names}; DeepSpeed flags mixture-of-experts blocks so), whose gradients DeepSpeed reduces "
+    "from a backward hook on the module. Eager's local backward runs inside the forward, before the caller's loss "
+    "has weighted the aux term, so that hook would reduce them there (and DeepSpeed's hook fails inside it). Patch "
+    "with mode='activation_free' (or 'stored', or 'auto', which picks activation-free here), or freeze the leaf "
+    "modules' parameters (LoRA on the attention projections trains in eager)."
+)
+
+
 def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> str:
     """The boundary mode of this training forward. ``auto``: eager (no recomputation) when the gradients it
     would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models;
@@ -133,8 +157,14 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
     where holding half the model's gradients through the top half's work costs more memory than recomputing the
     bottom half costs time). ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden
     states (per-layer inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager
-    (stored under FSDP2, whose eager backward would accumulate them unscaled)."""
+    (stored under FSDP2, whose eager backward would accumulate them unscaled). Under DeepSpeed ZeRO-3, trainable
+    leaf modules in the bottom blocks (MoE blocks) rule eager out (see ``zero3_leaf_modules_trained``): ``auto``
+    is then activation-free (stored where outside inputs also rule that out)."""
     mode = state.settings.mode
+    zero3 = mode in ("auto", "eager") and any(hasattr(p, "ds_id") for p in state.decoders.parameters())
+    leaves = zero3_leaf_modules_trained(state) if zero3 else []
+    if leaves and mode == "eager":
+        raise LoptPatchError(ZERO3_LEAF_EAGER_MESSAGE.format(names=", ".join(leaves)))
     refused = ("activation_free", "eager") if state.bottom_fsdp2 else ("activation_free",)
     if outside_inputs and (mode in refused or (mode == "auto" and state.bottom_fsdp2)):
         fix = "mode='stored'" if state.bottom_fsdp2 else "mode='eager' or mode='stored'"
@@ -146,6 +176,8 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
         )
     if mode != "auto":
         return mode
+    if leaves:
+        return "stored" if outside_inputs else "activation_free"
     if outside_inputs:
         return "eager"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))

@@ -132,3 +132,14 @@ def test_model_built_by_zero_init_equals_one_process(launch):
 def test_pipeline_module_is_refused(launch):
     err = (launch / "pipeline.err").read_text()
     assert err.startswith("LoptPatchError") and "PipelineModule" in err and "ZeRO" in err, err[:500]
+
+
+def test_eager_refuses_trainable_zero3_leaf_modules(launch):
+    """DeepSpeed flags MoE blocks as ZeRO-3 leaf modules and reduces their gradients from a backward hook on the
+    module, which eager's local backward (inside the forward, before the caller's loss weights the aux term) would
+    trigger. Before: DeepSpeed's hook raised 'A leaf node was passed to _will_engine_execute_node but we are
+    currently running autograd.grad()' in the middle of the Mixtral forward; now a LoptPatchError names the modes
+    that train it."""
+    err = (launch / "zero3-eager-mixtral.err").read_text()
+    assert err.startswith("LoptPatchError") and "MixtralSparseMoeBlock" in err, err[:3000]
+    assert "mode='activation_free'" in err and "ZeRO-3 leaf modules" in err, err[:1000]
