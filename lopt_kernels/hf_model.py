@@ -116,6 +116,20 @@ def logit_transforms_in_forward(cls, head: str = "lm_head") -> tuple:
     return tuple(found)
 
 
+@functools.lru_cache(maxsize=None)
+def forward_calls_loss_function(cls) -> bool:
+    """Whether ``cls.forward`` computes its loss by calling ``self.loss_function(...)`` (read from its source), the
+    one the fused task loss reproduces (``ForCausalLMLoss``: labels shifted by one inside). Decoder halves of
+    encoder-decoder families (BART, Whisper, TrOCR...), XLNet, XLM and CPM-Ant call their own ``CrossEntropyLoss``
+    on labels that are not shifted; an unreadable source counts as not calling it."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "loss_function"
+               and isinstance(node.func.value, ast.Name) and node.func.value.id == "self" for node in ast.walk(tree))
+
+
 def identity_scale(lm, path) -> bool:
     """Whether the model attribute at ``path`` is a multiplier of 1 (or unset), which changes no logit."""
     value = lm

@@ -17,7 +17,8 @@ from . import block_hooks
 from ._outputs import declares_own_aux_loss, with_lopt_fields
 from .boundary.common import autocast_state
 from .discovery import text_config
-from .hf_model import LOGIT_TRANSFORMS, identity_scale, logit_transforms_in_forward, router_loss_coef
+from .hf_model import (LOGIT_TRANSFORMS, forward_calls_loss_function, identity_scale, logit_transforms_in_forward,
+                       router_loss_coef)
 from .ops import linear_cross_entropy as lce
 from .state import PatchState, StateHook, TaskRequest
 
@@ -61,6 +62,9 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
         return None, None
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
         return None, f"{type(lm).__name__} uses its own loss function, not ForCausalLMLoss"
+    if not forward_calls_loss_function(type(lm)):
+        return None, (f"{type(lm).__name__}'s forward computes its loss with its own code, not self.loss_function "
+                      "(ForCausalLMLoss, labels shifted by one)")
     if type(head) is not nn.Linear:
         return None, f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
     if transforms:
