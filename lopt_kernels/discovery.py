@@ -86,7 +86,22 @@ def check_decoder_only_causal_lm(lm: nn.Module) -> None:
         )
 
 
+def _common_prefix(a: str, b: str) -> int:
+    """How many leading dotted components two module names share (the depth of their common ancestor)."""
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def find_layer_stack(lm: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The decoder layer stack: an ``nn.ModuleList`` of ``config.num_hidden_layers`` layers of one class. Where
+    several match (a multimodal model's vision or audio tower of as many layers), the one nearest the input
+    embeddings wins (the text decoder's: its common ancestor with them is deepest), then the shallowest. Several
+    lists under one module that tie (XLM keeps its attentions, norms and feed-forwards in parallel lists: a layer is
+    no one module) are refused: hooking one of them would put the boundary inside a layer."""
     config = text_config(lm)
     num_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(num_layers, int) or num_layers < 1:
@@ -106,8 +121,23 @@ def find_layer_stack(lm: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
             f"{type(lm).__name__}: no nn.ModuleList of {num_layers} identical decoder layers was found. "
             f"Supported: {SUPPORTED_FAMILIES}."
         )
-    name = min(candidates, key=lambda n: (n.count("."), n))
+    embeddings = lm.get_input_embeddings()
+    embeddings_name = next((n for n, m in lm.named_modules() if m is embeddings), "") if embeddings is not None else ""
+
+    def rank(name: str) -> tuple:
+        return (-_common_prefix(name, embeddings_name) if embeddings_name else 0, name.count("."))
+
+    name = min(candidates, key=lambda n: (*rank(n), n))
     owner_name, _, attr = name.rpartition(".")
+    ties = [n for n in candidates if n != name and rank(n) == rank(name) and n.rpartition(".")[0] == owner_name]
+    if ties:
+        lists = ", ".join(f"{n!r} ({type(lm.get_submodule(n)[0]).__name__})" for n in [name, *ties])
+        raise LoptPatchError(
+            f"{type(lm).__name__}: {owner_name or 'the model'} holds several nn.ModuleLists of {num_layers} modules "
+            f"({lists}), so a decoder layer is not one module and LoPT's block boundary (a hook on a layer's output) "
+            f"would fall inside a layer. lopt_kernels supports causal LMs whose backbone runs one nn.ModuleList of "
+            f"config.num_hidden_layers decoder layers. Supported: {SUPPORTED_FAMILIES}."
+        )
     backbone = lm.get_submodule(owner_name) if owner_name else lm
     return backbone, attr, lm.get_submodule(name)
 

@@ -263,3 +263,19 @@ def test_boundaries_int_sequences_accepted(boundaries):
     lopt_kernels.patch(model, boundaries=boundaries)
     assert lopt_kernels.patching.state_of(model).settings.boundaries == tuple(int(b) for b in boundaries)
     assert all(type(b) is int for b in lopt_kernels.patching.state_of(model).settings.boundaries)
+
+
+def test_parallel_lists_of_sublayers_refused():
+    """XLM keeps each layer's attention, norms and feed-forward in parallel ModuleLists of num_hidden_layers modules
+    (no module is a layer): the first by name (``transformer.attentions``) was hooked, so the boundary fell between an
+    attention and its feed-forward, and the task loss trained the bottom half through the residual stream (every mode
+    wrong, eager mode crashed with "backward through the graph a second time"). Now refused, naming the lists."""
+    config = tf.XLMConfig(vocab_size=97, emb_dim=40, n_layers=4, n_heads=4, max_position_embeddings=64, dropout=0.0,
+                          attention_dropout=0.0, pad_index=0, bos_index=1, eos_index=2, is_decoder=True, causal=True)
+    torch.manual_seed(0)
+    model = tf.XLMWithLMHeadModel(config).train()
+    with pytest.raises(LoptPatchError, match=r"(?s)several nn.ModuleLists of 4 modules.*transformer.attentions.*"
+                                             r"transformer.ffns.*not one module"):
+        lopt_kernels.patch(model)
+    assert not lopt_kernels.is_patched(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

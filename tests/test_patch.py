@@ -270,3 +270,34 @@ def test_grad_scaler_scales_and_unscales_the_local_gradient_too():
     for dec, ref_dec in zip(lopt_kernels.aux_decoders(model), ref.decoders):
         assert_grads_close({n: p.grad for n, p in dec.named_parameters()},
                            {n: p.grad for n, p in ref_dec.named_parameters()})
+
+
+@pytest.mark.explicit_modes
+def test_the_text_decoder_is_chosen_over_a_tower_of_as_many_layers(monkeypatch):
+    """A multimodal causal LM whose audio tower has as many layers as its text decoder (MossTranscribeDiarize, Gemma4):
+    both lists match ``num_hidden_layers`` at the same depth, and the first by name (``model.audio_tower.layers``) was
+    hooked, so the aux loss was the audio tower's (never run on text: no aux term at all) and the text decoder trained
+    end to end. The list nearest the input embeddings (the text decoder's) is chosen."""
+    import transformers as tf
+
+    import reference
+
+    config = tf.MossTranscribeDiarizeConfig(
+        audio_config=dict(hidden_size=40, num_hidden_layers=4, num_attention_heads=4, intermediate_size=72),
+        text_config=dict(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=10, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2))
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, mode="stored")
+    assert lopt_kernels.patching.state_of(model).layers is model.model.language_model.layers
+    monkeypatch.setitem(reference.LAYER_PATHS, "moss_transcribe_diarize", "model.language_model.layers")
+    family_ref = ReferenceLoPT(original, "moss_transcribe_diarize", [0, 2, 4], lopt_kernels.aux_decoders(model))
+    b = batch()
+    out = model(**b)
+    loss, task, aux = family_ref.step_loss(b)
+    torch.testing.assert_close(out.lopt_aux_loss, aux, rtol=1e-4, atol=1e-8)
+    out.loss.backward()
+    loss.backward()
+    assert_grads_close(named_grads(model), named_grads(family_ref.model))
