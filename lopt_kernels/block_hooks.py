@@ -16,9 +16,9 @@ from torch import nn
 
 from . import optimizer_watch
 from .boundary import BOUNDARY_MODES
-from .boundary.common import BoundaryMode, BoundarySpec, hidden_of, trainable_outside_inputs
+from .boundary.common import BoundaryMode, BoundarySpec, _tensors_in, hidden_of, trainable_outside_inputs
 from .discovery import LoptPatchError
-from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, non_reentrant_checkpoint
+from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, is_kv_cache, non_reentrant_checkpoint
 from .state import PatchState, PassState
 
 MISSING_AUX_MESSAGE = (
@@ -287,12 +287,14 @@ def backbone_post_hook(state: PatchState):
         if run.boundary is not None:  # grad mode back if an exception escaped a block; this forward's tensors let go
             run.boundary.end_forward()
         _restore_checkpointing(state)
+        if run.active and output is not None and not state.replaying:
+            check_every_block_ran(state, run)
         if run.active:
             # eager blocks' held gradients enter the graph in the causal LM's post-hook, after the task loss
             # (see boundary/eager.py), so that the caller's backward hands them over first
             output = _without_bottom_router_gradients(state, output)
             output = _bottom_records_cut(state, output, run.replaced_inputs)
-        run.replaced_inputs = {}
+        run.replaced_inputs, run.first_inputs = {}, {}
         if run.cache_skipped:
             return drop_cache(output)
         return output
@@ -361,6 +363,125 @@ def _bottom_records_cut(state: PatchState, output, replaced_inputs: dict):
     return output
 
 
+REPEATED_LAYER_MESSAGE = (
+    "lopt_kernels: layer {i} ran twice in one training forward: the model loops over part of its layer stack "
+    "(a recurrent-depth or looped model), and layer {i} lies in the non-final {span}. LoPT's boundary hooks sit on "
+    "the layer modules of the non-final blocks, so a second call would restart or end a block in the middle of the "
+    "forward and train it wrongly. Put every looped layer in the final block (boundaries=[...] whose last entry is "
+    "<= {i}{hint}), or train this model unpatched."
+)
+
+SKIPPED_LAYER_MESSAGE = (
+    "lopt_kernels: in this training forward the model skipped layer(s) {skipped} of the non-final blocks (a layer "
+    "it runs only sometimes: Mllama's cross-attention layers without images, LayerDrop), and {what}. LoPT's boundary "
+    "is a hook on a block's first and last layer, so a skipped one would leave the block without its aux loss and "
+    "let the task loss train it. Choose boundaries whose blocks start and end at layers that always run{hint}."
+)
+
+CROSS_BLOCK_INPUT_MESSAGE = (
+    "lopt_kernels: layer {i}, the first of block {block}, reads besides its hidden states a tensor ({what}, shape "
+    "{shape}) that the layers of earlier blocks computed, not through the hidden states the block boundary cuts (a "
+    "connection across layers, such as Inkling2's block attention residuals or a value residual). The task loss "
+    "would reach the earlier blocks through it (each mode differently), so LoPT cannot train this model with a "
+    "boundary at layer {i}; train it unpatched."
+)
+
+
+def _layer_index(state: PatchState, module) -> int:
+    return next(i for i, layer in enumerate(state.layers) if layer is module)
+
+
+def _span(state: PatchState, block: int) -> str:
+    r = state.block_range(block)
+    return f"block {block} = layers {r.start}-{r.stop - 1}"
+
+
+def _argument_tensors(rest: tuple, kwargs: dict):
+    """The tensors among a layer call's arguments besides its hidden states, KV cache objects left out (what a
+    layer reads of another layer's keys and values is check_kv_sharing's)."""
+    for value in (*rest, *kwargs.values()):
+        if not is_kv_cache(value):
+            yield from _tensors_in(value)
+
+
+def _reaches_any(t: torch.Tensor, param_ids: set) -> bool:
+    """Whether ``t``'s autograd graph reaches one of the parameters ``param_ids``."""
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in param_ids:
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+def check_block_inputs(state: PatchState, run: PassState, block: int, module, hidden, rest: tuple, kwargs: dict):
+    """Refuse a block (after the first) whose first layer reads, besides its hidden states, a tensor computed by the
+    earlier blocks' layers: one shaped like the hidden states (batch, positions, ..., hidden) that block 0's first
+    layer did not read (found in every mode), or one whose graph reaches an earlier block's parameters."""
+    earlier = None
+    for t in _argument_tensors(rest, kwargs):
+        if t is hidden or not t.is_floating_point():
+            continue
+        base = t if t._base is None else t._base
+        if id(t) in run.first_inputs or id(base) in run.first_inputs:
+            continue
+        lead = hidden.shape[:-1]
+        shaped = (t.dim() >= hidden.dim() and tuple(t.shape[: len(lead)]) == tuple(lead)
+                  and t.shape[-1] == hidden.shape[-1])
+        reaches = False
+        if not shaped and t.requires_grad and t.grad_fn is not None:
+            if earlier is None:
+                earlier = {id(p) for layer in state.layers[: state.block_starts[block]] for p in layer.parameters()}
+            reaches = _reaches_any(t, earlier)
+        if shaped or reaches:
+            raise LoptPatchError(CROSS_BLOCK_INPUT_MESSAGE.format(
+                i=_layer_index(state, module), block=block, shape=tuple(t.shape),
+                what="shaped like the hidden states" if shaped else "whose gradient reaches an earlier block's parameters"))
+
+
+def final_block_pre_hook(state: PatchState):
+    """On the final block's first layer: the cross-block input check (the non-final blocks' starts check in their
+    own pre-hook)."""
+
+    def hook(module, args, kwargs):
+        run = state.current
+        if not run.active or state.replaying or module in state.checkpoint_bodies or run.boundary is None:
+            return None
+        if torch._C._current_graph_task_id() != -1:  # a checkpoint's recompute in the backward (detached copies)
+            return None
+        hidden, rest = (args[0], args[1:]) if args else (kwargs.get("hidden_states"), ())
+        if torch.is_tensor(hidden):
+            check_block_inputs(state, run, len(state.settings.boundaries), module, hidden, rest,
+                               {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        return None
+
+    return hook
+
+
+def check_every_block_ran(state: PatchState, run: PassState) -> None:
+    """After the backbone's training forward: every non-final block started and ended (a skipped first or last
+    layer leaves a block without its boundary)."""
+    n = len(state.settings.boundaries)
+    if len(run.blocks_ended) == n and not (run.boundary is not None and run.boundary.tapes):
+        return
+    bottom = state.block_starts[-1]
+    skipped = [i for i in range(bottom) if id(state.layers[i]) not in run.layers_run]
+    if not skipped and run.boundary is None:
+        return  # no layer of the stack ran at all (nothing to train)
+    missing = [b for b in range(n) if b not in run.blocks_ended]
+    what = "; ".join(f"{_span(state, b)} never {'started' if state.block_starts[b] in skipped else 'ended'}"
+                     for b in missing)
+    ran = [i for i in range(1, len(state.layers)) if i not in skipped and i - 1 not in skipped]
+    mid = len(state.layers) // 2
+    hint = f" (e.g. boundaries=[{min(ran, key=lambda i: abs(i - mid))}])" if ran else ""
+    raise LoptPatchError(SKIPPED_LAYER_MESSAGE.format(skipped=skipped, what=what or "a block did not end", hint=hint))
+
+
 def layer_pre_hook(state: PatchState, block: int, is_start: bool):
     block_layers = [state.layers[i] for i in state.block_range(block)]
 
@@ -368,11 +489,22 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
         run = state.current
         if not run.active or state.replaying or module in state.checkpoint_bodies:
             return None
+        if id(module) in run.layers_run:
+            i = _layer_index(state, module)
+            raise LoptPatchError(REPEATED_LAYER_MESSAGE.format(
+                i=i, span=_span(state, block), hint=f", e.g. boundaries=[{i}]" if i >= 1 else ""))
+        run.layers_run.add(id(module))
         if args:
             hidden, rest = args[0], args[1:]
         else:
             kwargs = dict(kwargs)
             hidden, rest = kwargs.pop("hidden_states"), ()
+        if is_start and block == 0:
+            for t in _argument_tensors(rest, kwargs):
+                base = t if t._base is None else t._base
+                run.first_inputs[id(t)], run.first_inputs[id(base)] = t, base
+        elif is_start:
+            check_block_inputs(state, run, block, module, hidden, rest, kwargs)
         if is_start:
             if run.boundary is None:  # block 0: this forward's mode
                 run.boundary = _boundary_for(state, run, hidden, rest, kwargs)
@@ -410,6 +542,7 @@ def layer_post_hook(state: PatchState, block: int):
         )
         hand_off, aux_term = run.boundary.end_block(block, spec, hidden_of(output))
         run.aux_terms.append(aux_term)
+        run.blocks_ended.add(block)
         if isinstance(output, tuple):
             return (hand_off, *output[1:])
         if isinstance(output, list):

@@ -122,6 +122,9 @@ def patch(
             if post is not None:
                 handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
             state.layer_hooks[layers[i]] = (pre, post)
+    # the final block's first layer: refuse inputs computed by the earlier blocks besides the hidden states
+    handles.append(layers[starts[-2]].register_forward_pre_hook(StateHook(block_hooks.final_block_pre_hook, state),
+                                                                with_kwargs=True))
     task_loss_hooks.follow_embeddings(state)  # the input embeddings' and output head's hooks, moved if replaced
     handles.append(lm.register_forward_pre_hook(StateHook(task_loss_hooks.causal_lm_pre_hook, state), with_kwargs=True))
     handles.append(lm.register_forward_hook(StateHook(task_loss_hooks.causal_lm_post_hook, state), with_kwargs=True,

@@ -281,3 +281,74 @@ def test_token_mask_costs_no_host_sync_and_no_gather(mode):
         _syncs(model, b)  # first forward: one-time checks
         counts[aux_mask] = _syncs(model, b)
     assert counts["tokens"] == counts["all"], counts
+
+
+# --- layer stacks that do not run each layer once, in order, on the hidden states alone -------------------------
+
+
+class _RunOrder(torch.nn.ModuleList):
+    """The backbone's loop (``self.layers[: num_hidden_layers]``) runs the layers in ``order``: a recurrent-depth toy
+    (Inkling2Loop and Dory loop over part of their stack) or a layer skipped (Mllama's cross-attention layers on text,
+    LayerDrop)."""
+
+    order = (0, 1, 2, 3, 4)
+
+    def __getitem__(self, idx):
+        if idx == slice(None, 5, None):
+            layers = list(self._modules.values())
+            return [layers[i] for i in self.order]
+        return super().__getitem__(idx)
+
+
+def _llama_running(order):
+    model = tiny_model("llama")
+    model.model.layers.__class__ = type("Order", (_RunOrder,), {"order": order})
+    return model
+
+
+def test_a_looped_bottom_layer_is_refused(mode):
+    """A layer of a non-final block that runs twice in one forward restarted its block (a KeyError in every mode);
+    now a LoptPatchError names the layer and the boundaries that put the loop in the final block, which train."""
+    model = _llama_running((0, 1, 2, 1, 2, 3, 4))
+    patched = lopt_kernels.patch(copy.deepcopy(model), mode=mode)
+    with pytest.raises(LoptPatchError, match=r"layer 1 ran twice in one training forward.*boundaries=\[1\]"):
+        patched(**batch(), use_cache=False)
+    assert torch.is_grad_enabled()
+    ok = lopt_kernels.patch(copy.deepcopy(model), mode=mode, boundaries=[1])
+    ok(**batch(), use_cache=False).loss.backward()
+
+
+def test_a_skipped_block_end_is_refused(mode):
+    """A model that skips a layer in its forward (Mllama's cross-attention layers without images, LayerDrop): when it
+    is a non-final block's last layer the block never ended, so it had no boundary and no aux term, silently. Now the
+    forward raises a LoptPatchError naming the skipped layer; boundaries that avoid it train."""
+    model = _llama_running((0, 1, 3, 4))  # layer 2, block 0's last, is skipped
+    patched = lopt_kernels.patch(copy.deepcopy(model), mode=mode)
+    with pytest.raises(LoptPatchError, match=r"skipped layer\(s\) \[2\].*block 0 = layers 0-2 never ended"):
+        patched(**batch(), use_cache=False)
+    assert torch.is_grad_enabled()
+    ok = lopt_kernels.patch(copy.deepcopy(model), mode=mode, boundaries=[2])  # layer 2 now opens the final block
+    ok(**batch(), use_cache=False).loss.backward()
+    assert ok.model.layers[1].mlp.down_proj.weight.grad.abs().max() > 0
+
+
+def test_a_block_reading_earlier_layers_besides_its_hidden_states_is_refused(mode):
+    """Inkling2's layers read, besides their hidden states, the stacked inputs of every earlier residual block (its
+    block attention residuals): the boundary cut the hidden states only, so the task loss trained the bottom layers
+    through that stack (family sweep, 6 layers: stored 25x the reference's gradients, eager "backward through the
+    graph a second time", activation-free the embeddings' gradient 60% off). Now refused in every mode, naming the
+    layer."""
+    import transformers as tf  # noqa: PLC0415
+
+    config = tf.Inkling2TextConfig(
+        vocab_size=97, unpadded_vocab_size=97, hidden_size=40, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=10, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=10,
+        d_rel=8, rel_extent=16, intermediate_size=72, moe_intermediate_size=24, n_routed_experts=4,
+        num_experts_per_tok=2, n_layers_per_attn_res_block=1, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).train()
+    patched = lopt_kernels.patch(model, mode=mode)
+    with pytest.raises(LoptPatchError, match=r"layer 2, the first of block 1, reads besides its hidden states"):
+        patched(**batch(), use_cache=False)
+    assert torch.is_grad_enabled()
