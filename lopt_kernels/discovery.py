@@ -114,18 +114,18 @@ def find_layer_stack(lm: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
         if name.startswith(AUX_DECODERS_ATTR):
             continue
         if isinstance(module, nn.ModuleList) and len(module) == num_layers and name:
-            if len({type(m) for m in module}) == 1:
-                candidates.append(name)
+            candidates.append(name)
     if not candidates:
         raise LoptPatchError(
-            f"{type(lm).__name__}: no nn.ModuleList of {num_layers} identical decoder layers was found. "
-            f"Supported: {SUPPORTED_FAMILIES}."
+            f"{type(lm).__name__}: no nn.ModuleList of {num_layers} decoder layers (config.num_hidden_layers) was "
+            f"found. Supported: {SUPPORTED_FAMILIES}."
         )
     embeddings = lm.get_input_embeddings()
     embeddings_name = next((n for n, m in lm.named_modules() if m is embeddings), "") if embeddings is not None else ""
 
     def rank(name: str) -> tuple:
-        return (-_common_prefix(name, embeddings_name) if embeddings_name else 0, name.count("."))
+        mixed = len({type(m) for m in lm.get_submodule(name)}) > 1  # a hybrid stack (Jamba: attention and Mamba)
+        return (-_common_prefix(name, embeddings_name) if embeddings_name else 0, mixed, name.count("."))
 
     name = min(candidates, key=lambda n: (*rank(n), n))
     owner_name, _, attr = name.rpartition(".")

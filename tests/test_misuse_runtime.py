@@ -352,3 +352,22 @@ def test_a_block_reading_earlier_layers_besides_its_hidden_states_is_refused(mod
     with pytest.raises(LoptPatchError, match=r"layer 2, the first of block 1, reads besides its hidden states"):
         patched(**batch(), use_cache=False)
     assert torch.is_grad_enabled()
+
+
+def test_mllama_text_skips_its_cross_attention_layers(mode):
+    """MllamaForCausalLM on text skips its cross-attention layers (here layer 3, a second layer class in its stack):
+    boundaries that end a block there are refused at the first training forward; others train."""
+    import transformers as tf  # noqa: PLC0415
+
+    config = tf.MllamaTextConfig(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=6,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 cross_attention_layers=[3], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = tf.MllamaForCausalLM(config).train()
+    patched = lopt_kernels.patch(copy.deepcopy(model), mode=mode, num_blocks=3)
+    with pytest.raises(LoptPatchError, match=r"skipped layer\(s\) \[3\].*block 1 = layers 2-3 never ended"):
+        patched(**batch())
+    ok = lopt_kernels.patch(copy.deepcopy(model), mode=mode, boundaries=[1, 3])
+    ok(**batch()).loss.backward()
+    assert ok.model.layers[2].mlp.down_proj.weight.grad.abs().max() > 0
+

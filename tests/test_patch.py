@@ -301,3 +301,36 @@ def test_the_text_decoder_is_chosen_over_a_tower_of_as_many_layers(monkeypatch):
     out.loss.backward()
     loss.backward()
     assert_grads_close(named_grads(model), named_grads(family_ref.model))
+
+
+def _tiny_jamba():
+    import transformers as tf
+
+    config = tf.JambaConfig(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_experts=4,
+                            num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                            attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=1, mamba_dt_rank=8,
+                            use_mamba_kernels=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
+def test_hybrid_stack_of_two_layer_classes_trains_like_the_reference(mode):
+    """Jamba (and OlmoHybrid, Mllama) keep Mamba and attention layers, two classes, in one ModuleList of
+    num_hidden_layers: patch refused them ("no nn.ModuleList of 4 identical decoder layers"). A list of mixed classes
+    is now taken where no uniform one matches, and trains like the reference."""
+    model = _tiny_jamba()
+    assert len({type(layer) for layer in model.model.layers}) == 2
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, mode=mode)
+    ref = ReferenceLoPT(original, "jamba", even_starts(4, 2), lopt_kernels.aux_decoders(model))
+    b = batch()
+    out = model(**b)
+    loss, task, aux = ref.step_loss(b)
+    torch.testing.assert_close(out.task_loss, task, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.lopt_aux_loss, aux, rtol=1e-4, atol=1e-8)  # (.aux_loss: a MoE's router loss)
+    out.loss.backward()
+    loss.backward()
+    assert_grads_close(named_grads(model), named_grads(ref.model))
