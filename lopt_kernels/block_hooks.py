@@ -294,7 +294,7 @@ def backbone_post_hook(state: PatchState):
             # (see boundary/eager.py), so that the caller's backward hands them over first
             output = _without_bottom_router_gradients(state, output)
             output = _bottom_records_cut(state, output, run.replaced_inputs)
-        run.replaced_inputs, run.first_inputs = {}, {}
+        run.replaced_inputs, run.first_inputs, run.side_outputs = {}, {}, {}
         if run.cache_skipped:
             return drop_cache(output)
         return output
@@ -378,10 +378,18 @@ SKIPPED_LAYER_MESSAGE = (
     "let the task loss train it. Choose boundaries whose blocks start and end at layers that always run{hint}."
 )
 
+SIDE_INPUT_MESSAGE = (
+    "lopt_kernels: mode={mode!r} runs activation-free blocks here, which cannot train this model: layer {i} (in the "
+    "non-final {span}) reads besides its hidden states a tensor ({what}, shape {shape}) that an earlier layer of its "
+    "block computed; the activation-free rebuild replays each layer on what it recorded, so that tensor would be a "
+    "constant and its share of the aux-loss gradient lost. Patch with mode='eager' or mode='stored', which "
+    "backpropagate through it."
+)
+
 CROSS_BLOCK_INPUT_MESSAGE = (
     "lopt_kernels: layer {i}, the first of block {block}, reads besides its hidden states a tensor ({what}, shape "
     "{shape}) that the layers of earlier blocks computed, not through the hidden states the block boundary cuts (a "
-    "connection across layers, such as Inkling2's block attention residuals or a value residual). The task loss "
+    "connection across layers, such as Inkling2's block attention residuals or ZAYA's router states). The task loss "
     "would reach the earlier blocks through it (each mode differently), so LoPT cannot train this model with a "
     "boundary at layer {i}; train it unpatched."
 )
@@ -419,29 +427,75 @@ def _reaches_any(t: torch.Tensor, param_ids: set) -> bool:
     return False
 
 
-def check_block_inputs(state: PatchState, run: PassState, block: int, module, hidden, rest: tuple, kwargs: dict):
-    """Refuse a block (after the first) whose first layer reads, besides its hidden states, a tensor computed by the
-    earlier blocks' layers: one shaped like the hidden states (batch, positions, ..., hidden) that block 0's first
-    layer did not read (found in every mode), or one whose graph reaches an earlier block's parameters."""
+def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: tuple, kwargs: dict, *,
+                  graph: bool) -> tuple | None:
+    """A tensor a layer call reads besides its hidden states that earlier layers of this forward computed, as
+    ``(tensor, what)``, or None: one an earlier layer returned besides its hidden states (router states passed on,
+    a separate residual stream), one shaped like the hidden states (batch, positions, ..., hidden) that block 0's
+    first layer did not read (a stack of earlier layers' states), both found in every mode; with ``graph``, also
+    one whose autograd graph reaches the parameters of the layers before ``block``."""
     earlier = None
+    lead = hidden.shape[:-1]
     for t in _argument_tensors(rest, kwargs):
         if t is hidden or not t.is_floating_point():
             continue
         base = t if t._base is None else t._base
+        if id(t) in run.side_outputs or id(base) in run.side_outputs:
+            return t, "that an earlier layer returned besides its hidden states"
         if id(t) in run.first_inputs or id(base) in run.first_inputs:
             continue
-        lead = hidden.shape[:-1]
-        shaped = (t.dim() >= hidden.dim() and tuple(t.shape[: len(lead)]) == tuple(lead)
-                  and t.shape[-1] == hidden.shape[-1])
-        reaches = False
-        if not shaped and t.requires_grad and t.grad_fn is not None:
+        if t.dim() >= hidden.dim() and tuple(t.shape[: len(lead)]) == tuple(lead) and t.shape[-1] == hidden.shape[-1]:
+            return t, "shaped like the hidden states"
+        if graph and t.requires_grad and t.grad_fn is not None:
             if earlier is None:
                 earlier = {id(p) for layer in state.layers[: state.block_starts[block]] for p in layer.parameters()}
-            reaches = _reaches_any(t, earlier)
-        if shaped or reaches:
-            raise LoptPatchError(CROSS_BLOCK_INPUT_MESSAGE.format(
-                i=_layer_index(state, module), block=block, shape=tuple(t.shape),
-                what="shaped like the hidden states" if shaped else "whose gradient reaches an earlier block's parameters"))
+            if _reaches_any(t, earlier):
+                return t, "whose gradient reaches an earlier block's parameters"
+    return None
+
+
+def check_block_inputs(state: PatchState, run: PassState, block: int, module, hidden, rest: tuple, kwargs: dict):
+    """Refuse a block (after the first) whose first layer reads, besides its hidden states, a tensor computed by the
+    earlier blocks' layers (``foreign_input``): the boundary cuts the hidden states only."""
+    found = foreign_input(state, run, block, hidden, rest, kwargs, graph=True)
+    if found is not None:
+        t, what = found
+        raise LoptPatchError(CROSS_BLOCK_INPUT_MESSAGE.format(i=_layer_index(state, module), block=block,
+                                                              shape=tuple(t.shape), what=what))
+
+
+def check_layer_inputs(state: PatchState, run: PassState, block: int, module, hidden, rest: tuple, kwargs: dict):
+    """Inside a non-final block, activation-free mode replays each layer on the arguments it recorded, so a tensor an
+    earlier layer of the block computed and a later one reads besides its hidden states would be a constant in the
+    rebuild and its share of the aux gradient lost: refused in that mode (eager and stored backpropagate through
+    it)."""
+    if run.mode != "activation_free":
+        return
+    found = foreign_input(state, run, block, hidden, rest, kwargs, graph=False)
+    if found is not None:
+        t, what = found
+        raise LoptPatchError(SIDE_INPUT_MESSAGE.format(i=_layer_index(state, module), span=_span(state, block),
+                                                       shape=tuple(t.shape), what=what,
+                                                       mode=state.settings.mode))
+
+
+def side_output_hook(state: PatchState):
+    """On every layer of the non-final blocks: records the tensors a layer returns besides its hidden states (held
+    until the backbone's forward ends), which a later layer must not read across a boundary (``foreign_input``)."""
+
+    def hook(module, args, kwargs, output):
+        run = state.current
+        if not run.active or state.replaying or module in state.checkpoint_bodies:
+            return None
+        if isinstance(output, (tuple, list)):
+            for value in output[1:]:
+                if is_kv_cache(value):
+                    continue
+                for t in _tensors_in(value):
+                    run.side_outputs[id(t)] = t
+        return None
+
+    return hook
 
 
 def final_block_pre_hook(state: PatchState):
@@ -505,6 +559,8 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
                 run.first_inputs[id(t)], run.first_inputs[id(base)] = t, base
         elif is_start:
             check_block_inputs(state, run, block, module, hidden, rest, kwargs)
+        else:
+            check_layer_inputs(state, run, block, module, hidden, rest, kwargs)
         if is_start:
             if run.boundary is None:  # block 0: this forward's mode
                 run.boundary = _boundary_for(state, run, hidden, rest, kwargs)

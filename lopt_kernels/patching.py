@@ -121,6 +121,8 @@ def patch(
             handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
             if post is not None:
                 handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
+            handles.append(layers[i].register_forward_hook(StateHook(block_hooks.side_output_hook, state),
+                                                           with_kwargs=True))
             state.layer_hooks[layers[i]] = (pre, post)
     # the final block's first layer: refuse inputs computed by the earlier blocks besides the hidden states
     handles.append(layers[starts[-2]].register_forward_pre_hook(StateHook(block_hooks.final_block_pre_hook, state),

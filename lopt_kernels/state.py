@@ -41,6 +41,8 @@ class PassState:
     # the tensors block 0's first layer read besides its hidden states (and their bases), by id; held until the
     # backbone's forward ends, so that no tensor made later can take one's id
     first_inputs: dict = field(default_factory=dict)
+    side_outputs: dict = field(default_factory=dict)  # the tensors the non-final blocks' layers returned besides
+    # their hidden states, by id (held until the backbone's forward ends)
 
     @property
     def mode(self) -> str:
