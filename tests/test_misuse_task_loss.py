@@ -10,6 +10,7 @@ import torch
 
 import lopt_kernels
 from lopt_kernels.patching import state_of, top_and_bottom_params
+from reference import assert_grads_close, named_grads
 from tiny_models import batch, tiny_model
 
 
@@ -306,3 +307,27 @@ def test_aux_weighting_makes_no_blocking_host_device_transfer(num_items, monkeyp
     # and the weighting is still right: loss = task + lambda * (n_mb / num_items) * aux
     n_mb = (b["labels"][:, 1:] != -100).sum().float()
     torch.testing.assert_close(out.loss, out.task_loss + 10.0 * n_mb / 17 * out.lopt_aux_loss)
+
+
+@pytest.mark.explicit_modes
+def test_eager_local_backward_under_checkpointing_records_no_router_logits_twice():
+    """Eager mode's local backward runs inside the forward; under gradient checkpointing it recomputes the bottom
+    layers there, and transformers' output capturing (live for the whole backbone forward) recorded their routers'
+    logits again: 8 router logits for Mixtral's 5 layers, a router loss off the unpatched one, and the caller's
+    backward failed ("backward through the graph a second time") on the extra entries' freed graph. Now the
+    recomputation records nothing: the router loss is the unpatched one and the gradients are stored mode's."""
+    base = _tiny_moe("mixtral")
+    b = batch()
+    ref = copy.deepcopy(base)(**b)
+    grads = {}
+    for mode in ("eager", "stored"):
+        model = copy.deepcopy(base)
+        model.gradient_checkpointing_enable()
+        torch.manual_seed(1)  # the same aux decoders
+        lopt_kernels.patch(model, mode=mode)
+        out = model(**b, use_cache=False)
+        assert len(out.router_logits) == 5
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-6, atol=0)
+        out.loss.backward()
+        grads[mode] = named_grads(model)
+    assert_grads_close(grads["eager"], grads["stored"])
