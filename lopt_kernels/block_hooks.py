@@ -294,7 +294,7 @@ def backbone_post_hook(state: PatchState):
             # (see boundary/eager.py), so that the caller's backward hands them over first
             output = _without_bottom_router_gradients(state, output)
             output = _bottom_records_cut(state, output, run.replaced_inputs)
-        run.replaced_inputs, run.first_inputs, run.side_outputs = {}, {}, {}
+        run.replaced_inputs, run.first_inputs, run.side_outputs, run.hand_off_nodes = {}, {}, {}, []
         if run.cache_skipped:
             return drop_cache(output)
         return output
@@ -303,16 +303,52 @@ def backbone_post_hook(state: PatchState):
 
 
 def _without_bottom_router_gradients(state: PatchState, output):
-    """MoE backbones return every layer's router logits (for the router load-balancing loss, added to the
-    task loss): the non-final blocks' entries are detached, so the task loss never reaches the bottom
-    blocks (stop-grad), and eager mode's already-freed block graphs are never backpropagated twice."""
+    """MoE backbones return their layers' router logits (for the router load-balancing loss, added to the task
+    loss): the non-final blocks' entries are detached, so the task loss never reaches the bottom blocks (stop-grad),
+    and eager mode's already-freed block graphs are never backpropagated twice. One entry per layer: by position;
+    otherwise (dense layers between MoE ones, as Jamba's or DeepSeek's first layers; several routers per layer) the
+    entries whose autograd graph reaches a non-final block's parameters (activation-free blocks make none with one)."""
     logits = output.get("router_logits") if hasattr(output, "get") else None
-    if not isinstance(logits, tuple) or len(logits) != len(state.layers):
+    if not isinstance(logits, tuple) or not logits:
         return output
     bottom = state.block_starts[-1]
-    output["router_logits"] = tuple(t.detach() if i < bottom and torch.is_tensor(t) else t
-                                    for i, t in enumerate(logits))
+    if len(logits) == len(state.layers):
+        output["router_logits"] = tuple(t.detach() if i < bottom and torch.is_tensor(t) else t
+                                        for i, t in enumerate(logits))
+        return output
+    reaches = _reachability({id(p) for layer in state.layers[:bottom] for p in layer.parameters()},
+                            stop=state.current.hand_off_nodes)
+    output["router_logits"] = tuple(t.detach() if torch.is_tensor(t) and t.grad_fn is not None and reaches(t.grad_fn)
+                                    else t for t in logits)
     return output
+
+
+def _reachability(param_ids: set, stop=()):
+    """``reaches(node)``: whether an autograd node's graph reaches one of the parameters ``param_ids`` other than
+    through the nodes ``stop`` (the block boundaries' hand-offs, whose backward sends nothing down: in stored and
+    activation-free mode they take the block's parameters as inputs). Memoised across calls, so that several tensors
+    of one graph cost one walk of it."""
+    memo: dict = dict.fromkeys(stop, False)
+
+    def reaches(root) -> bool:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in memo:
+                continue
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                memo[node] = id(variable) in param_ids
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]
+            if expanded:
+                memo[node] = any(memo.get(child, False) for child in children)
+            else:
+                stack.append((node, True))
+                stack.extend((child, False) for child in children if child not in memo)
+        return memo[root]
+
+    return reaches
 
 
 BOTTOM_RECORD_MESSAGE = (
@@ -599,6 +635,8 @@ def layer_post_hook(state: PatchState, block: int):
         hand_off, aux_term = run.boundary.end_block(block, spec, hidden_of(output))
         run.aux_terms.append(aux_term)
         run.blocks_ended.add(block)
+        if hand_off.grad_fn is not None:
+            run.hand_off_nodes.append(hand_off.grad_fn)
         if isinstance(output, tuple):
             return (hand_off, *output[1:])
         if isinstance(output, list):

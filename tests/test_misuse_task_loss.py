@@ -331,3 +331,40 @@ def test_eager_local_backward_under_checkpointing_records_no_router_logits_twice
         out.loss.backward()
         grads[mode] = named_grads(model)
     assert_grads_close(grads["eager"], grads["stored"])
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
+def test_router_logits_of_fewer_layers_than_the_stack_are_cut_below_the_boundary(mode):
+    """Jamba (like DeepSeek / GLM / Ernie-MoE with dense first layers) returns router logits for its MoE layers only:
+    2 for 4 layers here. The bottom entries were detached only where there was one per layer, so the router loss
+    trained the bottom block (stored: every bottom gradient off, up to 3000x the reference's in the family sweep) or
+    the caller's backward failed ("backward through the graph a second time", eager). Now the
+    entries whose graph reaches a non-final block are detached: the bottom gradients are those without router
+    logits, and the top router still learns from the router loss."""
+    import transformers as tf  # noqa: PLC0415
+
+    config = tf.JambaConfig(
+        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+        expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4,
+        mamba_expand=1, mamba_dt_rank=8, use_mamba_kernels=False, router_aux_loss_coef=0.5, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    base = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    b = batch()
+    grads = {}
+    for router_logits in (True, False):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)  # the same aux decoders
+        lopt_kernels.patch(model, mode=mode)
+        out = model(**b, use_cache=False, output_router_logits=router_logits)
+        if router_logits:
+            assert len(out.router_logits) == 2 and out.aux_loss is not None
+        out.loss.backward()
+        grads[router_logits] = named_grads(model)
+    bottom = [n for n in grads[True] if n.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1."))]
+    assert "model.layers.1.feed_forward.router.weight" in bottom
+    assert_grads_close({n: grads[True][n] for n in bottom}, {n: grads[False][n] for n in bottom})
+    top_router = "model.layers.3.feed_forward.router.weight"
+    assert not torch.allclose(grads[True][top_router], grads[False][top_router])
