@@ -467,8 +467,9 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
                   graph: bool) -> tuple | None:
     """A tensor a layer call reads besides its hidden states that earlier layers of this forward computed, as
     ``(tensor, what)``, or None: one an earlier layer returned besides its hidden states (router states passed on,
-    a separate residual stream), one shaped like the hidden states (batch, positions, ..., hidden) that block 0's
-    first layer did not read (a stack of earlier layers' states), both found in every mode; with ``graph``, also
+    a separate residual stream), a stack of hidden states (batch, positions, ..., hidden, one dimension more than
+    the hidden states) that block 0's first layer did not read (Inkling2's earlier blocks' states), both found in
+    every mode; with ``graph``, also
     one whose autograd graph reaches the parameters of the layers before ``block``."""
     earlier = None
     lead = hidden.shape[:-1]
@@ -480,8 +481,11 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
             return t, "that an earlier layer returned besides its hidden states"
         if id(t) in run.first_inputs or id(base) in run.first_inputs:
             continue
-        if t.dim() >= hidden.dim() and tuple(t.shape[: len(lead)]) == tuple(lead) and t.shape[-1] == hidden.shape[-1]:
-            return t, "shaped like the hidden states"
+        # a stack of hidden states (an extra dimension): a tensor of the hidden states' own shape may be one the
+        # backbone computed before the layers (a single-head model's rotary table at batch 1), which the graph
+        # check below tells apart where there is a graph
+        if t.dim() > hidden.dim() and tuple(t.shape[: len(lead)]) == tuple(lead) and t.shape[-1] == hidden.shape[-1]:
+            return t, "shaped like a stack of hidden states"
         if graph and t.requires_grad and t.grad_fn is not None:
             if earlier is None:
                 earlier = {id(p) for layer in state.layers[: state.block_starts[block]] for p in layer.parameters()}

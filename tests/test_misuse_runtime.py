@@ -351,9 +351,35 @@ def test_a_block_reading_earlier_layers_besides_its_hidden_states_is_refused(mod
     patched = lopt_kernels.patch(model, mode=mode)
     # at the boundary in every mode; activation-free refuses already inside block 0 (see the next test)
     where = r"layer 1 \(in the non-final block 0" if mode == "activation_free" else r"layer 2, the first of block 1,"
-    with pytest.raises(LoptPatchError, match=where + r".*reads besides its hidden states a tensor \(shaped like"):
+    with pytest.raises(LoptPatchError, match=where + r".*reads besides its hidden states a tensor \(shaped like a stack"):
         patched(**batch(), use_cache=False)
     assert torch.is_grad_enabled()
+
+
+def test_a_rotary_table_of_the_hidden_states_shape_is_not_a_cross_block_input(mode):
+    """A single-head Gemma3 (head_dim == hidden) at batch 1: the full-attention layers' rotary table, first read at
+    the boundary layer, has the hidden states' shape (1, seq, hidden). The cross-block check took it for earlier
+    layers' states and refused the model in every mode; only a stack of states (one dimension more) or a tensor whose
+    graph reaches an earlier block is refused now, and the gradients equal stored mode's."""
+    import transformers as tf  # noqa: PLC0415
+
+    from reference import assert_grads_close, named_grads  # noqa: PLC0415
+
+    config = tf.Gemma3TextConfig(
+        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=40, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=40,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"], pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    one_row = batch(batch_size=1, pad_lengths=(0,))
+    grads = {}
+    for m in (mode, "stored"):
+        torch.manual_seed(1)  # the same aux decoders
+        patched = lopt_kernels.patch(copy.deepcopy(model), mode=m)
+        patched(**one_row).loss.backward()
+        grads[m] = named_grads(patched)
+    assert_grads_close(grads[mode], grads["stored"])
 
 
 def test_mllama_text_skips_its_cross_attention_layers(mode):
