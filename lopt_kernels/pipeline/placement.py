@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..aux_decoder import AUX_DECODERS_FILE, AuxDecoder
+from ..boundary.common import trainable_inputs
 from ..discovery import AUX_DECODERS_ATTR, AUX_MASKS, LoptPatchError, find_layer_stack, resolve_boundaries, text_config
 from .checkpoint import check_adapter, inject_adapter, safetensors_index
 
@@ -64,10 +65,16 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
     """Names of the modules whose forward completes before the first decoder layer runs (learned positions,
     an embedding LayerNorm, dropout, rotary tables: what the first rank runs besides the input embeddings),
     found by running the model's own forward on two positions of ``inputs_embeds`` until that layer starts.
-    Needs those modules materialised (values do not matter); the layers may stay on the meta device."""
+    Needs those modules materialised (values do not matter); the layers may stay on the meta device.
+
+    Refuses a model whose layers read trainable tensors besides their hidden states (per-layer inputs computed
+    before the layers, as Gemma3n's and Gemma4's per-layer embeddings): every stage's layers read them, so the task
+    loss and each block's aux loss reach the modules that compute them (and the input embeddings) on rank 0, a
+    gradient that would have to travel upstream."""
     names = {id(m): n for n, m in lm.named_modules()}
     finished: list[str] = []
     started: dict[int, nn.Module] = {}
+    side_inputs: list[str] = []
 
     def note(module, args, output):
         if id(module) in names and names[id(module)] not in finished:
@@ -77,6 +84,10 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
         started.setdefault(id(module), module)
 
     def stop(module, args, kwargs):
+        # the hidden states come first, or by name
+        rest = {**dict(enumerate(args[1:], 1)), **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
+        side_inputs.extend(f"{'argument ' + str(k) if isinstance(k, int) else k} {tuple(t.shape)}"
+                           for k, v in rest.items() for t in trainable_inputs((v,), {}))
         raise _ReachedFirstLayer
 
     handles = [nn.modules.module.register_module_forward_hook(note),
@@ -84,7 +95,9 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
                first_layer.register_forward_pre_hook(stop, with_kwargs=True)]
     embeds = torch.zeros(1, 2, lm.get_input_embeddings().weight.shape[-1], device=device, dtype=dtype)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        # with gradients on (two positions): what the layers read besides their hidden states is trainable if it
+        # requires grad
+        with torch.enable_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             lm(inputs_embeds=embeds, use_cache=False)
         raise LoptPatchError(f"{type(lm).__name__}: its forward never reached the first decoder layer")
     except _ReachedFirstLayer:
@@ -92,6 +105,14 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
     finally:
         for h in handles:
             h.remove()
+    if side_inputs:
+        raise LoptPatchError(
+            f"{type(lm).__name__}: its decoder layers read trainable tensors computed before the layer stack besides "
+            f"their hidden states ({', '.join(side_inputs)} at layer 0's call: per-layer inputs). Every stage's layers "
+            "read them, so their gradient (the task loss's, and each block's aux loss's) would have to travel back to "
+            "rank 0, which owns what computes them; the pipeline sends activations downstream only. Train this model "
+            "with lopt_kernels.patch in one process."
+        )
     # a module still running when the first layer starts (the backbone) may use its own parameters before the
     # layers, after them, or both: no rank can own those
     unplaceable = [f"{names[i]}.{key}" for i, m in started.items() if names.get(i) not in finished and i in names

@@ -253,16 +253,33 @@ def _drop_tensor(model_dir, name, keep_columns=None):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def _refused_config(case):
+    """Tiny configs of models the pipeline must refuse at stage build."""
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=10, max_position_embeddings=64, sliding_window=4, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, layer_types=["sliding_attention", "full_attention"] * 2)
+    gemma4 = dict(common, global_head_dim=10, vocab_size_per_layer_input=97)
+    return {
+        # per-layer inputs (Gemma4's per-layer embeddings, projected from the input embeddings) read by every layer
+        "per_layer_inputs": lambda: tf.Gemma4TextConfig(**gemma4, hidden_size_per_layer_input=8),
+    }[case]()
+
+
 @pytest.mark.parametrize("case, match", [
     ("router_loss", "output_router_logits"),
     ("missing_head", "has no tensor lm_head.weight"),
     ("wrong_shape", "model.layers.4.mlp.down_proj.weight"),
+    ("per_layer_inputs", "Gemma4ForCausalLM: its decoder layers read trainable tensors computed before the layer stack"),
 ])
 def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
     router loss (a function of every stage's layers), and a checkpoint missing a tensor only the last rank reads
     (before, that rank raised after the agreement check and rank 0 died on a closed connection), and a tensor of the
-    wrong shape, found only while reading (likewise)."""
+    wrong shape, found only while reading (likewise). Per-layer inputs (Gemma4: trainable tensors computed before the
+    layers from the embeddings, read by every stage's layers, so their gradient would travel upstream): before, rank
+    1 raised "Tensor on device meta is not on the expected device cpu!"."""
     import transformers as tf
 
     from tiny_models import tiny_model
@@ -270,6 +287,9 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     if case == "router_loss":
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
+    elif case in ("per_layer_inputs",):
+        torch.manual_seed(0)
+        tf.AutoModelForCausalLM.from_config(_refused_config(case)).save_pretrained(tmp_path / "model")
     elif case == "missing_head":
         tiny_model("llama").save_pretrained(tmp_path / "model")
         _drop_tensor(tmp_path / "model", "lm_head.weight")
@@ -279,7 +299,8 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     _launch(2, tmp_path / "model", tmp_path, "refused")
     errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
     assert errors[0] == errors[1] and match in errors[0], errors
-    assert errors[0].startswith(f"pipeline rank {0 if case == 'router_loss' else 1} cannot place the model"), errors
+    assert errors[0].startswith(f"pipeline rank {1 if case in ('missing_head', 'wrong_shape') else 0} cannot place the "
+                                "model"), errors
 
 
 @pytest.mark.parametrize("num_layers, world, boundaries, match", [
