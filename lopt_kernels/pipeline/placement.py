@@ -57,6 +57,25 @@ def check_ranks_agree(group, world: int, mine: dict, error: str | None) -> None:
             )
 
 
+def _initialisers(lm: nn.Module) -> dict:
+    """Module id -> the ``_init_weights`` that initialises it: that of the innermost ``PreTrainedModel`` holding it
+    (itself included), as transformers' own ``initialize_weights`` dispatches it. The causal LM's own may read
+    attributes only its backbone has (Gemma3n's text model initialises its scale buffers from ``self.hidden_size``)."""
+    from transformers import PreTrainedModel  # noqa: PLC0415
+
+    found = {}
+
+    def visit(module, owner):
+        if isinstance(module, PreTrainedModel):
+            owner = module
+        found.setdefault(id(module), owner._init_weights)
+        for child in module.children():
+            visit(child, owner)
+
+    visit(lm, lm)
+    return found
+
+
 class _ReachedFirstLayer(Exception):
     """Raised by the probe's hook on the first decoder layer: what ran before it is known."""
 
@@ -241,9 +260,10 @@ class StagePlan:
             for key, b in list(module._buffers.items()):
                 if b is not None and b.is_meta:
                     module._buffers[key] = torch.empty_like(b, device=device)
+        initialiser = _initialisers(lm)
         with torch.no_grad():
-            for module in keep:
-                lm._init_weights(module)  # non-persistent buffers (rotary frequencies); the rest is read in load
+            for module in keep:  # non-persistent buffers (rotary frequencies); the rest is read in load
+                initialiser[id(module)](module)
         first_rank_modules = [module_names[id(inp)], *modules_before_layers(lm, layers[0], device, dtype)]
         index = safetensors_index(model_dir)
         mapping = WeightMapping.of(lm)

@@ -264,6 +264,10 @@ def _refused_config(case):
     return {
         # per-layer inputs (Gemma4's per-layer embeddings, projected from the input embeddings) read by every layer
         "per_layer_inputs": lambda: tf.Gemma4TextConfig(**gemma4, hidden_size_per_layer_input=8),
+        # Gemma3n's too (its 4-D AltUp hidden states aside)
+        "per_layer_inputs_gemma3n": lambda: tf.Gemma3nTextConfig(
+            **common, hidden_size_per_layer_input=8, vocab_size_per_layer_input=97, num_kv_shared_layers=0,
+            laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4),
     }[case]()
 
 
@@ -272,6 +276,8 @@ def _refused_config(case):
     ("missing_head", "has no tensor lm_head.weight"),
     ("wrong_shape", "model.layers.4.mlp.down_proj.weight"),
     ("per_layer_inputs", "Gemma4ForCausalLM: its decoder layers read trainable tensors computed before the layer stack"),
+    ("per_layer_inputs_gemma3n", "Gemma3nForCausalLM: its decoder layers read trainable tensors computed before the "
+                                 "layer stack"),
 ])
 def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
@@ -279,7 +285,9 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     (before, that rank raised after the agreement check and rank 0 died on a closed connection), and a tensor of the
     wrong shape, found only while reading (likewise). Per-layer inputs (Gemma4: trainable tensors computed before the
     layers from the embeddings, read by every stage's layers, so their gradient would travel upstream): before, rank
-    1 raised "Tensor on device meta is not on the expected device cpu!"."""
+    1 raised "Tensor on device meta is not on the expected device cpu!"; Gemma3n's ranks raised
+    "'Gemma3nForCausalLM' object has no attribute 'hidden_size'" (the stage initialised its text model's buffers with
+    the causal LM's _init_weights)."""
     import transformers as tf
 
     from tiny_models import tiny_model
@@ -287,7 +295,7 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     if case == "router_loss":
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
-    elif case in ("per_layer_inputs",):
+    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n"):
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_refused_config(case)).save_pretrained(tmp_path / "model")
     elif case == "missing_head":
