@@ -15,7 +15,8 @@ from torch import nn
 
 from ..aux_decoder import AUX_DECODERS_FILE, AuxDecoder
 from ..boundary.common import trainable_inputs
-from ..discovery import AUX_DECODERS_ATTR, AUX_MASKS, LoptPatchError, find_layer_stack, resolve_boundaries, text_config
+from ..discovery import (AUX_DECODERS_ATTR, AUX_MASKS, LoptPatchError, check_kv_sharing, check_weight_sharing,
+                         find_layer_stack, resolve_boundaries, text_config)
 from .checkpoint import check_adapter, inject_adapter, safetensors_index
 
 
@@ -239,7 +240,12 @@ class StagePlan:
         ranges = stage_layer_ranges(config.get_text_config().num_hidden_layers, world, boundaries)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        _, _, layers = find_layer_stack(lm)
+        backbone, _, layers = find_layer_stack(lm)
+        # what patch refuses for these boundaries (the pipeline's stages are its blocks): a weight or a layer's keys
+        # and values shared across a boundary would reach an earlier stage's parameters from a later stage's loss
+        bounds = tuple(first for first, _ in ranges[1:])
+        check_weight_sharing(lm, backbone, layers, bounds)
+        check_kv_sharing(text_config(lm), len(layers), bounds)
         inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
         module_names = {id(m): n for n, m in lm.named_modules()}
         embedding_name, head_name = module_names[id(inp)] + ".weight", module_names[id(out)] + ".weight"

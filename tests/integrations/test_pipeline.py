@@ -268,6 +268,8 @@ def _refused_config(case):
         "per_layer_inputs_gemma3n": lambda: tf.Gemma3nTextConfig(
             **common, hidden_size_per_layer_input=8, vocab_size_per_layer_input=97, num_kv_shared_layers=0,
             laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4),
+        # layers 2 and 3 reuse layers 0's and 1's keys and values, across the boundary at layer 2
+        "kv_sharing": lambda: tf.Gemma4TextConfig(**gemma4, hidden_size_per_layer_input=0, num_kv_shared_layers=2),
     }[case]()
 
 
@@ -278,6 +280,7 @@ def _refused_config(case):
     ("per_layer_inputs", "Gemma4ForCausalLM: its decoder layers read trainable tensors computed before the layer stack"),
     ("per_layer_inputs_gemma3n", "Gemma3nForCausalLM: its decoder layers read trainable tensors computed before the "
                                  "layer stack"),
+    ("kv_sharing", "layer 2 reuses the keys and values layer 0 computes"),
 ])
 def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
@@ -287,7 +290,8 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     layers from the embeddings, read by every stage's layers, so their gradient would travel upstream): before, rank
     1 raised "Tensor on device meta is not on the expected device cpu!"; Gemma3n's ranks raised
     "'Gemma3nForCausalLM' object has no attribute 'hidden_size'" (the stage initialised its text model's buffers with
-    the causal LM's _init_weights)."""
+    the causal LM's _init_weights). Keys and values shared across a stage boundary (Gemma4's num_kv_shared_layers),
+    which patch refuses for the same blocks: before, the stages were built and rank 1 crashed in training."""
     import transformers as tf
 
     from tiny_models import tiny_model
@@ -295,7 +299,7 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     if case == "router_loss":
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
-    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n"):
+    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n", "kv_sharing"):
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_refused_config(case)).save_pretrained(tmp_path / "model")
     elif case == "missing_head":
