@@ -158,12 +158,56 @@ PER_TOKEN_INPUTS = ("position_ids", "token_type_ids", "cu_seq_lens_q", "cu_seq_l
                     "seq_idx")
 
 
+def _config_properties(config) -> list[str]:
+    """Names of the properties a model's config class defines (not those of transformers' base config class):
+    settings computed from others, as Bamba's and Jamba's ``layers_block_type`` from the attention layers' indices."""
+    try:
+        from transformers import PretrainedConfig  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return []
+    base = set(dir(PretrainedConfig))
+    return sorted({name for cls in type(config).__mro__ if issubclass(cls, PretrainedConfig) and cls is not PretrainedConfig
+                   for name, value in vars(cls).items() if isinstance(value, property) and name not in base})
+
+
 def per_layer_config(config, num_layers: int, first: int, end: int) -> dict:
     """The config lists with one entry per layer (``layer_types``, ``layer_rope_theta``, ``layers_block_type``...),
     which the backbone indexes by its loop position: key -> (the whole list, its slice for layers ``[first, end)``),
-    so that a backbone iterating only those layers reads the j-th's settings as layer ``first + j``'s."""
-    return {key: (values, type(values)(values[first:end])) for key, values in vars(config).items()
-            if isinstance(values, (list, tuple)) and len(values) == num_layers}
+    so that a backbone iterating only those layers reads the j-th's settings as layer ``first + j``'s. Lists the
+    config class computes in a property (Bamba's ``layers_block_type``) count too: :func:`sliced_config` applies
+    both kinds."""
+    found = {key: (values, type(values)(values[first:end])) for key, values in vars(config).items()
+             if isinstance(values, (list, tuple)) and len(values) == num_layers}
+    for key in _config_properties(config):
+        try:
+            values = getattr(config, key)
+        except Exception:  # noqa: BLE001, S112 - a property that cannot be read here is not a per-layer list
+            continue
+        if isinstance(values, (list, tuple)) and len(values) == num_layers:
+            found[key] = (values, type(values)(values[first:end]))
+    return found
+
+
+@contextmanager
+def sliced_config(config, per_layer: dict):
+    """``config`` reads the slices of :func:`per_layer_config` (``key -> (whole, slice)``) while inside: plain
+    attributes are set (and restored after), properties are overridden by a subclass of the config's class that
+    ``config`` takes for the while (a property cannot be set)."""
+    cls = type(config)
+    properties = {key for key in per_layer if isinstance(getattr(cls, key, None), property)}
+    try:
+        for key, (_, own) in per_layer.items():
+            if key not in properties:
+                setattr(config, key, own)
+        if properties:
+            config.__class__ = type(cls.__name__, (cls,), {
+                key: property(lambda self, own=per_layer[key][1]: own) for key in properties})
+        yield
+    finally:
+        config.__class__ = cls
+        for key, (whole, _) in per_layer.items():
+            if key not in properties:
+                setattr(config, key, whole)
 
 
 def is_kv_cache(value) -> bool:

@@ -16,7 +16,7 @@ from ..aux_decoder import AuxDecoder
 from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of
 from ..discovery import AUX_DECODERS_ATTR, LoptPatchError, find_layer_stack, text_config
-from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, per_layer_config
+from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, per_layer_config, sliced_config
 from ..ops import linear_cross_entropy as lce
 from ..task_loss_hooks import fused_ce_choice, head_task_loss, item_share, label_count
 from .checkpoint import SHARD_PREFIX
@@ -234,9 +234,8 @@ class PipelineStage:
             saved_funcs[layer] = func
             layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, *hooks, bodies)
         setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
-        config = text_config(self.lm)
-        for key, (_, own) in self._per_layer_config.items():
-            setattr(config, key, own)
+        own_config = contextlib.ExitStack()  # the config's per-layer lists read as this stage's layers' settings
+        own_config.enter_context(sliced_config(text_config(self.lm), self._per_layer_config))
         inputs = {"attention_mask": batch.get("attention_mask")}
         # positions (a packed batch restarts them per sequence) and the other per-token inputs, on every rank
         inputs.update((k, batch[k]) for k in PER_TOKEN_INPUTS if batch.get(k) is not None)
@@ -260,8 +259,7 @@ class PipelineStage:
                                       num_items_in_batch=num_items, impl=self.fused_ce)
         finally:
             setattr(self.backbone, self.layers_attr, self.all_layers)
-            for key, (whole, _) in self._per_layer_config.items():
-                setattr(config, key, whole)
+            own_config.close()
             for h in handles:
                 h.remove()
             for layer, func in saved_funcs.items():

@@ -164,6 +164,12 @@ def _tiny(name):
             hidden_size=40, intermediate_size=72, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=64, sliding_window=4, layer_types=["full_attention"] * 5,
             layer_rope_theta=[10000.0, 0, 10000.0, 0, 10000.0], **common),
+        # mamba and attention layers, each given its mask by the config's layers_block_type: a property (computed from
+        # attn_layer_indices), not a stored list
+        "bamba": lambda: tf.BambaConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=64, attn_layer_indices=[1, 3],
+                                        mamba_n_heads=4, mamba_d_head=20, mamba_d_state=8, mamba_n_groups=1,
+                                        mamba_chunk_size=4, mamba_expand=2, **common),
     }
     if name in configs:
         torch.manual_seed(0)
@@ -178,7 +184,7 @@ FAMILY_CASES = {
     "gemma2": ("gemma2", {}), "gpt2_tied": ("gpt2", {}), "gpt2_untied": ("gpt2", {"tie_word_embeddings": False}),
     "gpt_neox": ("gpt_neox", {}), "llama": ("llama", {}), "mistral": ("mistral", {}), "mixtral": (None, {}),
     "phi3": ("phi3", {}), "qwen2_tied": ("qwen2", {}), "qwen3": ("qwen3", {}),
-    "opt": (None, {}), "bloom": (None, {}), "granite_swa": (None, {}),
+    "opt": (None, {}), "bloom": (None, {}), "granite_swa": (None, {}), "bamba": (None, {}),
 }
 
 
@@ -188,7 +194,10 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
     decoders equal single-process LoPT. GPT-2's learned positions (transformer.wpe) run on rank 0 and are trained
     there (before, the last rank owned them and never stepped them); tied GPT-2 starts its untied head from
     transformer.wte (before, the last rank raised 'has no tensor lm_head.weight'); GraniteSWA's later stages take
-    their own layers' RoPE/NoPE setting (before, the stage's positions', 1e-3 off)."""
+    their own layers' RoPE/NoPE setting (before, the stage's positions', 1e-3 off); so do Bamba's, whose per-layer
+    block types are a config property (before, not sliced: at k=3 the last stage's attention layer took layer 0's
+    mamba mask and crashed on a padded batch; on an unpadded one that mask is None, which eager attention reads as
+    no causal mask)."""
     steps, expected = 3, {}
     for name in FAMILY_CASES:
         model = _tiny(name)
@@ -286,12 +295,12 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
     router loss (a function of every stage's layers), and a checkpoint missing a tensor only the last rank reads
     (before, that rank raised after the agreement check and rank 0 died on a closed connection), and a tensor of the
-    wrong shape, found only while reading (likewise). Per-layer inputs (Gemma4: trainable tensors computed before the
-    layers from the embeddings, read by every stage's layers, so their gradient would travel upstream): before, rank
-    1 raised "Tensor on device meta is not on the expected device cpu!"; Gemma3n's ranks raised
-    "'Gemma3nForCausalLM' object has no attribute 'hidden_size'" (the stage initialised its text model's buffers with
-    the causal LM's _init_weights). Keys and values shared across a stage boundary (Gemma4's num_kv_shared_layers),
-    which patch refuses for the same blocks: before, the stages were built and rank 1 crashed in training."""
+    wrong shape, found only while reading (likewise). Per-layer inputs (Gemma4, Gemma3n: trainable tensors computed
+    before the layers from the embeddings, read by every stage's layers, so their gradient would travel upstream):
+    before, Gemma4's rank 1 raised "Tensor on device meta is not on the expected device cpu!" and Gemma3n's ranks
+    "'Gemma3nForCausalLM' object has no attribute 'hidden_size'" (the stage initialised its text model's buffers
+    with the causal LM's _init_weights). Keys and values shared across a stage boundary (Gemma4's
+    num_kv_shared_layers), which patch refuses for the same blocks: before, the stages trained and rank 1 crashed."""
     import transformers as tf
 
     from tiny_models import tiny_model
