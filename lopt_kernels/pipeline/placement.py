@@ -134,8 +134,11 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
             "with lopt_kernels.patch in one process."
         )
     # a module still running when the first layer starts (the backbone) may use its own parameters before the
-    # layers, after them, or both: no rank can own those
-    unplaceable = [f"{names[i]}.{key}" for i, m in started.items() if names.get(i) not in finished and i in names
+    # layers, after them, or both: no rank can own those. The first layer itself has just started (the global
+    # pre-hook runs before its own): its parameters are its stage's, wherever it keeps them (Doge keeps residual
+    # scales directly on the layer)
+    unplaceable = [f"{names[i]}.{key}" for i, m in started.items()
+                   if names.get(i) not in finished and i in names and m is not first_layer
                    for key, p in m.named_parameters(recurse=False) if p is not None]
     if unplaceable:
         raise LoptPatchError(

@@ -170,6 +170,9 @@ def _tiny(name):
                                         num_key_value_heads=2, max_position_embeddings=64, attn_layer_indices=[1, 3],
                                         mamba_n_heads=4, mamba_d_head=20, mamba_d_state=8, mamba_n_groups=1,
                                         mamba_chunk_size=4, mamba_expand=2, **common),
+        # residual scales kept directly on the decoder layer module (input_residual, post_attention_residual)
+        "doge": lambda: tf.DogeConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64, **common),
     }
     if name in configs:
         torch.manual_seed(0)
@@ -185,6 +188,7 @@ FAMILY_CASES = {
     "gpt_neox": ("gpt_neox", {}), "llama": ("llama", {}), "mistral": ("mistral", {}), "mixtral": (None, {}),
     "phi3": ("phi3", {}), "qwen2_tied": ("qwen2", {}), "qwen3": ("qwen3", {}),
     "opt": (None, {}), "bloom": (None, {}), "granite_swa": (None, {}), "bamba": (None, {}),
+    "doge": (None, {}),
 }
 
 
@@ -197,7 +201,8 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
     their own layers' RoPE/NoPE setting (before, the stage's positions', 1e-3 off); so do Bamba's, whose per-layer
     block types are a config property (before, not sliced: at k=3 the last stage's attention layer took layer 0's
     mamba mask and crashed on a padded batch; on an unpadded one that mask is None, which eager attention reads as
-    no causal mask)."""
+    no causal mask). Doge keeps parameters directly on its decoder layer module (before, the placement probe counted
+    the first layer, which had just started, among the modules running around the layers, and refused Doge)."""
     steps, expected = 3, {}
     for name in FAMILY_CASES:
         model = _tiny(name)
