@@ -170,6 +170,51 @@ def _config_properties(config) -> list[str]:
                    for name, value in vars(cls).items() if isinstance(value, property) and name not in base})
 
 
+@functools.lru_cache(maxsize=None)
+def state_carried_between_layers(cls, layers_attr: str) -> tuple:
+    """The names of values the backbone class ``cls``'s forward passes from one decoder layer's call to the next
+    besides the hidden states (Kolibri1.1's ``index_pool``: ``hidden_states, index_pool = decoder_layer(...,
+    index_pool=index_pool)``), read from its source: a result of the layer call, other than the first, that the
+    loop over ``self.<layers_attr>`` passes back to the layer call. A value the caller passes to the forward is a
+    cache (RWKV's recurrent ``state``), which training without one leaves None: not counted. Empty when the layers
+    hand on only their hidden states (or the source cannot be read)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return ()
+    function = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    arguments = set() if function is None else {a.arg for a in (*function.args.args, *function.args.kwonlyargs)}
+    carried = []
+    for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
+        if not any(isinstance(n, ast.Attribute) and n.attr == layers_attr and isinstance(n.value, ast.Name)
+                   and n.value.id == "self" for n in ast.walk(loop.iter)):
+            continue
+        target = loop.target.elts[-1] if isinstance(loop.target, ast.Tuple) else loop.target
+        if not isinstance(target, ast.Name):
+            continue
+        body = [n for stmt in loop.body for n in ast.walk(stmt)]
+        calls = [n for n in body if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == target.id]
+        results, whole = set(), set()  # names bound to a result after the first; names bound to the whole output
+        for node in body:
+            if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+                continue
+            bound, value = node.targets[0], node.value
+            if value in calls and isinstance(bound, ast.Tuple):
+                results.update(e.id for e in bound.elts[1:] if isinstance(e, ast.Name))
+            elif value in calls and isinstance(bound, ast.Name):
+                whole.add(bound.id)
+        for node in body:  # ``state = layer_outputs[1]``
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and isinstance(node.value, ast.Subscript) and isinstance(node.value.value, ast.Name)
+                    and node.value.value.id in whole and isinstance(node.value.slice, ast.Constant)
+                    and node.value.slice.value != 0):
+                results.add(node.targets[0].id)
+        for call in calls:
+            passed = {a.id for a in (*call.args, *(k.value for k in call.keywords)) if isinstance(a, ast.Name)}
+            carried.extend(sorted((passed & results) - arguments))
+    return tuple(dict.fromkeys(carried))
+
+
 def per_layer_config(config, num_layers: int, first: int, end: int) -> dict:
     """The config lists with one entry per layer (``layer_types``, ``layer_rope_theta``, ``layers_block_type``...),
     which the backbone indexes by its loop position: key -> (the whole list, its slice for layers ``[first, end)``),

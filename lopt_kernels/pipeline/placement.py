@@ -17,6 +17,7 @@ from ..aux_decoder import AUX_DECODERS_FILE, AuxDecoder
 from ..boundary.common import trainable_inputs
 from ..discovery import (AUX_DECODERS_ATTR, AUX_MASKS, LoptPatchError, check_kv_sharing, check_weight_sharing,
                          find_layer_stack, resolve_boundaries, text_config)
+from ..hf_model import state_carried_between_layers
 from .checkpoint import check_adapter, inject_adapter, safetensors_index
 
 
@@ -243,7 +244,15 @@ class StagePlan:
         ranges = stage_layer_ranges(config.get_text_config().num_hidden_layers, world, boundaries)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        backbone, _, layers = find_layer_stack(lm)
+        backbone, layers_attr, layers = find_layer_stack(lm)
+        carried = state_carried_between_layers(type(backbone), layers_attr)
+        if carried:
+            raise LoptPatchError(
+                f"{type(lm).__name__}: its backbone passes {', '.join(carried)} from each decoder layer's call to the "
+                "next besides the hidden states (state the layers share, such as a sparse-attention indexer's "
+                "selection). The pipeline sends only the hidden states downstream, so a later stage's first layer "
+                "would run without it. Train this model with lopt_kernels.patch in one process."
+            )
         # what patch refuses for these boundaries (the pipeline's stages are its blocks): a weight or a layer's keys
         # and values shared across a boundary would reach an earlier stage's parameters from a later stage's loss
         bounds = tuple(first for first, _ in ranges[1:])

@@ -284,6 +284,13 @@ def _refused_config(case):
             laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4),
         # layers 2 and 3 reuse layers 0's and 1's keys and values, across the boundary at layer 2
         "kv_sharing": lambda: tf.Gemma4TextConfig(**gemma4, hidden_size_per_layer_input=0, num_kv_shared_layers=2),
+        # a sparse-attention indexer's top-k selection handed from layer to layer (layer 2 reuses layer 1's)
+        "carried_state": lambda: tf.GlmMoeDsaConfig(
+            **{k: v for k, v in common.items() if k not in ("layer_types", "sliding_window", "num_key_value_heads")},
+            num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=10,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1, index_topk=4,
+            index_head_dim=8, index_n_heads=2, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+            indexer_types=["full", "full", "shared", "shared"]),
     }[case]()
 
 
@@ -295,6 +302,7 @@ def _refused_config(case):
     ("per_layer_inputs_gemma3n", "Gemma3nForCausalLM: its decoder layers read trainable tensors computed before the "
                                  "layer stack"),
     ("kv_sharing", "layer 2 reuses the keys and values layer 0 computes"),
+    ("carried_state", "GlmMoeDsaForCausalLM: its backbone passes topk_indices from each decoder layer's call to the next"),
 ])
 def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
@@ -305,7 +313,9 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     before, Gemma4's rank 1 raised "Tensor on device meta is not on the expected device cpu!" and Gemma3n's ranks
     "'Gemma3nForCausalLM' object has no attribute 'hidden_size'" (the stage initialised its text model's buffers
     with the causal LM's _init_weights). Keys and values shared across a stage boundary (Gemma4's
-    num_kv_shared_layers), which patch refuses for the same blocks: before, the stages trained and rank 1 crashed."""
+    num_kv_shared_layers), which patch refuses for the same blocks: before, the stages trained and rank 1 crashed.
+    State the backbone hands from one layer's call to the next besides the hidden states (GlmMoeDsa's indexer top-k
+    indices; also Kolibri1.1's index_pool, HYV4's): before, the stages were built and rank 1 crashed on None."""
     import transformers as tf
 
     from tiny_models import tiny_model
@@ -313,7 +323,7 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     if case == "router_loss":
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
-    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n", "kv_sharing"):
+    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n", "kv_sharing", "carried_state"):
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_refused_config(case)).save_pretrained(tmp_path / "model")
     elif case == "missing_head":
