@@ -126,8 +126,47 @@ def forward_calls_loss_function(cls) -> bool:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError, SyntaxError):
         return False
-    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "loss_function"
-               and isinstance(node.func.value, ast.Name) and node.func.value.id == "self" for node in ast.walk(tree))
+    return any(_is_loss_function_call(node) for node in ast.walk(tree))
+
+
+def _is_loss_function_call(node) -> bool:
+    """Whether ``node`` is the model's own loss function applied (``self.loss_function(...)``)."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "loss_function"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
+
+
+@functools.lru_cache(maxsize=None)
+def loss_terms_from_logits_in_forward(cls, head: str = "lm_head") -> tuple:
+    """The statements of ``cls.forward`` that set or add to ``loss`` from the output head's logits other than through
+    ``self.loss_function`` (Bamba's z-loss, ``loss = loss + self.z_loss_coefficient * z_loss`` with ``z_loss`` the
+    logits' squared log-partition), read from its source: a fused task loss, which computes only the loss function
+    from the head's input, would leave them out. Values derived from the logits are followed through assignments in
+    order. Empty when the loss is the loss function's (plus terms that do not read the logits, such as a router
+    loss)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return ()
+    statements = sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                         and n.value is not None), key=lambda n: (n.lineno, n.col_offset))
+    derived: set = set()  # names holding the head's logits or values computed from them
+    found = []
+    for node in statements:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        names = {t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+        if _is_loss_function_call(node.value):
+            continue  # the loss the fused loss computes
+        reads = _head_call(node.value, head) or any(
+            isinstance(n, ast.Name) and n.id in derived for n in ast.walk(node.value)) or any(
+            _head_call(n, head) for n in ast.walk(node.value))
+        if not reads:
+            continue
+        if "loss" in names:
+            found.append(ast.get_source_segment(source, node))
+        else:
+            derived |= names
+    return tuple(found)
 
 
 def identity_scale(lm, path) -> bool:

@@ -18,10 +18,9 @@ from ._outputs import declares_own_aux_loss, with_lopt_fields
 from .boundary.common import autocast_state
 from .discovery import text_config
 from .hf_model import (LOGIT_TRANSFORMS, forward_calls_loss_function, identity_scale, logit_transforms_in_forward,
-                       router_loss_coef)
+                       loss_terms_from_logits_in_forward, router_loss_coef)
 from .ops import linear_cross_entropy as lce
 from .state import PatchState, StateHook, TaskRequest
-
 
 
 def label_count(inputs) -> torch.Tensor | None:
@@ -73,6 +72,9 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
     for text, scale in logit_transforms_in_forward(type(lm), head_name):
         if scale is None or not identity_scale(lm, scale):
             return None, f"its forward transforms the output head's logits before the loss ({text.splitlines()[0]})"
+    for text in loss_terms_from_logits_in_forward(type(lm), head_name):
+        return None, (f"its forward computes its loss from the logits other than through its loss function "
+                      f"({text.splitlines()[0]})")
     if hasattr(config, "output_router_logits") and router_loss_coef(lm) is None:
         return None, "it is a mixture-of-experts model whose router-loss coefficient is unknown"
     impl = lce.resolve_implementation(setting, device, softcap)

@@ -73,6 +73,69 @@ def test_forwards_that_transform_the_head_logits_are_found_from_their_source(nam
     assert bool(found) == (name in _TRANSFORMING), found
 
 
+_LOSS_TERMS = ["BambaForCausalLM", "BartForCausalLM", "PegasusForCausalLM", "MarianForCausalLM"]
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("name", _LOSS_TERMS + _PLAIN + ["MixtralForCausalLM", "GraniteForCausalLM"])
+def test_forwards_that_compute_their_loss_from_the_logits_otherwise_are_found_from_their_source(name):
+    """A forward that sets or adds to its loss from the logits other than through ``self.loss_function`` (Bamba's
+    z-loss; the Bart family's decoder-only LMs, whose CrossEntropyLoss takes the labels unshifted) is found by reading
+    its source; a router loss (Mixtral) or a logit scale (Granite, found by the logit-transform reader) is not one."""
+    import transformers
+
+    from lopt_kernels.hf_model import loss_terms_from_logits_in_forward
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    found = loss_terms_from_logits_in_forward(cls, _HEAD_NAMES.get(name, "lm_head"))
+    assert bool(found) == (name in _LOSS_TERMS), found
+
+
+def _loss_term_model(family):
+    import transformers as tf
+
+    tokens = dict(vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "bamba_z_loss":
+        config = tf.BambaConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64, attn_layer_indices=[1, 3],
+                                mamba_n_heads=4, mamba_d_head=20, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4,
+                                mamba_expand=2, z_loss_coefficient=0.1, **tokens)
+    else:
+        config = tf.BartConfig(d_model=40, decoder_layers=4, encoder_layers=4, decoder_attention_heads=4,
+                               encoder_attention_heads=4, decoder_ffn_dim=72, encoder_ffn_dim=72,
+                               max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                               is_decoder=True, is_encoder_decoder=False, decoder_start_token_id=2,
+                               tie_word_embeddings=False, **tokens)  # untied: the head gradients compare
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("family", ["bamba_z_loss", "bart"])
+def test_a_loss_computed_from_the_logits_outside_the_loss_function_is_the_models_own(family):
+    """The task loss is the unpatched model's loss: where the forward computes it from the logits other than through
+    its loss function, the fused loss steps aside (with a notice) for the model's own. Before, the fused loss left
+    Bamba's z-loss out (4.528 against 6.631 with z_loss_coefficient=0.1) and shifted the labels that BartForCausalLM's
+    CrossEntropyLoss takes unshifted (4.550 against 4.105); the pipeline's last stage, which chooses its task loss
+    the same way, did the same."""
+    original = _loss_term_model(family)
+    model = copy.deepcopy(original)
+    lopt_kernels.patch(model, mode="eager")
+    b = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(**b, use_cache=False)
+    ref = original(**b, use_cache=False)
+    torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
+    (out.task_loss + 0 * out.lopt_aux_loss).backward()
+    ref.loss.backward()
+    head = model.get_output_embeddings().weight
+    torch.testing.assert_close(head.grad, original.get_output_embeddings().weight.grad, rtol=1e-4, atol=1e-7)
+    assert any("fused task loss is off" in str(w.message) for w in caught)
+
+
 @pytest.mark.explicit_modes
 @pytest.mark.parametrize("multiplier", [0.25, 1.0])
 def test_falcon_h1_head_multiplier(multiplier):

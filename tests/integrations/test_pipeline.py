@@ -165,11 +165,11 @@ def _tiny(name):
             max_position_embeddings=64, sliding_window=4, layer_types=["full_attention"] * 5,
             layer_rope_theta=[10000.0, 0, 10000.0, 0, 10000.0], **common),
         # mamba and attention layers, each given its mask by the config's layers_block_type: a property (computed from
-        # attn_layer_indices), not a stored list
+        # attn_layer_indices), not a stored list; a z-loss on the logits, so the last stage runs the model's own loss
         "bamba": lambda: tf.BambaConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
                                         num_key_value_heads=2, max_position_embeddings=64, attn_layer_indices=[1, 3],
                                         mamba_n_heads=4, mamba_d_head=20, mamba_d_state=8, mamba_n_groups=1,
-                                        mamba_chunk_size=4, mamba_expand=2, **common),
+                                        mamba_chunk_size=4, mamba_expand=2, z_loss_coefficient=0.1, **common),
         # residual scales kept directly on the decoder layer module (input_residual, post_attention_residual)
         "doge": lambda: tf.DogeConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64, **common),
