@@ -150,6 +150,29 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
     return finished
 
 
+def inputs_embeds_written(lm: nn.Module, first_layer: nn.Module, device, dtype) -> bool:
+    """Whether the model's forward fails, before its first decoder layer, on ``inputs_embeds`` given as a broadcast
+    view of one zero (how the stages after the first pass their placeholder input, allocating nothing): CTRL scales
+    them in place (``inputs_embeds *= sqrt(d)``), which a view whose elements share one memory location refuses.
+    Those stages then pass a zero tensor of their own."""
+
+    def stop(module, args):
+        raise _ReachedFirstLayer
+
+    handle = first_layer.register_forward_pre_hook(stop)
+    view = torch.zeros((), device=device, dtype=dtype).expand(1, 2, lm.get_input_embeddings().weight.shape[-1])
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            lm(inputs_embeds=view, use_cache=False)
+    except _ReachedFirstLayer:
+        return False
+    except Exception:  # noqa: BLE001 - any failure on the view: a tensor of its own is always safe
+        return True
+    finally:
+        handle.remove()
+    return False
+
+
 class WeightMapping:
     """transformers' checkpoint conversions for one model (keys renamed since the checkpoint was written, experts
     stored one tensor each but fused in the model): which model tensor a checkpoint key loads into, and the
@@ -230,6 +253,7 @@ class StagePlan:
     copies: dict  # a tied checkpoint: this rank's untied head (or embedding) -> the other's checkpoint keys
     mapping: "WeightMapping"
     first_rank_modules: list  # modules outside the layer stack that rank 0 runs and trains
+    writes_inputs_embeds: bool = False  # the forward writes into inputs_embeds (later stages pass their own zeros)
 
     @classmethod
     def build(cls, model_dir: str, rank: int, world: int, *, boundaries, dtype, device, attn_implementation: str,
@@ -283,6 +307,7 @@ class StagePlan:
             for module in keep:  # non-persistent buffers (rotary frequencies); the rest is read in load
                 initialiser[id(module)](module)
         first_rank_modules = [module_names[id(inp)], *modules_before_layers(lm, layers[0], device, dtype)]
+        writes_inputs_embeds = rank != 0 and inputs_embeds_written(lm, layers[0], device, dtype)
         index = safetensors_index(model_dir)
         mapping = WeightMapping.of(lm)
         mine = {n: t for n, t in lm.state_dict(keep_vars=True).items() if not t.is_meta}
@@ -312,7 +337,7 @@ class StagePlan:
                 and not os.path.isfile(os.path.join(aux_decoders, AUX_DECODERS_FILE)):
             raise LoptPatchError(f"{os.path.join(aux_decoders, AUX_DECODERS_FILE)} does not exist")
         return cls(model_dir, rank, world, ranges, lm, device, dtype, adapter, aux_decoders, index, sources, copies,
-                   mapping, first_rank_modules)
+                   mapping, first_rank_modules, writes_inputs_embeds)
 
     def agreement(self) -> dict:
         """What every rank must agree on."""

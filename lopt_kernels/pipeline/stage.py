@@ -96,7 +96,7 @@ class PipelineStage:
 
     def __init__(self, lm: nn.Module, *, rank: int, world: int, ranges, lambda_aux: float, decoder: AuxDecoder | None,
                  group=None, backend: str = "auto", adapter: str | None = None, first_rank_modules=None,
-                 aux_mask: str = "all"):
+                 aux_mask: str = "all", writes_inputs_embeds: bool = False):
         self.lm, self.rank, self.world, self.group, self.adapter = lm, rank, world, group, adapter
         self.ranges, self.lambda_aux, self.decoder, self.backend = ranges, float(lambda_aux), decoder, backend
         self.aux_mask = aux_mask
@@ -117,6 +117,8 @@ class PipelineStage:
         self.hidden_size = text_config(lm).hidden_size  # what travels between stages
         # what the model's forward takes as inputs_embeds (OPT-350m projects a narrower embedding in)
         self.embedding_dim = lm.get_input_embeddings().weight.shape[-1]
+        # the forward writes into inputs_embeds (CTRL scales them in place): a tensor of its own, not a broadcast view
+        self.writes_inputs_embeds = writes_inputs_embeds
         self.fused_ce = _fused_ce_impl(lm) if self.is_last else None
         self.dtype = next(p.dtype for p in self.own_layers.parameters())
         self.device = next(p.device for p in self.own_layers.parameters())
@@ -161,7 +163,7 @@ class PipelineStage:
             lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
         return cls(lm, rank=rank, world=world, ranges=plan.ranges, lambda_aux=lambda_aux, decoder=decoder,
                    group=group, backend=backend, adapter=adapter, first_rank_modules=plan.first_rank_modules,
-                   aux_mask=aux_mask)
+                   aux_mask=aux_mask, writes_inputs_embeds=plan.writes_inputs_embeds)
 
     def owns(self, name: str, tensor: torch.Tensor) -> bool:
         """Whether this rank trains and saves the model tensor ``name``: its layers'; on rank 0, the input
@@ -243,8 +245,12 @@ class PipelineStage:
             inputs["input_ids"] = batch["input_ids"]
         else:
             ids = batch["input_ids"]  # only the shape matters: the first layer's input is replaced
-            inputs["inputs_embeds"] = torch.zeros((), dtype=self.dtype, device=self.device).expand(
-                *ids.shape, self.embedding_dim)  # a broadcast view: nothing allocated per micro-batch
+            if self.writes_inputs_embeds:
+                inputs["inputs_embeds"] = torch.zeros(*ids.shape, self.embedding_dim, dtype=self.dtype,
+                                                      device=self.device)
+            else:
+                inputs["inputs_embeds"] = torch.zeros((), dtype=self.dtype, device=self.device).expand(
+                    *ids.shape, self.embedding_dim)  # a broadcast view: nothing allocated per micro-batch
         if self.is_last and not self.fused_ce:
             inputs["labels"] = batch["labels"]
             if num_items is not None:

@@ -173,6 +173,9 @@ def _tiny(name):
         # residual scales kept directly on the decoder layer module (input_residual, post_attention_residual)
         "doge": lambda: tf.DogeConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64, **common),
+        # scales its inputs_embeds in place (inputs_embeds *= sqrt(d)); tied head with a bias
+        "ctrl": lambda: tf.CTRLConfig(n_embd=40, n_layer=4, n_head=4, dff=72, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, **common),
     }
     if name in configs:
         torch.manual_seed(0)
@@ -188,7 +191,7 @@ FAMILY_CASES = {
     "gpt_neox": ("gpt_neox", {}), "llama": ("llama", {}), "mistral": ("mistral", {}), "mixtral": (None, {}),
     "phi3": ("phi3", {}), "qwen2_tied": ("qwen2", {}), "qwen3": ("qwen3", {}),
     "opt": (None, {}), "bloom": (None, {}), "granite_swa": (None, {}), "bamba": (None, {}),
-    "doge": (None, {}),
+    "doge": (None, {}), "ctrl": (None, {}),
 }
 
 
@@ -202,7 +205,9 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
     block types are a config property (before, not sliced: at k=3 the last stage's attention layer took layer 0's
     mamba mask and crashed on a padded batch; on an unpadded one that mask is None, which eager attention reads as
     no causal mask). Doge keeps parameters directly on its decoder layer module (before, the placement probe counted
-    the first layer, which had just started, among the modules running around the layers, and refused Doge)."""
+    the first layer, which had just started, among the modules running around the layers, and refused Doge). CTRL
+    scales its inputs_embeds in place (before, the later stages' broadcast placeholder raised 'more than one element
+    of the written-to tensor refers to a single memory location')."""
     steps, expected = 3, {}
     for name in FAMILY_CASES:
         model = _tiny(name)
