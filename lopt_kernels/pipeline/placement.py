@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -254,6 +254,7 @@ class StagePlan:
     mapping: "WeightMapping"
     first_rank_modules: list  # modules outside the layer stack that rank 0 runs and trains
     writes_inputs_embeds: bool = False  # the forward writes into inputs_embeds (later stages pass their own zeros)
+    aliases: dict = field(default_factory=dict)  # a tensor tied to another -> the name it is read under
 
     @classmethod
     def build(cls, model_dir: str, rank: int, world: int, *, boundaries, dtype, device, attn_implementation: str,
@@ -295,10 +296,13 @@ class StagePlan:
         if rank != world - 1:
             skip.add(id(out))
         keep = [m for m in lm.modules() if id(m) not in skip]
+        made: dict[int, nn.Parameter] = {}  # id of a meta parameter -> its allocation: weights tied stay tied
         for module in keep:
             for key, p in list(module._parameters.items()):
                 if p is not None and p.is_meta:
-                    module._parameters[key] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+                    if id(p) not in made:
+                        made[id(p)] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+                    module._parameters[key] = made[id(p)]
             for key, b in list(module._buffers.items()):
                 if b is not None and b.is_meta:
                     module._buffers[key] = torch.empty_like(b, device=device)
@@ -319,8 +323,18 @@ class StagePlan:
         # a tied checkpoint stores one of the two: the untied head (or embedding) starts from the other
         tied_source = {head_name: embedding_name, embedding_name: head_name} if tied else {}
         copies = {}  # this rank's tensor name -> the model tensor name whose checkpoint keys it is read from
+        # a tensor the model ties to another (BertLMHeadModel's decoder bias is its prediction head's bias): a
+        # checkpoint stores it once, under the other name
+        names_of: dict[int, list] = {}
+        for name, tensor in mine.items():
+            names_of.setdefault(id(tensor), []).append(name)
+        aliases = {}  # this rank's tensor name -> the name of the same tensor that is read from the checkpoint
         for name in mine:
             if name in sources:
+                continue
+            read = [other for other in names_of[id(mine[name])] if other in sources]
+            if read:
+                aliases[name] = read[0]
                 continue
             other = tied_source.get(name)
             if other is not None:
@@ -337,7 +351,7 @@ class StagePlan:
                 and not os.path.isfile(os.path.join(aux_decoders, AUX_DECODERS_FILE)):
             raise LoptPatchError(f"{os.path.join(aux_decoders, AUX_DECODERS_FILE)} does not exist")
         return cls(model_dir, rank, world, ranges, lm, device, dtype, adapter, aux_decoders, index, sources, copies,
-                   mapping, first_rank_modules, writes_inputs_embeds)
+                   mapping, first_rank_modules, writes_inputs_embeds, aliases)
 
     def agreement(self) -> dict:
         """What every rank must agree on."""
@@ -360,6 +374,11 @@ class StagePlan:
             with torch.no_grad():
                 for name, (key,) in self.copies.items():
                     state[name].copy_(files[self.index[key]].get_tensor(key))
+        # transformers' conversions may load a tensor into a new parameter: the tied name follows it
+        for name, read in self.aliases.items():
+            module_name, _, key = name.rpartition(".")
+            module = self.lm.get_submodule(module_name)
+            (module._parameters if key in module._parameters else module._buffers)[key] = state[read]
         if self.adapter is not None:
             inject_adapter(self.lm, self.adapter, self.index, self.device)
         return self.lm

@@ -96,7 +96,7 @@ class PipelineStage:
 
     def __init__(self, lm: nn.Module, *, rank: int, world: int, ranges, lambda_aux: float, decoder: AuxDecoder | None,
                  group=None, backend: str = "auto", adapter: str | None = None, first_rank_modules=None,
-                 aux_mask: str = "all", writes_inputs_embeds: bool = False):
+                 aux_mask: str = "all", writes_inputs_embeds: bool = False, aliases=None):
         self.lm, self.rank, self.world, self.group, self.adapter = lm, rank, world, group, adapter
         self.ranges, self.lambda_aux, self.decoder, self.backend = ranges, float(lambda_aux), decoder, backend
         self.aux_mask = aux_mask
@@ -119,6 +119,8 @@ class PipelineStage:
         self.embedding_dim = lm.get_input_embeddings().weight.shape[-1]
         # the forward writes into inputs_embeds (CTRL scales them in place): a tensor of its own, not a broadcast view
         self.writes_inputs_embeds = writes_inputs_embeds
+        # tensor names tied to another tensor of the model, which the checkpoint stored under the other name
+        self.aliases = set(aliases or ())
         self.fused_ce = _fused_ce_impl(lm) if self.is_last else None
         self.dtype = next(p.dtype for p in self.own_layers.parameters())
         self.device = next(p.device for p in self.own_layers.parameters())
@@ -163,7 +165,7 @@ class PipelineStage:
             lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
         return cls(lm, rank=rank, world=world, ranges=plan.ranges, lambda_aux=lambda_aux, decoder=decoder,
                    group=group, backend=backend, adapter=adapter, first_rank_modules=plan.first_rank_modules,
-                   aux_mask=aux_mask, writes_inputs_embeds=plan.writes_inputs_embeds)
+                   aux_mask=aux_mask, writes_inputs_embeds=plan.writes_inputs_embeds, aliases=plan.aliases)
 
     def owns(self, name: str, tensor: torch.Tensor) -> bool:
         """Whether this rank trains and saves the model tensor ``name``: its layers'; on rank 0, the input
@@ -382,8 +384,11 @@ class PipelineStage:
         os.makedirs(directory, exist_ok=True)
         persistent = self.lm.state_dict(keep_vars=True)
         # LoRA-wrapped layers keep their weight as ``<layer>.base_layer.weight``: saved under the model's own name
-        tensors = {n.replace(".base_layer.", "."): t.detach().to("cpu").contiguous() for n, t in persistent.items()
-                   if self.owns(n, t)}
+        # a tensor tied to another is saved under both names, a copy under its alias (safetensors stores no shared
+        # memory): the joined checkpoint's untied config ties neither
+        tensors = {n.replace(".base_layer.", "."): (t.detach().to("cpu").contiguous().clone() if n in self.aliases
+                                                     else t.detach().to("cpu").contiguous())
+                   for n, t in persistent.items() if self.owns(n, t)}
         if self.decoder is not None:
             tensors.update((f"{AUX_DECODERS_ATTR}.{self.rank}.{n}", v.detach().to("cpu").contiguous())
                            for n, v in self.decoder.state_dict().items())
