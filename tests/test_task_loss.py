@@ -112,18 +112,11 @@ def _loss_term_model(family):
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
 
 
-@pytest.mark.explicit_modes
-@pytest.mark.parametrize("family", ["bamba_z_loss", "bart"])
-def test_a_loss_computed_from_the_logits_outside_the_loss_function_is_the_models_own(family):
-    """The task loss is the unpatched model's loss: where the forward computes it from the logits other than through
-    its loss function, the fused loss steps aside (with a notice) for the model's own. Before, the fused loss left
-    Bamba's z-loss out (4.528 against 6.631 with z_loss_coefficient=0.1) and shifted the labels that BartForCausalLM's
-    CrossEntropyLoss takes unshifted (4.550 against 4.105); the pipeline's last stage, which chooses its task loss
-    the same way, did the same."""
-    original = _loss_term_model(family)
+def _task_loss_and_head_gradient_are_the_models_own(original, mode, b):
+    """Patch a copy of ``original`` in ``mode``: its task loss and the task loss's head gradient equal the unpatched
+    model's. Returns the patched output and whether the fused loss stepped aside (its one-time notice)."""
     model = copy.deepcopy(original)
-    lopt_kernels.patch(model, mode="eager")
-    b = batch()
+    lopt_kernels.patch(model, mode=mode)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model(**b, use_cache=False)
@@ -133,7 +126,19 @@ def test_a_loss_computed_from_the_logits_outside_the_loss_function_is_the_models
     ref.loss.backward()
     head = model.get_output_embeddings().weight
     torch.testing.assert_close(head.grad, original.get_output_embeddings().weight.grad, rtol=1e-4, atol=1e-7)
-    assert any("fused task loss is off" in str(w.message) for w in caught)
+    return out, any("fused task loss is off" in str(w.message) for w in caught)
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("family", ["bamba_z_loss", "bart"])
+def test_a_loss_computed_from_the_logits_outside_the_loss_function_is_the_models_own(family):
+    """The task loss is the unpatched model's loss: where the forward computes it from the logits other than through
+    its loss function, the fused loss steps aside (with a notice) for the model's own. Before, the fused loss left
+    Bamba's z-loss out (4.528 against 6.631 with z_loss_coefficient=0.1) and shifted the labels that BartForCausalLM's
+    CrossEntropyLoss takes unshifted (4.550 against 4.105); the pipeline's last stage, which chooses its task loss
+    the same way, did the same."""
+    _, stepped_aside = _task_loss_and_head_gradient_are_the_models_own(_loss_term_model(family), "eager", batch())
+    assert stepped_aside
 
 
 @pytest.mark.explicit_modes
@@ -151,18 +156,7 @@ def test_falcon_h1_head_multiplier(multiplier):
         lm_head_multiplier=multiplier, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     original = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
-    model = copy.deepcopy(original)
-    lopt_kernels.patch(model, mode="stored")
-    b = batch(pad_lengths=(0,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = model(**b, use_cache=False)
-    ref = original(**b, use_cache=False)
-    torch.testing.assert_close(out.task_loss, ref.loss, rtol=1e-5, atol=1e-6)
-    (out.task_loss + 0 * out.lopt_aux_loss).backward()
-    ref.loss.backward()
-    torch.testing.assert_close(model.lm_head.weight.grad, original.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
-    stepped_aside = any("fused task loss is off" in str(w.message) for w in caught)
+    out, stepped_aside = _task_loss_and_head_gradient_are_the_models_own(original, "stored", batch(pad_lengths=(0,)))
     assert stepped_aside == (multiplier != 1.0) and (out.logits is None) == (multiplier == 1.0)
 
 
