@@ -328,13 +328,12 @@ class StagePlan:
         names_of: dict[int, list] = {}
         for name, tensor in mine.items():
             names_of.setdefault(id(tensor), []).append(name)
-        aliases = {}  # this rank's tensor name -> the name of the same tensor that is read from the checkpoint
+        aliases = {}  # the other names of a tied tensor -> the name it is read under (the tie is restored after)
+        for group in names_of.values():
+            read = [name for name in group if name in sources]
+            aliases.update((name, read[0]) for name in group if read and name != read[0])
         for name in mine:
-            if name in sources:
-                continue
-            read = [other for other in names_of[id(mine[name])] if other in sources]
-            if read:
-                aliases[name] = read[0]
+            if name in sources or name in aliases:
                 continue
             other = tied_source.get(name)
             if other is not None:
