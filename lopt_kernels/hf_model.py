@@ -254,15 +254,53 @@ def state_carried_between_layers(cls, layers_attr: str) -> tuple:
     return tuple(dict.fromkeys(carried))
 
 
-def per_layer_config(config, num_layers: int, first: int, end: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def config_lists_indexed_by_layer(cls, layers_attr: str) -> tuple | None:
+    """The config attributes that the backbone class ``cls``'s forward indexes by its loop position over the layer
+    stack (``self.config.layer_types[i]`` in ``for i, decoder_layer in enumerate(self.layers)``), read from its
+    source; None when the source or such a loop cannot be found."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    found, looped = [], False
+    for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
+        if not any(isinstance(n, ast.Attribute) and n.attr == layers_attr and isinstance(n.value, ast.Name)
+                   and n.value.id == "self" for n in ast.walk(loop.iter)):
+            continue
+        looped = True
+        target = loop.target
+        if isinstance(target, ast.Tuple) and target.elts and isinstance(target.elts[0], ast.Name):
+            index = target.elts[0].id  # enumerate(self.layers...)
+        elif isinstance(target, ast.Name) and isinstance(loop.iter, ast.Call) \
+                and getattr(loop.iter.func, "id", None) == "range":
+            index = target.id  # range(len(self.layers))
+        else:
+            continue  # no loop position to index by
+        for node in (n for stmt in loop.body for n in ast.walk(stmt)):
+            if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Name) and node.slice.id == index
+                    and isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Attribute)
+                    and node.value.value.attr == "config" and isinstance(node.value.value.value, ast.Name)
+                    and node.value.value.value.id == "self"):
+                found.append(node.value.attr)
+    return tuple(dict.fromkeys(found)) if looped else None
+
+
+def per_layer_config(config, num_layers: int, first: int, end: int, names=None) -> dict:
     """The config lists with one entry per layer (``layer_types``, ``layer_rope_theta``, ``layers_block_type``...),
     which the backbone indexes by its loop position: key -> (the whole list, its slice for layers ``[first, end)``),
-    so that a backbone iterating only those layers reads the j-th's settings as layer ``first + j``'s. Lists the
-    config class computes in a property (Bamba's ``layers_block_type``) count too: :func:`sliced_config` applies
-    both kinds."""
-    found = {key: (values, type(values)(values[first:end])) for key, values in vars(config).items()
-             if isinstance(values, (list, tuple)) and len(values) == num_layers}
-    for key in _config_properties(config):
+    so that a backbone iterating only those layers reads the j-th's settings as layer ``first + j``'s. ``names``:
+    the attributes the backbone indexes so (:func:`config_lists_indexed_by_layer`); only those are sliced, since a
+    list that merely has as many entries as there are layers (FalconH1's ``time_step_limit`` pair in a 2-layer
+    model) is not per layer. Without ``names``, every list of ``num_layers`` entries. Lists the config class computes
+    in a property (Bamba's ``layers_block_type``) count too: :func:`sliced_config` applies both kinds."""
+    if names is None:
+        candidates = [*vars(config), *_config_properties(config)]
+    else:  # a name the config maps to another attribute (Bamba's layer_types -> layers_block_type) is set as that
+        attribute_map = getattr(config, "attribute_map", None) or {}
+        candidates = [attribute_map.get(name, name) for name in names]
+    found = {}
+    for key in dict.fromkeys(candidates):
         try:
             values = getattr(config, key)
         except Exception:  # noqa: BLE001, S112 - a property that cannot be read here is not a per-layer list

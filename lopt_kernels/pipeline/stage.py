@@ -16,7 +16,8 @@ from ..aux_decoder import AuxDecoder
 from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of
 from ..discovery import AUX_DECODERS_ATTR, LoptPatchError, find_layer_stack, text_config
-from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, per_layer_config, sliced_config
+from ..hf_model import (PER_TOKEN_INPUTS, HooksOutsideCheckpoint, config_lists_indexed_by_layer, per_layer_config,
+                        sliced_config)
 from ..ops import linear_cross_entropy as lce
 from ..task_loss_hooks import fused_ce_choice, head_task_loss, item_share, label_count
 from .checkpoint import SHARD_PREFIX
@@ -108,7 +109,8 @@ class PipelineStage:
         first, end = ranges[rank]
         self.own_layers = nn.ModuleList(self.all_layers[first:end])
         # config lists with one entry per layer, sliced to this stage's while its layers run (decided once)
-        self._per_layer_config = per_layer_config(text_config(lm), len(self.all_layers), first, end)
+        self._per_layer_config = per_layer_config(text_config(lm), len(self.all_layers), first, end,
+                                                  config_lists_indexed_by_layer(type(self.backbone), self.layers_attr))
         self.is_first, self.is_last = rank == 0, rank == world - 1
         self.messages = MessageCount()
         self.timeline = StageTimeline()

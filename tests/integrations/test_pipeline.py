@@ -233,6 +233,35 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
             assert not torch.equal(initial["transformer.wpe.weight"], model.transformer.wpe.weight)
 
 
+def test_only_the_config_lists_the_backbone_indexes_by_layer_are_sliced():
+    """A stage's backbone iterates its own layers only, so the config lists it indexes by its loop position are sliced
+    to the stage while its layers run: Gemma2's layer_types, GraniteSWA's layer_rope_theta too, Bamba's
+    layers_block_type (a property). A list that merely has one entry per layer is not one of them: FalconH1 with 2
+    layers has a (min, max) time_step_limit and two mlp_multipliers, which the stage sliced to one entry (before,
+    k=2 crashed on the strict config: 'Field time_step_limit with value (0.0,) doesn't match any type')."""
+    import transformers as tf
+
+    from lopt_kernels.pipeline import PipelineStage, stage_layer_ranges
+
+    tokens = dict(vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=40, intermediate_size=72,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cases = [
+        (tf.FalconH1Config(**tokens, num_hidden_layers=2, head_dim=10, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                           mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4), set()),
+        (tf.Gemma2Config(**tokens, num_hidden_layers=5, head_dim=10, sliding_window=4), {"layer_types"}),
+        (_tiny("granite_swa").config, {"layer_rope_theta", "layer_types"}),
+        (_tiny("bamba").config, {"layers_block_type"}),
+    ]
+    for config, expected in cases:
+        with torch.device("meta"):
+            lm = tf.AutoModelForCausalLM.from_config(config)
+        ranges = stage_layer_ranges(config.num_hidden_layers, 2)
+        stage = PipelineStage(lm, rank=0, world=2, ranges=ranges, lambda_aux=10.0, decoder=None)  # built, not run
+        assert set(stage._per_layer_config) == expected, (type(lm).__name__, stage._per_layer_config)
+        for whole, own in stage._per_layer_config.values():
+            assert list(own) == list(whole)[: ranges[0][1]]
+
+
 def test_dropout_draws_from_a_stream_per_rank_and_reproduces(tmp_path):
     """GPT-2 with dropout, every rank seeded alike: each stage draws from its own stream (seeded by the process's
     seed and its rank), so ranks' masks differ (before, both stages' first layers drew identical masks); a rerun
