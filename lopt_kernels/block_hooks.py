@@ -16,7 +16,7 @@ from torch import nn
 
 from . import optimizer_watch
 from .boundary import BOUNDARY_MODES
-from .boundary.common import BoundaryMode, BoundarySpec, _tensors_in, hidden_of, trainable_outside_inputs
+from .boundary.common import BoundaryMode, BoundarySpec, hidden_of, tensors_in, trainable_outside_inputs
 from .discovery import LoptPatchError
 from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, is_kv_cache, non_reentrant_checkpoint
 from .state import PatchState, PassState
@@ -445,22 +445,7 @@ def _argument_tensors(rest: tuple, kwargs: dict):
     layer reads of another layer's keys and values is check_kv_sharing's)."""
     for value in (*rest, *kwargs.values()):
         if not is_kv_cache(value):
-            yield from _tensors_in(value)
-
-
-def _reaches_any(t: torch.Tensor, param_ids: set) -> bool:
-    """Whether ``t``'s autograd graph reaches one of the parameters ``param_ids``."""
-    stack, seen = [t.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in param_ids:
-            return True
-        stack.extend(child for child, _ in node.next_functions)
-    return False
+            yield from tensors_in(value)
 
 
 def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: tuple, kwargs: dict, *,
@@ -488,8 +473,9 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
             return t, "shaped like a stack of hidden states"
         if graph and t.requires_grad and t.grad_fn is not None:
             if earlier is None:
-                earlier = {id(p) for layer in state.layers[: state.block_starts[block]] for p in layer.parameters()}
-            if _reaches_any(t, earlier):
+                earlier = _reachability({id(p) for layer in state.layers[: state.block_starts[block]]
+                                         for p in layer.parameters()}, stop=run.hand_off_nodes)
+            if earlier(t.grad_fn):
                 return t, "whose gradient reaches an earlier block's parameters"
     return None
 
@@ -531,7 +517,7 @@ def side_output_hook(state: PatchState):
             for value in output[1:]:
                 if is_kv_cache(value):
                     continue
-                for t in _tensors_in(value):
+                for t in tensors_in(value):
                     run.side_outputs[id(t)] = t
         return None
 

@@ -142,7 +142,7 @@ def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *
         )
 
 
-def _tensors_in(value, depth: int = 0):
+def tensors_in(value, depth: int = 0):
     """Tensors in a layer call's argument: itself, inside tuples, lists and dicts, and in the attributes of a KV
     cache object (its layers' key/value tensors), a few levels deep."""
     if torch.is_tensor(value):
@@ -159,14 +159,14 @@ def _tensors_in(value, depth: int = 0):
     else:
         return
     for item in items:
-        yield from _tensors_in(item, depth + 1)
+        yield from tensors_in(item, depth + 1)
 
 
 def trainable_inputs(args, kwargs) -> list:
     """The tensors requiring grad among a layer call's arguments other than the hidden states (deduplicated)."""
     found = {}
     for value in (*args, *kwargs.values()):
-        for t in _tensors_in(value):
+        for t in tensors_in(value):
             if t.requires_grad:
                 found.setdefault(id(t), t)
     return list(found.values())
