@@ -64,8 +64,13 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
     if not forward_calls_loss_function(type(lm)):
         return None, (f"{type(lm).__name__}'s forward computes its loss with its own code, not self.loss_function "
                       "(ForCausalLMLoss, labels shifted by one)")
-    if type(head) is not nn.Linear:
+    if not _plain_linear(head):
         return None, f"its output head is a {type(head).__name__}, not a plain nn.Linear (e.g. adapted by PEFT)"
+    if _fsdp2_reshards_after_forward(head):
+        return None, ("FSDP2 reshards its output head right after the head's forward (fully_shard on the head with "
+                      "reshard_after_forward=True), and the fused loss reads the whole weight after that forward; "
+                      "shard the head with reshard_after_forward=False (as accelerate does, grouped with the final "
+                      "norm) or leave it to the root module")
     if transforms:
         return None, f"its config transforms logits ({', '.join(transforms)})"
     head_name = next((name for name, child in lm.named_children() if child is head), "lm_head")
@@ -84,13 +89,36 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
     return impl, None
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` itself, or the class FSDP2's ``fully_shard`` swaps in for it (``FSDPLinear``: the same forward,
+    with hooks that unshard its parameters around it)."""
+    cls = type(module)
+    if cls is nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return False
+    return cls.__bases__ == (FSDPModule, nn.Linear)
+
+
+def _fsdp2_reshards_after_forward(module: nn.Module) -> bool:
+    """Whether FSDP2 frees ``module``'s unsharded parameters when its own forward ends (its parameter group's
+    ``reshard_after_forward``). False for a module FSDP2 does not shard itself, e.g. a head left to the root."""
+    get_state = getattr(module, "_get_fsdp_state", None)
+    if get_state is None:
+        return False
+    # FSDP2 keeps the setting only on its parameter groups (None: the parameters stay unsharded until backward)
+    return any(group.post_forward_mesh_info is not None for group in get_state()._fsdp_param_groups)
+
+
 def _fused_ce_inputs(lm, device: torch.device) -> tuple:
     """What ``fused_ce_choice`` depends on that can change after patching, as a tuple compared on every training
     forward (a few attribute reads): the output head (``resize_token_embeddings``, PEFT adapting ``lm_head``), the
     loss function (``model.loss_function = ...``), the config's logit transforms, the device."""
     config = text_config(lm)
-    return (lm.get_output_embeddings(), type(lm.get_output_embeddings()), getattr(lm, "loss_function", None),
-            device.type, getattr(config, "final_logit_softcapping", None),
+    head = lm.get_output_embeddings()
+    return (head, type(head), _fsdp2_reshards_after_forward(head), getattr(lm, "loss_function", None), device.type, getattr(config, "final_logit_softcapping", None),
             tuple(getattr(config, a, None) for a in LOGIT_TRANSFORMS))
 
 

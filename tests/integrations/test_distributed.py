@@ -70,3 +70,31 @@ def test_fsdp2_eager_trains_as_one_process(tmp_path, lopt_default_mode, nproc):
     for name in ("full_ok", "full_ckpt_ok", "lora_ok", "lora_ckpt_ok", "auto_lora_eager_ok", "mixed_precision_ok",
                  "cpu_offload_ok", "no_reshard_full_ok", "no_reshard_lora_ok", "hsdp_ok"):
         assert (tmp_path / name).exists(), name
+
+
+@pytest.mark.slow
+def test_hf_trainer_with_accelerate_fsdp2_trains_as_one_process(tmp_path, lopt_default_mode):
+    """HF Trainer + attach + FSDP2 configured as a user does (``fsdp_config={"fsdp_version": 2}``; accelerate shards
+    each layer, the embedding, and the final norm with the output head in one group kept unsharded until backward):
+    eager, eager with checkpointing, activation-free and LoRA in auto mode equal one process without FSDP, with the
+    fused task loss on (before, the head FSDP2 had swapped to ``FSDPLinear`` turned it off: every step materialised
+    its logits). A head FSDP2 reshards right after its own forward turns the fused loss off with a notice and still
+    trains as one process."""
+    if lopt_default_mode != "eager":
+        pytest.skip("the script names its modes itself")
+    import hf_trainer_fsdp2_train as script
+
+    _torchrun("hf_trainer_fsdp2_train.py", str(tmp_path))
+    for case in script.CASES:
+        want, fused = script.run(str(tmp_path), case, world=1)
+        got = torch.load(tmp_path / f"{case}.pt")
+        assert got.keys() == want.keys(), case
+        for name, p in want.items():
+            torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-7, msg=f"{case}: {name}")
+        assert fused, f"{case}: one process should run the fused task loss"
+        assert (tmp_path / f"{case}.fused").read_text() == "True", f"{case}: the fused task loss was off under FSDP2"
+    want, _ = script.head_resharded(world=1, rank=0)
+    got = torch.load(tmp_path / "head_resharded.pt")
+    for name, p in want.items():
+        torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-7, msg=f"head resharded: {name}")
+    assert "reshard_after_forward=True" in (tmp_path / "head_resharded.notice").read_text()
