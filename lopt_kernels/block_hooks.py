@@ -105,6 +105,38 @@ def _run_block_ends_last(state: PatchState) -> None:
                     hooks.move_to_end(key)
 
 
+def register_layer_hooks(state: PatchState, module: nn.Module, hooks: list) -> tuple:
+    """Register ``hooks`` (``(kind, hook)``, kind ``"pre"`` or ``"post"``, both with kwargs) on ``module``; returns the
+    registration ``follow_layers`` moves."""
+    entries = []
+    for kind, hook in hooks:
+        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+        handle = register(hook, with_kwargs=True)
+        state.handles.append(handle)
+        entries.append((kind, hook, handle))
+    return module, entries
+
+
+def follow_layers(state: PatchState) -> None:
+    """Keep our layer hooks on the module the layer list holds now. Wrapping a layer in place after ``patch``
+    (accelerate's and torchtitan's activation checkpointing under FSDP2, ``checkpoint_wrapper``, a compiled layer)
+    leaves our hooks on the inner module, inside the wrapper: inside its checkpoint, where they would run again in
+    the recompute, and under the wrapper's sharding hooks, which the activation-free rebuild must call through.
+    Checked on every training forward (a few identity tests)."""
+    for i, (module, entries) in list(state.layer_registrations.items()):
+        current = state.layers[i]
+        if current is module:
+            continue
+        moved = []
+        for kind, hook, handle in entries:
+            handle.remove()
+            state.handles.remove(handle)
+            moved.append((kind, hook))
+        state.layer_registrations[i] = register_layer_hooks(state, current, moved)
+        if module in state.layer_hooks:
+            state.layer_hooks[current] = state.layer_hooks.pop(module)
+
+
 def _fsdp2_sharded(layers) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
@@ -246,6 +278,7 @@ def backbone_pre_hook(state: PatchState):
             state.notice_once("eval_mode", EVAL_MODE_MESSAGE)
         run = PassState(active=module.training and grad)
         if run.active:
+            follow_layers(state)
             _check_decoders(state)
             _check_decoders_trainable(state)
             optimizer_watch.check_before_forward(state)

@@ -118,15 +118,14 @@ def patch(
         for i in block:
             pre = StateHook(block_hooks.layer_pre_hook, state, b, i == block.start)
             post = StateHook(block_hooks.layer_post_hook, state, b) if i == block.stop - 1 else None
-            handles.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
-            if post is not None:
-                handles.append(layers[i].register_forward_hook(post, with_kwargs=True))
-            handles.append(layers[i].register_forward_hook(StateHook(block_hooks.side_output_hook, state),
-                                                           with_kwargs=True))
+            hooks = [("pre", pre)] + ([("post", post)] if post is not None else [])
+            hooks.append(("post", StateHook(block_hooks.side_output_hook, state)))
             state.layer_hooks[layers[i]] = (pre, post)
+            state.layer_registrations[i] = block_hooks.register_layer_hooks(state, layers[i], hooks)
     # the final block's first layer: refuse inputs computed by the earlier blocks besides the hidden states
-    handles.append(layers[starts[-2]].register_forward_pre_hook(StateHook(block_hooks.final_block_pre_hook, state),
-                                                                with_kwargs=True))
+    final = starts[-2]
+    state.layer_registrations[final] = block_hooks.register_layer_hooks(
+        state, layers[final], [("pre", StateHook(block_hooks.final_block_pre_hook, state))])
     task_loss_hooks.follow_embeddings(state)  # the input embeddings' and output head's hooks, moved if replaced
     handles.append(lm.register_forward_pre_hook(StateHook(task_loss_hooks.causal_lm_pre_hook, state), with_kwargs=True))
     handles.append(lm.register_forward_hook(StateHook(task_loss_hooks.causal_lm_post_hook, state), with_kwargs=True,

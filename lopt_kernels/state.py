@@ -118,6 +118,8 @@ class PatchState:
     bottom_fsdp2: bool | None = None  # whether FSDP2 shards the non-final blocks (checked on first use)
     saved_checkpoint_funcs: dict = field(default_factory=dict)  # layer -> its own checkpoint function, while swapped
     layer_hooks: dict = field(default_factory=dict)  # layer -> (our forward pre-hook, our forward hook or None)
+    # layer index -> (the module hooked, [(kind, hook, handle)]): the hooks follow the module the layer list holds
+    layer_registrations: dict = field(default_factory=dict)
     checkpoint_bodies: list = field(default_factory=list)  # layers whose checkpointed call runs without our hooks
     embedding_hooks: dict = field(default_factory=dict)  # "input" / "head" -> (the module hooked, its hook's handle)
     decoders_in_optimizer: bool = False  # an optimiser that stepped holds every trainable decoder parameter

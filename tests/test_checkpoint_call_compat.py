@@ -57,3 +57,42 @@ def test_the_layers_own_checkpoint_function_is_back_after_the_forward():
     before = [layer._gradient_checkpointing_func for layer in model.model.layers]
     _grads(model, "eager")
     assert [layer._gradient_checkpointing_func for layer in model.model.layers] == before
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["stored", "eager", "activation_free"])
+def test_layers_wrapped_in_place_after_patch_train_as_unwrapped(mode, family):
+    """torch's ``checkpoint_wrapper`` put around each layer in place after ``patch`` (what accelerate's and
+    torchtitan's activation checkpointing under FSDP2 do). Before, our hooks stayed on the inner layers, inside the
+    checkpoint: the recompute in the backward ran them again (stored raised StopIteration); under FSDP2 (which
+    shards the wrapper) the activation-free rebuild also called the inner layer past the wrapper's unshard hooks
+    (tests/integrations/test_distributed.py covers that through accelerate)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: PLC0415
+        apply_activation_checkpointing, checkpoint_wrapper)
+
+    def steps(wrap):
+        torch.manual_seed(0)
+        model = lopt_kernels.patch(tiny_model(family), mode=mode)
+        model.config.use_cache = False  # a recompute would append to the KV cache again (as without LoPT)
+        layers = model.model.layers if family == "llama" else model.transformer.h
+        if wrap:
+            layer_class = type(layers[0])
+            apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                           check_fn=lambda m: isinstance(m, layer_class))
+            assert type(layers[0]).__name__ == "CheckpointWrapper"
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses = []
+        for step in range(2):
+            out = model(**batch(seed=step))
+            out.loss.backward()
+            losses.append(float(out.loss))
+            optimizer.step()
+            optimizer.zero_grad()
+        return losses, {n.replace("._checkpoint_wrapped_module", ""): p.detach() for n, p in model.named_parameters()}
+
+    losses, params = steps(wrap=True)
+    ref_losses, ref_params = steps(wrap=False)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    assert params.keys() == ref_params.keys()
+    for name, p in ref_params.items():
+        torch.testing.assert_close(params[name], p, rtol=1e-5, atol=1e-7, msg=name)

@@ -54,17 +54,27 @@ class BlockTape:
     autocast: tuple | None = None  # (device_type, enabled, dtype)
 
 
+def _run_directly(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
 def _call_layer(call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
     layer = call.layer
-    # Bypass transformers' per-layer checkpointing: the rebuild already is the recomputation.
+    # Bypass the layer's checkpointing, transformers' own or torch's checkpoint_wrapper (accelerate's FSDP2
+    # activation checkpointing): the rebuild already is the recomputation.
     saved_flag = getattr(layer, "gradient_checkpointing", None)
+    wrapper_fn = layer.__dict__.get("checkpoint_fn") if hasattr(layer, "_checkpoint_wrapped_module") else None
     if saved_flag:
         layer.gradient_checkpointing = False
+    if wrapper_fn is not None:
+        layer.checkpoint_fn = _run_directly
     try:
         return hidden_of(layer(hidden, *call.args, **call.kwargs))
     finally:
         if saved_flag:
             layer.gradient_checkpointing = saved_flag
+        if wrapper_fn is not None:
+            layer.checkpoint_fn = wrapper_fn
 
 
 class _ReplayContext:

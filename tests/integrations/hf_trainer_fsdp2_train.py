@@ -4,7 +4,8 @@ final norm and the output head), launched by test_distributed.py on 2 CPU proces
 
 accelerate enables FSDP only on accelerator device types (on CPU it falls back to DDP); ``enable_fsdp_on_cpu``
 lets its FSDP2 path run here unchanged, on gloo. Each case trains 3 optimiser steps of 2 accumulated micro-batches
-(per-device batch 2, sequential data, token-weighted as the Trainer does) and rank 0 writes its parameters
+(per-device batch 2, sequential data, token-weighted as the Trainer does), with transformers' checkpointing
+or fsdp_config's (torch's checkpoint_wrapper around each layer, put in place after patch) and rank 0 writes its parameters
 (gathered) to OUT/<case>.pt and whether the training forwards ran the fused task loss (no logits) to
 OUT/<case>.fused; test_distributed.py compares them with one process without FSDP (``run(world=1)``).
 
@@ -29,11 +30,15 @@ import lopt_kernels  # noqa: E402
 from helpers import exit_distributed_worker  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-CASES = {  # name: (mode, LoRA, gradient checkpointing)
-    "eager": ("eager", False, False),
-    "eager_ckpt": ("eager", False, True),
-    "activation_free": ("activation_free", False, False),
-    "auto_lora": ("auto", True, False),
+CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointing) or "fsdp" (fsdp_config's))
+    "eager": ("eager", False, None),
+    "eager_ckpt": ("eager", False, "hf"),
+    "activation_free": ("activation_free", False, None),
+    "auto_lora": ("auto", True, None),
+    # accelerate wraps each layer in torch's checkpoint_wrapper in place, after patch
+    "eager_fsdp_ckpt": ("eager", False, "fsdp"),
+    "activation_free_fsdp_ckpt": ("activation_free", False, "fsdp"),
+    "stored_fsdp_ckpt": ("stored", False, "fsdp"),
 }
 GLOBAL_BATCH, GA, STEPS, LR = 4, 2, 3, 0.05
 
@@ -90,12 +95,12 @@ def run(out: str, case: str, world: int) -> tuple[dict, bool]:
                 per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=GA, optim="sgd",
                 learning_rate=LR, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], save_strategy="no",
                 use_cpu=True, seed=0, train_sampling_strategy="sequential", dataloader_num_workers=0,
-                disable_tqdm=True, gradient_checkpointing=ckpt,
-                gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None)
+                disable_tqdm=True, gradient_checkpointing=ckpt == "hf",
+                gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt == "hf" else None)
     if world > 1:
         args.update(fsdp=True, ddp_backend="gloo",
                     fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                 "reshard_after_forward": True})
+                                 "reshard_after_forward": True, "activation_checkpointing": ckpt == "fsdp"})
     trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=Rows())
     lopt_kernels.attach(trainer)
     logits_seen = []
@@ -105,6 +110,7 @@ def run(out: str, case: str, world: int) -> tuple[dict, bool]:
     params = {}
     for name, p in trainer.model.named_parameters():
         if p.requires_grad:
+            name = name.replace("._checkpoint_wrapped_module", "")  # fsdp_config's checkpoint wrapper
             params[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
     return params, not any(logits_seen)
 

@@ -77,7 +77,10 @@ def test_hf_trainer_with_accelerate_fsdp2_trains_as_one_process(tmp_path, lopt_d
     """HF Trainer + attach + FSDP2 configured as a user does (``fsdp_config={"fsdp_version": 2}``; accelerate shards
     each layer, the embedding, and the final norm with the output head in one group kept unsharded until backward):
     eager, eager with checkpointing, activation-free and LoRA in auto mode equal one process without FSDP, with the
-    fused task loss on (before, the head FSDP2 had swapped to ``FSDPLinear`` turned it off: every step materialised
+    fused task loss on; so do eager, activation-free and stored with fsdp_config's activation checkpointing (before,
+    the checkpoint wrapper accelerate puts around each layer after patch left our hooks inside it: stored raised
+    StopIteration in the recompute, activation-free's rebuild called the layer past the wrapper's FSDP2 hooks and
+    met sharded DTensor weights) (before, the head FSDP2 had swapped to ``FSDPLinear`` turned it off: every step materialised
     its logits). A head FSDP2 reshards right after its own forward turns the fused loss off with a notice and still
     trains as one process."""
     if lopt_default_mode != "eager":
