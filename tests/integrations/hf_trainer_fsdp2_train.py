@@ -30,15 +30,17 @@ import lopt_kernels  # noqa: E402
 from helpers import exit_distributed_worker  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointing) or "fsdp" (fsdp_config's))
-    "eager": ("eager", False, None),
-    "eager_ckpt": ("eager", False, "hf"),
-    "activation_free": ("activation_free", False, None),
-    "auto_lora": ("auto", True, None),
+CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointing) or "fsdp" (fsdp_config's), bf16)
+    "eager": ("eager", False, None, False),
+    "eager_ckpt": ("eager", False, "hf", False),
+    "activation_free": ("activation_free", False, None, False),
+    "auto_lora": ("auto", True, None, False),
     # accelerate wraps each layer in torch's checkpoint_wrapper in place, after patch
-    "eager_fsdp_ckpt": ("eager", False, "fsdp"),
-    "activation_free_fsdp_ckpt": ("activation_free", False, "fsdp"),
-    "stored_fsdp_ckpt": ("stored", False, "fsdp"),
+    "eager_fsdp_ckpt": ("eager", False, "fsdp", False),
+    "activation_free_fsdp_ckpt": ("activation_free", False, "fsdp", False),
+    "stored_fsdp_ckpt": ("stored", False, "fsdp", False),
+    # bf16=True: FSDP2's MixedPrecisionPolicy (bf16 parameters in compute) against one process under bf16 autocast
+    "eager_bf16": ("eager", False, None, True),
 }
 GLOBAL_BATCH, GA, STEPS, LR = 4, 2, 3, 0.05
 
@@ -54,6 +56,8 @@ def enable_fsdp_on_cpu() -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+            if self._mixed_precision != "no":  # what accelerate does there for accelerators
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
 
     accelerate_state.AcceleratorState.__init__ = init
 
@@ -89,13 +93,13 @@ def _model(mode, lora):
 
 def run(out: str, case: str, world: int) -> tuple[dict, bool]:
     """The trainable parameters after training ``case`` (gathered), and whether its forwards ran the fused loss."""
-    mode, lora, ckpt = CASES[case]
+    mode, lora, ckpt, bf16 = CASES[case]
     model = _model(mode, lora)
     args = dict(output_dir=os.path.join(out, f"run-{case}-{world}"), max_steps=STEPS,
                 per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=GA, optim="sgd",
                 learning_rate=LR, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], save_strategy="no",
                 use_cpu=True, seed=0, train_sampling_strategy="sequential", dataloader_num_workers=0,
-                disable_tqdm=True, gradient_checkpointing=ckpt == "hf",
+                disable_tqdm=True, bf16=bf16, gradient_checkpointing=ckpt == "hf",
                 gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt == "hf" else None)
     if world > 1:
         args.update(fsdp=True, ddp_backend="gloo",

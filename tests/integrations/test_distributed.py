@@ -80,7 +80,7 @@ def test_hf_trainer_with_accelerate_fsdp2_trains_as_one_process(tmp_path, lopt_d
     fused task loss on; so do eager, activation-free and stored with fsdp_config's activation checkpointing (before,
     the checkpoint wrapper accelerate puts around each layer after patch left our hooks inside it: stored raised
     StopIteration in the recompute, activation-free's rebuild called the layer past the wrapper's FSDP2 hooks and
-    met sharded DTensor weights) (before, the head FSDP2 had swapped to ``FSDPLinear`` turned it off: every step materialised
+    met sharded DTensor weights), and bf16 mixed precision within its rounding (before, the head FSDP2 had swapped to ``FSDPLinear`` turned it off: every step materialised
     its logits). A head FSDP2 reshards right after its own forward turns the fused loss off with a notice and still
     trains as one process."""
     if lopt_default_mode != "eager":
@@ -92,8 +92,10 @@ def test_hf_trainer_with_accelerate_fsdp2_trains_as_one_process(tmp_path, lopt_d
         want, fused = script.run(str(tmp_path), case, world=1)
         got = torch.load(tmp_path / f"{case}.pt")
         assert got.keys() == want.keys(), case
-        for name, p in want.items():
-            torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-7, msg=f"{case}: {name}")
+        bf16 = script.CASES[case][3]
+        for name, p in want.items():  # bf16: within its rounding of the 3 steps' updates (at most 7e-3)
+            torch.testing.assert_close(got[name], p, rtol=0 if bf16 else 1e-5, atol=3e-4 if bf16 else 1e-7,
+                                       msg=f"{case}: {name}")
         assert fused, f"{case}: one process should run the fused task loss"
         assert (tmp_path / f"{case}.fused").read_text() == "True", f"{case}: the fused task loss was off under FSDP2"
     want, _ = script.head_resharded(world=1, rank=0)
