@@ -458,7 +458,7 @@ SIDE_INPUT_MESSAGE = (
 CROSS_BLOCK_INPUT_MESSAGE = (
     "lopt_kernels: layer {i}, the first of block {block}, reads besides its hidden states a tensor ({what}, shape "
     "{shape}) that the layers of earlier blocks computed, not through the hidden states the block boundary cuts (a "
-    "connection across layers, such as Inkling2's block attention residuals or ZAYA's router states). The task loss "
+    "connection across layers, such as Inkling2's block attention residuals). The task loss "
     "would reach the earlier blocks through it (each mode differently), so LoPT cannot train this model with a "
     "boundary at layer {i}; train it unpatched."
 )
@@ -495,6 +495,8 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
         if t is hidden or not t.is_floating_point():
             continue
         base = t if t._base is None else t._base
+        if id(t) in run.cut_outputs:
+            continue  # a block's last layer's output, its gradient stopped at the boundary as the hidden states'
         if id(t) in run.side_outputs or id(base) in run.side_outputs:
             return t, "that an earlier layer returned besides its hidden states"
         if id(t) in run.first_inputs or id(base) in run.first_inputs:
@@ -660,10 +662,12 @@ def layer_post_hook(state: PatchState, block: int):
         run.blocks_ended.add(block)
         if hand_off.grad_fn is not None:
             run.hand_off_nodes.append(hand_off.grad_fn)
-        if isinstance(output, tuple):
-            return (hand_off, *output[1:])
-        if isinstance(output, list):
-            return [hand_off, *output[1:]]
+        if isinstance(output, (tuple, list)):
+            # what the layer returns besides its hidden states and the backbone hands to the next block's layers
+            # (ZAYA's router states) crosses the boundary with its gradient stopped too
+            rest = [t.detach() if torch.is_tensor(t) and t.requires_grad else t for t in output[1:]]
+            run.cut_outputs.update((id(t), t) for t in rest if torch.is_tensor(t))
+            return (hand_off, *rest) if isinstance(output, tuple) else [hand_off, *rest]
         return hand_off
 
     return hook

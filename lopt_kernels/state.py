@@ -44,6 +44,7 @@ class PassState:
     first_inputs: dict = field(default_factory=dict)
     side_outputs: dict = field(default_factory=dict)  # the tensors the non-final blocks' layers returned besides
     # their hidden states, by id (held until the backbone's forward ends)
+    cut_outputs: dict = field(default_factory=dict)  # those of a block's last layer, detached at the boundary
 
     @property
     def mode(self) -> str:

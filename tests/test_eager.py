@@ -288,3 +288,42 @@ def test_fp16_decoder_gradients_do_not_overflow(backend):
     for got, want in zip(decoder.decoder_parameters(), ref.decoder_parameters()):
         assert torch.isfinite(got.grad).all()
         torch.testing.assert_close(got.grad.float(), want.grad, rtol=2e-3, atol=2e-3 * want.grad.abs().max().item())
+
+
+def _zaya():
+    """A tiny Zaya: its layers return their router states beside the hidden states, and the backbone hands them to
+    the next layer's call."""
+    import transformers as tf
+
+    config = tf.ZayaConfig(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=10, max_position_embeddings=64,
+                           num_experts=4, moe_intermediate_size=24, router_hidden_size=16, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+
+
+@pytest.mark.parametrize("lambda_aux", [0.0, 10.0])
+def test_state_a_layer_hands_to_the_next_block_crosses_the_boundary_with_its_gradient_stopped(lambda_aux):
+    """What a non-final block's last layer returns besides its hidden states (ZAYA's router states, which the next
+    layer reads) reaches the next block with its gradient stopped, as the hidden states do: with lambda_aux=0 no
+    parameter of block 0 gets a gradient, and eager equals stored. Before, both were refused at the boundary;
+    without that refusal stored mode let the task loss train block 0 through them (24 of layer 0's parameters) and
+    eager's local backward had freed the graph the task loss then reached ('Trying to backward through the graph a
+    second time'). (Activation-free mode still refuses them inside a block: test_misuse_runtime.py.)"""
+    base = _zaya()
+    b = batch()
+    grads = {}
+    for mode in ("stored", "eager"):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)  # the same aux decoders in every mode
+        lopt_kernels.patch(model, num_blocks=2, mode=mode, lambda_aux=lambda_aux)
+        model(**b, use_cache=False).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        if lambda_aux == 0.0:
+            assert not [n for n, g in grads[mode].items() if ".layers.0." in n and g.abs().max() > 0], mode
+        else:
+            assert grads[mode]["model.layers.0.mlp.gate.router_mlp.fc1.weight"].abs().max() > 0, mode
+    assert grads["eager"].keys() == grads["stored"].keys()
+    for n, g in grads["stored"].items():
+        torch.testing.assert_close(grads["eager"][n], g, rtol=1e-4, atol=1e-8, msg=n)
