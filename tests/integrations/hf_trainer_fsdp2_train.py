@@ -30,7 +30,8 @@ import lopt_kernels  # noqa: E402
 from helpers import exit_distributed_worker  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointing) or "fsdp" (fsdp_config's), bf16)
+CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointing) or "fsdp" (fsdp_config's), bf16,
+    #                more fsdp_config)
     "eager": ("eager", False, None, False),
     "eager_ckpt": ("eager", False, "hf", False),
     "activation_free": ("activation_free", False, None, False),
@@ -41,6 +42,9 @@ CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointin
     "stored_fsdp_ckpt": ("stored", False, "fsdp", False),
     # bf16=True: FSDP2's MixedPrecisionPolicy (bf16 parameters in compute) against one process under bf16 autocast
     "eager_bf16": ("eager", False, None, True),
+    # rank 0 loads the weights, the others start on the meta device and receive them; parameters offloaded to CPU
+    "eager_ram_efficient_loading": ("eager", False, None, False, {"cpu_ram_efficient_loading": True}),
+    "activation_free_offload": ("activation_free", False, None, False, {"offload_params": True}),
 }
 GLOBAL_BATCH, GA, STEPS, LR = 4, 2, 3, 0.05
 
@@ -93,7 +97,7 @@ def _model(mode, lora):
 
 def run(out: str, case: str, world: int) -> tuple[dict, bool]:
     """The trainable parameters after training ``case`` (gathered), and whether its forwards ran the fused loss."""
-    mode, lora, ckpt, bf16 = CASES[case]
+    mode, lora, ckpt, bf16, *more = CASES[case]
     model = _model(mode, lora)
     args = dict(output_dir=os.path.join(out, f"run-{case}-{world}"), max_steps=STEPS,
                 per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=GA, optim="sgd",
@@ -104,7 +108,8 @@ def run(out: str, case: str, world: int) -> tuple[dict, bool]:
     if world > 1:
         args.update(fsdp=True, ddp_backend="gloo",
                     fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                 "reshard_after_forward": True, "activation_checkpointing": ckpt == "fsdp"})
+                                 "reshard_after_forward": True, "activation_checkpointing": ckpt == "fsdp",
+                                 **(more[0] if more else {})})
     trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=Rows())
     lopt_kernels.attach(trainer)
     logits_seen = []

@@ -80,7 +80,8 @@ def test_hf_trainer_with_accelerate_fsdp2_trains_as_one_process(tmp_path, lopt_d
     fused task loss on; so do eager, activation-free and stored with fsdp_config's activation checkpointing (before,
     the checkpoint wrapper accelerate puts around each layer after patch left our hooks inside it: stored raised
     StopIteration in the recompute, activation-free's rebuild called the layer past the wrapper's FSDP2 hooks and
-    met sharded DTensor weights), and bf16 mixed precision within its rounding (before, the head FSDP2 had swapped to ``FSDPLinear`` turned it off: every step materialised
+    met sharded DTensor weights), bf16 mixed precision within its rounding, cpu_ram_efficient_loading and
+    offload_params (before, the head FSDP2 had swapped to ``FSDPLinear`` turned it off: every step materialised
     its logits). A head FSDP2 reshards right after its own forward turns the fused loss off with a notice and still
     trains as one process."""
     if lopt_default_mode != "eager":
