@@ -18,7 +18,8 @@ from . import optimizer_watch
 from .boundary import BOUNDARY_MODES
 from .boundary.common import BoundaryMode, BoundarySpec, hidden_of, tensors_in, trainable_outside_inputs
 from .discovery import LoptPatchError
-from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, is_kv_cache, non_reentrant_checkpoint
+from .hf_model import (HooksOutsideCheckpoint, cache_in, drop_cache, is_kv_cache, non_reentrant_checkpoint,
+                       state_carried_between_layers)
 from .state import PatchState, PassState
 
 MISSING_AUX_MESSAGE = (
@@ -182,6 +183,11 @@ ZERO3_LEAF_EAGER_MESSAGE = (
 )
 
 
+def _state_carried_between_layers(state: PatchState) -> tuple:
+    attr = next((name for name, child in state.backbone.named_children() if child is state.layers), None)
+    return state_carried_between_layers(type(state.backbone), attr) if attr is not None else ()
+
+
 def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> str:
     """The boundary mode of this training forward. ``auto``: eager (no recomputation) when the gradients it
     would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models;
@@ -191,7 +197,9 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
     states (per-layer inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager
     (stored under FSDP2, whose eager backward would accumulate them unscaled). Under DeepSpeed ZeRO-3, trainable
     leaf modules in the bottom blocks (MoE blocks) rule eager out (see ``zero3_leaf_modules_trained``): ``auto``
-    is then activation-free (stored where outside inputs also rule that out)."""
+    is then activation-free (stored where outside inputs also rule that out). A backbone that hands a layer's
+    other outputs to the next layer (ZAYA's router states), which the activation-free rebuild would replay as
+    constants, makes ``auto`` eager (stored where eager is ruled out)."""
     mode = state.settings.mode
     zero3 = mode in ("auto", "eager") and any(hasattr(p, "ds_id") for p in state.decoders.parameters())
     leaves = zero3_leaf_modules_trained(state) if zero3 else []
@@ -208,9 +216,10 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
         )
     if mode != "auto":
         return mode
+    carried = _state_carried_between_layers(state)
     if leaves:
-        return "stored" if outside_inputs else "activation_free"
-    if outside_inputs:
+        return "stored" if outside_inputs or carried else "activation_free"
+    if outside_inputs or carried:
         return "eager"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
     held = held_gradient_bytes(state)

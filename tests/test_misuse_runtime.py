@@ -422,3 +422,28 @@ def test_tensors_a_layer_passes_to_the_next_besides_its_hidden_states_are_refuse
     with pytest.raises(LoptPatchError, match=message):
         model(**batch(), use_cache=False)
     assert torch.is_grad_enabled()
+
+
+def test_auto_mode_picks_eager_where_layers_hand_on_state():
+    """mode='auto' on a full fine-tune would pick activation-free, which cannot train ZAYA (its layers hand router
+    states to the next, read from the backbone's source): it picks eager there, and trains as stored does."""
+    import transformers as tf  # noqa: PLC0415
+
+    config = tf.ZayaConfig(vocab_size=97, hidden_size=40, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=10, max_position_embeddings=64, moe_intermediate_size=24,
+                           num_experts=4, num_experts_per_tok=1, router_hidden_size=16, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    base = tf.AutoModelForCausalLM.from_config(config).train()
+    grads = {}
+    for mode in ("auto", "stored"):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        lopt_kernels.patch(model, mode=mode)
+        model(**batch(), use_cache=False).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        if mode == "auto":
+            assert model._lopt_state.current.mode == "eager"
+    assert grads["auto"].keys() == grads["stored"].keys()
+    for n, g in grads["stored"].items():
+        torch.testing.assert_close(grads["auto"][n], g, rtol=1e-4, atol=1e-8, msg=n)
