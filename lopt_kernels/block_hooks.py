@@ -61,6 +61,26 @@ FROZEN_DECODERS_MESSAGE = (
 )
 
 
+DDP_BEFORE_PATCH_MESSAGE = (
+    "lopt_kernels: this model runs under a DistributedDataParallel built before lopt_kernels.patch: DDP's reducer "
+    "does not hold the aux decoders patch added, so their gradients are not averaged and each rank would train its "
+    "own. Patch the model before wrapping it in DDP (before accelerator.prepare or trainer.train())."
+)
+
+
+def _check_data_parallel_wrapper(state: PatchState) -> None:
+    """Refuse a training forward under a DDP wrapper whose reducer was built before ``patch`` (without the aux
+    decoders). DDP names the wrapper whose forward is running; its parameter list is read once per wrapper."""
+    ddp = torch.nn.parallel.DistributedDataParallel._active_ddp_module
+    if ddp is None:
+        return
+    if state.checked_ddp is None or state.checked_ddp() is not ddp:
+        known = {id(p) for p in getattr(ddp, "_module_parameters", ())}
+        if known and any(p.requires_grad and id(p) not in known for p in state.decoders.parameters()):
+            raise LoptPatchError(DDP_BEFORE_PATCH_MESSAGE)
+        state.checked_ddp = weakref.ref(ddp)
+
+
 def _check_decoders_trainable(state: PatchState) -> None:
     """Frozen decoders while the bottom blocks train: ``get_peft_model`` after ``patch`` freezes them. In one process
     they are then made trainable (what ``ensure_aux_trainable`` does; an optimiser built without them is caught at its
@@ -288,6 +308,7 @@ def backbone_pre_hook(state: PatchState):
         run = PassState(active=module.training and grad)
         if run.active:
             follow_layers(state)
+            _check_data_parallel_wrapper(state)
             _check_decoders(state)
             _check_decoders_trainable(state)
             optimizer_watch.check_before_forward(state)

@@ -94,6 +94,7 @@ def patch(
             f"model is already patched with {existing.settings}; requested {settings}. "
             "Call lopt_kernels.unpatch(model) first to change the settings."
         )
+    _refuse_sharded(lm)
     untied = _untie_embeddings(lm)
     hidden = text_config(lm).hidden_size
     decoders = nn.ModuleList()
@@ -133,6 +134,25 @@ def patch(
     setattr(lm, _STATE_ATTR, state)
     optimizer_watch.watch(state)
     return model
+
+
+SHARDED_BEFORE_PATCH_MESSAGE = (
+    "lopt_kernels.patch: this model is already sharded by {what}: the aux decoders patch adds would be neither "
+    "sharded nor reduced across ranks, so each rank would train its own. Patch the model before sharding it "
+    "(before fully_shard, accelerator.prepare or trainer.train(); lopt_kernels.attach(trainer) after patch)."
+)
+
+
+def _refuse_sharded(lm: nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a torch without FSDP
+        return
+    for module in lm.modules():
+        if isinstance(module, FSDPModule):
+            raise LoptPatchError(SHARDED_BEFORE_PATCH_MESSAGE.format(what="FSDP2 (fully_shard)"))
+        if isinstance(module, FullyShardedDataParallel):
+            raise LoptPatchError(SHARDED_BEFORE_PATCH_MESSAGE.format(what="FSDP (FullyShardedDataParallel)"))
 
 
 def unpatch(model: nn.Module) -> nn.Module:

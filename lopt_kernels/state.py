@@ -121,6 +121,7 @@ class PatchState:
     layer_hooks: dict = field(default_factory=dict)  # layer -> (our forward pre-hook, our forward hook or None)
     # layer index -> (the module hooked, [(kind, hook, handle)]): the hooks follow the module the layer list holds
     layer_registrations: dict = field(default_factory=dict)
+    checked_ddp: object = None  # a weak reference to the DDP wrapper last found to hold the aux decoders
     checkpoint_bodies: list = field(default_factory=list)  # layers whose checkpointed call runs without our hooks
     embedding_hooks: dict = field(default_factory=dict)  # "input" / "head" -> (the module hooked, its hook's handle)
     decoders_in_optimizer: bool = False  # an optimiser that stepped holds every trainable decoder parameter

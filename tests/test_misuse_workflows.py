@@ -277,3 +277,50 @@ def test_a_forward_replaced_by_another_implementation_says_the_fused_loss_is_off
     with pytest.warns(UserWarning, match="forward was replaced on the instance"):
         out = model(**b)
     assert out.logits is not None and out.task_loss is not None
+
+
+@pytest.fixture
+def one_rank_process_group():
+    import socket  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_patch_after_fsdp2_sharding_is_refused(one_rank_process_group):
+    """patch after fully_shard (or accelerator.prepare): the aux decoders it adds would be plain parameters on every
+    rank, never reduced, so each rank trained its own (2 gloo ranks: the decoders' gradients differed across ranks,
+    silently). Refused, naming the order that works."""
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    with pytest.raises(LoptPatchError, match=r"already sharded by FSDP2.*Patch the model before sharding it"):
+        lopt_kernels.patch(model)
+
+
+def test_ddp_built_before_patch_is_refused(one_rank_process_group):
+    """DDP(model) then patch(model): DDP's reducer holds no aux decoder, so their gradients were never averaged and
+    each rank trained its own (2 gloo ranks: different decoder gradients, silently). The first training forward
+    under that wrapper is refused; patched first, then wrapped, trains."""
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+    model = tiny_model("llama")
+    wrapper = DistributedDataParallel(model)
+    lopt_kernels.patch(model)
+    with pytest.raises(LoptPatchError, match="DistributedDataParallel built before lopt_kernels.patch"):
+        wrapper(**batch())
+    assert torch.is_grad_enabled()
+    ok = lopt_kernels.patch(tiny_model("llama"))
+    DistributedDataParallel(ok)(**batch()).loss.backward()
+    assert lopt_kernels.aux_decoders(ok)[0].up.weight.grad.abs().max() > 0
