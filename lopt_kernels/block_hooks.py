@@ -628,8 +628,6 @@ def check_every_block_ran(state: PatchState, run: PassState) -> None:
 
 
 def layer_pre_hook(state: PatchState, block: int, is_start: bool):
-    block_layers = [state.layers[i] for i in state.block_range(block)]
-
     def hook(module, args, kwargs):
         run = state.current
         if not run.active or state.replaying or module in state.checkpoint_bodies:
@@ -655,7 +653,8 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
         if is_start:
             if run.boundary is None:  # block 0: this forward's mode
                 run.boundary = _boundary_for(state, run, hidden, rest, kwargs)
-            run.boundary.begin_block(block, block_layers, hidden, rest, kwargs)
+            # the modules the layer list holds now (a wrapper put in place after patch: see follow_layers)
+            run.boundary.begin_block(block, [state.layers[i] for i in state.block_range(block)], hidden, rest, kwargs)
         return run.boundary.before_layer(block, module, hidden, rest, kwargs, is_start)
 
     return hook
