@@ -11,7 +11,7 @@ from torch import nn
 
 # Where each family keeps its decoder layers (written out here on purpose: the reference must not
 # share the library's structural discovery).
-LAYER_PATHS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
+LAYER_PATHS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "mamba": "backbone.layers"}
 # Mixture-of-experts routers inside a layer, whose first output (the router logits) feeds the router load-balancing
 # loss: LoPT detaches the non-final blocks' (the task loss trains only the final block).
 ROUTER_PATHS = {"mixtral": "mlp.gate"}

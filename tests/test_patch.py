@@ -334,3 +334,28 @@ def test_hybrid_stack_of_two_layer_classes_trains_like_the_reference(mode):
     out.loss.backward()
     loss.backward()
     assert_grads_close(named_grads(model), named_grads(ref.model))
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
+def test_block_whose_output_dtype_differs_from_its_input_trains_like_the_reference(mode):
+    """bf16 Mamba keeps its residual stream in fp32 (``residual_in_fp32``): block 0's input (the embeddings) is bf16,
+    its output fp32. Every mode raised "y (torch.float32) and x (torch.bfloat16) must share one dtype"; the aux loss
+    is computed in fp32 from both, as the reference does."""
+    import transformers as tf
+
+    config = tf.MambaConfig(vocab_size=97, hidden_size=40, num_hidden_layers=4, state_size=8, expand=1, conv_kernel=4,
+                            time_step_rank=8, residual_in_fp32=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
+    original = copy.deepcopy(model)
+    lopt_kernels.patch(model, mode=mode)
+    ref = ReferenceLoPT(original, "mamba", even_starts(4, 2), lopt_kernels.aux_decoders(model))
+    b = batch()
+    out = model(**b)
+    loss, task, aux = ref.step_loss(b)
+    torch.testing.assert_close(out.task_loss, task, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.lopt_aux_loss, aux, rtol=1e-4, atol=1e-8)
+    out.loss.backward()
+    loss.backward()
+    assert_grads_close(named_grads(model), named_grads(ref.model), rtol=3e-2)

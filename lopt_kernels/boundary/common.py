@@ -135,11 +135,20 @@ def local_loss_and_grads(spec: BoundarySpec, y: torch.Tensor, x: torch.Tensor, *
     decoder = spec.decoder
     params = decoder.decoder_parameters()
     row_mask = None if spec.row_mask is None else spec.row_mask.to(y.device, non_blocking=True)
+    y_dtype = y.dtype
+    if x.dtype != y_dtype:
+        # a block whose output dtype is not its input's (bf16 Mamba keeps its residual stream in fp32): compare the
+        # two in the wider dtype (exact for both; the loss is fp32 anyway), ``grad_y`` back in ``y``'s dtype
+        wide = torch.promote_types(y_dtype, x.dtype)
+        y, x = y.to(wide), x.to(wide)
     with gathered(params):
-        return reconstruction_loss_and_grads(
+        loss, grads = reconstruction_loss_and_grads(
             y, x, *params, eps=decoder.norm.eps, grad_scale=grad_scale, compute_grads=compute_grads,
             backend=spec.backend, row_mask=row_mask, param_grad_scale=param_grad_scale,
         )
+    if grads is not None and grads[0].dtype != y_dtype:
+        grads = (grads[0].to(y_dtype), *grads[1:])
+    return loss, grads
 
 
 def tensors_in(value, depth: int = 0):
