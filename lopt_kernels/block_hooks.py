@@ -358,6 +358,7 @@ def backbone_post_hook(state: PatchState):
             output = _without_bottom_router_gradients(state, output)
             output = _bottom_records_cut(state, output, run.replaced_inputs)
         run.replaced_inputs, run.first_inputs, run.side_outputs, run.hand_off_nodes = {}, {}, {}, []
+        run.block_inputs = []
         if run.cache_skipped:
             return drop_cache(output)
         return output
@@ -379,19 +380,27 @@ def _without_bottom_router_gradients(state: PatchState, output):
         output["router_logits"] = tuple(t.detach() if i < bottom and torch.is_tensor(t) else t
                                         for i, t in enumerate(logits))
         return output
-    reaches = _reachability({id(p) for layer in state.layers[:bottom] for p in layer.parameters()},
-                            stop=state.current.hand_off_nodes)
+    # Or a non-final block's input (the embeddings' output, a PEFT prompt, eager's leaf): the bottom layers'
+    # parameters may all be frozen (embedding-only or prompt tuning), and the router loss would then train what feeds
+    # block 0 (stored) or backpropagate into eager's freed block graph. The final block reaches those inputs only
+    # through the hand-offs, where the walk stops.
+    run = state.current
+    leaves = [ref() for ref in run.block_inputs if isinstance(ref, weakref.ref)]
+    nodes = [node for node in run.block_inputs if not isinstance(node, weakref.ref) and node not in run.hand_off_nodes]
+    reaches = _reachability({id(p) for layer in state.layers[:bottom] for p in layer.parameters()}
+                            | {id(t) for t in leaves if t is not None}, stop=run.hand_off_nodes, targets=nodes)
     output["router_logits"] = tuple(t.detach() if torch.is_tensor(t) and t.grad_fn is not None and reaches(t.grad_fn)
                                     else t for t in logits)
     return output
 
 
-def _reachability(param_ids: set, stop=()):
-    """``reaches(node)``: whether an autograd node's graph reaches one of the parameters ``param_ids`` other than
-    through the nodes ``stop`` (the block boundaries' hand-offs, whose backward sends nothing down: in stored and
-    activation-free mode they take the block's parameters as inputs). Memoised across calls, so that several tensors
-    of one graph cost one walk of it."""
-    memo: dict = dict.fromkeys(stop, False)
+def _reachability(param_ids: set, stop=(), targets=()):
+    """``reaches(node)``: whether an autograd node's graph reaches one of the leaf tensors ``param_ids`` (by id) or
+    one of the nodes ``targets`` other than through the nodes ``stop`` (the block boundaries' hand-offs, whose backward
+    sends nothing down: in stored and activation-free mode they take the block's parameters as inputs). Memoised
+    across calls, so that several tensors of one graph cost one walk of it."""
+    memo: dict = dict.fromkeys(targets, True)
+    memo.update(dict.fromkeys(stop, False))
 
     def reaches(root) -> bool:
         stack = [(root, False)]
@@ -655,7 +664,12 @@ def layer_pre_hook(state: PatchState, block: int, is_start: bool):
                 run.boundary = _boundary_for(state, run, hidden, rest, kwargs)
             # the modules the layer list holds now (a wrapper put in place after patch: see follow_layers)
             run.boundary.begin_block(block, [state.layers[i] for i in state.block_range(block)], hidden, rest, kwargs)
-        return run.boundary.before_layer(block, module, hidden, rest, kwargs, is_start)
+        replaced = run.boundary.before_layer(block, module, hidden, rest, kwargs, is_start)
+        if is_start:
+            ran_on = replaced[0][0] if replaced is not None and replaced[0] else hidden
+            if torch.is_tensor(ran_on) and ran_on.requires_grad:
+                run.block_inputs.append(ran_on.grad_fn if ran_on.grad_fn is not None else weakref.ref(ran_on))
+        return replaced
 
     return hook
 

@@ -37,6 +37,9 @@ class PassState:
     cache_skipped: bool = False  # activation-free blocks left a cache the model built by itself unfilled
     replaced_inputs: dict = field(default_factory=dict)  # id(what a block runs on instead of its input) -> the input
     hand_off_nodes: list = field(default_factory=list)  # the autograd nodes of the block boundaries' hand-offs
+    # what each non-final block's first layer ran on, if it requires grad: its autograd node, or a weakref to it when
+    # it is a leaf (eager's), holding no activation past its block
+    block_inputs: list = field(default_factory=list)
     layers_run: set = field(default_factory=set)  # ids of the non-final blocks' layer modules that ran
     blocks_ended: set = field(default_factory=set)  # the non-final blocks whose last layer ran
     # the tensors block 0's first layer read besides its hidden states (and their bases), by id; held until the

@@ -359,3 +359,34 @@ def test_block_whose_output_dtype_differs_from_its_input_trains_like_the_referen
     out.loss.backward()
     loss.backward()
     assert_grads_close(named_grads(model), named_grads(ref.model), rtol=3e-2)
+
+
+@pytest.mark.explicit_modes
+@pytest.mark.parametrize("mode", ["eager", "activation_free", "stored"])
+def test_bottom_router_logits_are_cut_when_only_the_embeddings_train(mode):
+    """Jamba has routers in some layers only, so its bottom router logits were found by their graph reaching a bottom
+    layer's parameter. With the layers frozen (embedding-only tuning; PEFT prompt tuning likewise) no entry reached
+    one: the router loss trained the embeddings through block 0 (stored: embedding grad off by 5%) or backpropagated
+    into eager's freed block graph (RuntimeError). The embeddings' gradient must not depend on the router loss."""
+    import transformers as tf
+
+    grads = []
+    for coef in (0.5, 0.0):
+        config = tf.JambaConfig(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_experts=4,
+                                num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                                attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=1, mamba_dt_rank=8,
+                                use_mamba_kernels=False, output_router_logits=True, router_aux_loss_coef=coef,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+        for p in model.model.layers.parameters():
+            p.requires_grad_(False)
+        lopt_kernels.patch(model, mode=mode)
+        torch.manual_seed(1)
+        for dec in lopt_kernels.aux_decoders(model):
+            dec.load_state_dict({k: torch.randn_like(v) * 0.1 + v for k, v in dec.state_dict().items()})
+        model(**batch()).loss.backward()
+        grads.append(model.get_input_embeddings().weight.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
