@@ -212,6 +212,21 @@ def _reaches(loss: torch.Tensor, target: torch.Tensor) -> bool:
     return False
 
 
+def _batch_and_item_count(signature, args, kwargs):
+    """``(inputs, num_items_in_batch)`` of a ``compute_loss`` call. The Trainers call ``compute_loss(model, inputs,
+    num_items_in_batch=...)``; an override may name the batch otherwise or take the count through ``**kwargs``, so
+    fall back to the position and the keyword the caller used, not only the override's parameter names."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = {}
+    inputs = bound.get("inputs")
+    if inputs is None and len(args) >= 2:
+        inputs = args[1]
+    num_items = kwargs.get("num_items_in_batch", bound.get("num_items_in_batch"))
+    return inputs, num_items
+
+
 class _ForwardRecorder:
     """A forward hook on the causal LM that collects each training forward's ``lopt_aux_loss``/``task_loss``."""
 
@@ -353,9 +368,7 @@ def attach(trainer):
     signature = inspect.signature(original_compute_loss)
 
     def compute_loss(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        inputs = bound.get("inputs")
-        num_items = bound.get("num_items_in_batch")
+        inputs, num_items = _batch_and_item_count(signature, args, kwargs)
         count = label_count(inputs)  # before compute_loss (it may pop the labels)
         lopt = _require_patched(trainer.model, attached=True)  # unpatched since attach: say so, never train silently
         hooks = lopt.causal_lm._forward_hooks

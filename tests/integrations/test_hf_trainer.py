@@ -62,6 +62,34 @@ def test_one_step_gradients_equal_the_reference_loop(tmp_path, variant, family, 
     assert grads["lopt_aux_decoders.0.up.weight"].abs().max() > 0
 
 
+class _KwargsComputeLoss(Trainer):
+    """A user's compute_loss override that takes num_items_in_batch through **kwargs and names its batch argument
+    differently: its own summed CE over the window's label count (the Trainer then does not divide by GA)."""
+
+    def compute_loss(self, model, batch, return_outputs=False, **kwargs):
+        labels = batch.pop("labels")
+        outputs = model(**batch)
+        loss = _sum_ce(outputs, labels, kwargs["num_items_in_batch"])
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_compute_loss_override_with_kwargs_weights_the_aux_term_by_label_share(tmp_path):
+    # attach read num_items_in_batch and the labels only by their parameter names: with **kwargs (or another name for
+    # the batch) it saw neither, weighted each micro-batch's aux by 1 instead of n_mb / num_items_in_batch, and the
+    # bottom half's gradients came out about GA times too large (1.95x at GA 2 on llama)
+    model, ref = patched_and_reference("llama")
+    collator = RecordingCollator()
+    trainer = _KwargsComputeLoss(model=model, args=_args(tmp_path), train_dataset=VariableLengthSequences(),
+                                 data_collator=collator)
+    capture = GradCapture(model)
+    trainer.add_callback(capture)
+    lopt_kernels.attach(trainer)
+    trainer.train()
+    batches = collator.batches[:GA]
+    expected = reference_grads(ref, batches, num_items=torch.tensor(window_label_count(batches)))
+    assert_grads_match(capture.steps[0], expected)
+
+
 def test_task_and_aux_losses_are_logged_separately(tmp_path):
     model, _ = patched_and_reference()
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=VariableLengthSequences(),
