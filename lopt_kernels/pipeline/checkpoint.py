@@ -17,8 +17,22 @@ ADAPTER_PREFIX = "base_model.model."
 
 
 def _adapter_key(name: str) -> str:
-    """``model.layers.0.q_proj.lora_A.default.weight`` -> PEFT's saved ``base_model.model.model.layers.0.q_proj.lora_A.weight``."""
-    return ADAPTER_PREFIX + name.replace(".default.", ".")
+    """``model.layers.0.q_proj.lora_A.default.weight`` -> PEFT's saved ``base_model.model.model.layers.0.q_proj.lora_A.weight``:
+    the adapter name is dropped where PEFT drops it, second to last (a module's tensor) or last (a parameter's: an
+    embedding's ``lora_embedding_A.default``), never inside a module path."""
+    if name.endswith(".default"):
+        return ADAPTER_PREFIX + name[: -len(".default")]
+    head, _, suffix = name.rpartition(".")
+    return ADAPTER_PREFIX + head.removesuffix(".default") + "." + suffix
+
+
+def model_key(name: str) -> str:
+    """The model's own name of a tensor of a PEFT-wrapped model: its base tensors (``<layer>.base_layer.weight``,
+    ``base_layer`` nested once per wrapper where several parameters of one module are adapted) under the unwrapped
+    model's name; a LoRA tensor keeps its name, whose ``base_layer`` parts tell the wrappers apart."""
+    if ".lora_" in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
 def check_adapter(adapter_dir: str):

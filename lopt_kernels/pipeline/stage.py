@@ -20,7 +20,7 @@ from ..hf_model import (PER_TOKEN_INPUTS, HooksOutsideCheckpoint, config_lists_i
                         sliced_config)
 from ..ops import linear_cross_entropy as lce
 from ..task_loss_hooks import fused_ce_choice, head_task_loss, item_share, label_count
-from .checkpoint import SHARD_PREFIX
+from .checkpoint import SHARD_PREFIX, model_key
 from .placement import StagePlan, check_ranks_agree
 
 
@@ -385,10 +385,12 @@ class PipelineStage:
 
         os.makedirs(directory, exist_ok=True)
         persistent = self.lm.state_dict(keep_vars=True)
-        # LoRA-wrapped layers keep their weight as ``<layer>.base_layer.weight``: saved under the model's own name
+        # LoRA-wrapped layers keep their weight as ``<layer>.base_layer.weight``: saved under the model's own name (the
+        # LoRA tensors keep theirs: two adapted parameters of one module nest, ``experts.base_layer.lora_A`` is not
+        # ``experts.lora_A``)
         # a tensor tied to another is saved under both names, a copy under its alias (safetensors stores no shared
         # memory): the joined checkpoint's untied config ties neither
-        tensors = {n.replace(".base_layer.", "."): (t.detach().to("cpu").contiguous().clone() if n in self.aliases
+        tensors = {model_key(n): (t.detach().to("cpu").contiguous().clone() if n in self.aliases
                                                      else t.detach().to("cpu").contiguous())
                    for n, t in persistent.items() if self.owns(n, t)}
         if self.decoder is not None:

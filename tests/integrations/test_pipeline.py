@@ -476,3 +476,47 @@ def test_an_adapter_with_modules_to_save_is_refused(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(lopt_kernels.LoptPatchError, match="modules_to_save"):
         inject_adapter(tiny_model("llama"), str(tmp_path / "adapter"), {}, "cpu")
+
+
+@pytest.mark.parametrize("case", ["moe_experts", "embeddings"])
+def test_lora_adapters_peft_nests_or_keys_by_parameter_train_and_join(tmp_path, case):
+    """LoRA adapters the pipeline did not map to PEFT's own keys. "moe_experts": Mixtral's fused expert tensors adapted
+    with target_parameters (gate_up_proj and down_proj of one module: PEFT nests two wrappers, whose LoRA tensors are
+    experts.base_layer.lora_A and experts.lora_A); before, the shard renamed the inner wrapper's tensors to the outer's,
+    so the joined adapter held one of the two (max |adapter - single process| 2.3e-2) and a resumed run
+    read the wrong one. "embeddings": the input embeddings and head adapted (PEFT's lora_embedding_A is a parameter,
+    saved without the adapter name at the end); before, every rank refused the adapter ("has no LoRA tensor for
+    model.embed_tokens.lora_embedding_A.default"). The joined adapter has exactly PEFT's keys and values."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lopt_kernels.pipeline import join_shards
+    from tiny_models import tiny_model
+
+    if case == "moe_experts":
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(_moe_config()).train()
+        lora = dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    else:
+        model = tiny_model("llama")
+        lora = dict(target_modules=["q_proj", "embed_tokens", "lm_head"])
+    model.save_pretrained(tmp_path / "model")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora))
+    model.save_pretrained(tmp_path / "model" / "adapter")
+    initial = load_file(str(tmp_path / "model" / "adapter" / "adapter_model.safetensors"))
+    lopt_kernels.patch(model, num_blocks=2, mode="eager")
+    save_aux_decoders(model, str(tmp_path / "model"))
+    steps = 2  # SGD at 0.5 blows the adapted embeddings up by the fourth step (to 1e8): 2 steps stay well conditioned
+    _launch(2, tmp_path / "model", tmp_path, "lora", steps=steps)
+    # PEFT also saves the frozen base weights of adapted embeddings (save_embedding_layers): the LoRA tensors are compared
+    expected = {n: p for n, p in get_peft_model_state_dict(_single_process(model, steps, GA)).items() if ".lora_" in n}
+    initial = {n: p for n, p in initial.items() if ".lora_" in n}
+    got = load_file(str(tmp_path / join_shards(str(tmp_path / "shards"), str(tmp_path / "adapter-out"))
+                        / "adapter_model.safetensors"))
+    assert got.keys() == expected.keys() == initial.keys(), got.keys() ^ expected.keys()
+    worst = max((got[n] - p).abs().max().item() for n, p in expected.items())
+    print(f"pipeline LoRA {case}: max |adapter - single process| = {worst:.3e}")
+    for n, p in expected.items():
+        assert not torch.equal(p, initial[n]), n  # every adapted tensor trained
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
