@@ -223,6 +223,16 @@ class PipelineStage:
 
         handles = [first_layer.register_forward_pre_hook(pre, with_kwargs=True),
                    last_layer.register_forward_hook(post, with_kwargs=True)]
+        if not self.is_first:
+            # a later rank's input embeddings stay on the meta device; a model that embeds other ids with them before its
+            # layers (GPT-2's token_type_ids) gets zeros of the shape, as its placeholder inputs_embeds: discarded at the
+            # first own layer, whose input is the received hidden states
+            def unmaterialised(module, args, output):
+                if torch.is_tensor(output) and output.is_meta:
+                    return self._placeholder(output.shape)
+                return None
+
+            handles.append(self.lm.get_input_embeddings().register_forward_hook(unmaterialised))
         if self.is_last and self.fused_ce:
             def head_input(module, args):  # the fused loss takes the head's input: the logits are never built
                 captured["head_input"] = args[0]
@@ -249,12 +259,7 @@ class PipelineStage:
             inputs["input_ids"] = batch["input_ids"]
         else:
             ids = batch["input_ids"]  # only the shape matters: the first layer's input is replaced
-            if self.writes_inputs_embeds:
-                inputs["inputs_embeds"] = torch.zeros(*ids.shape, self.embedding_dim, dtype=self.dtype,
-                                                      device=self.device)
-            else:
-                inputs["inputs_embeds"] = torch.zeros((), dtype=self.dtype, device=self.device).expand(
-                    *ids.shape, self.embedding_dim)  # a broadcast view: nothing allocated per micro-batch
+            inputs["inputs_embeds"] = self._placeholder((*ids.shape, self.embedding_dim))
         if self.is_last and not self.fused_ce:
             inputs["labels"] = batch["labels"]
             if num_items is not None:
@@ -275,6 +280,13 @@ class PipelineStage:
             for layer, func in saved_funcs.items():
                 layer._gradient_checkpointing_func = func
         return captured["x"], captured["leaf"], captured["y"], task
+
+    def _placeholder(self, shape) -> torch.Tensor:
+        """Zeros of ``shape`` standing for what a later rank does not compute (its inputs_embeds): a broadcast view,
+        nothing allocated per micro-batch, unless the forward writes into its inputs_embeds (a tensor of its own)."""
+        if self.writes_inputs_embeds:
+            return torch.zeros(*shape, dtype=self.dtype, device=self.device)
+        return torch.zeros((), dtype=self.dtype, device=self.device).expand(*shape)
 
     def _receive(self, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]

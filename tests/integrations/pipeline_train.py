@@ -23,10 +23,10 @@ from tiny_models import batch, with_old_checkpoint_call  # noqa: E402
 LR = 0.5  # plain SGD: parameters stay linear in the gradients, so equality is at rounding level
 
 
-def micro_batches(packed: bool = False):
+def micro_batches(packed: bool = False, token_types: bool = False):
     """The same micro-batches on every rank (and in the single-process reference); ``packed``: padding-free rows
     of two sequences each (position ids restarting at the second, no attention mask), as
-    DataCollatorWithFlattening builds them."""
+    DataCollatorWithFlattening builds them; ``token_types``: with segment ids (0 for a 4-token prompt, then 1)."""
     i = 0
     while True:
         b = batch(batch_size=2, seq=9 + i % 3, seed=100 + i, pad_lengths=(0, 2))
@@ -37,6 +37,8 @@ def micro_batches(packed: bool = False):
             labels[0, [0, cut]] = -100
             positions = torch.cat([torch.arange(cut), torch.arange(ids.shape[1] - cut)])[None]
             b = {"input_ids": ids, "position_ids": positions, "labels": labels}
+        if token_types:
+            b["token_type_ids"] = (torch.arange(b["input_ids"].shape[1]) >= 4).long().expand_as(b["input_ids"])
         yield b
         i += 1
 
@@ -139,7 +141,7 @@ def main(model_dir, out, steps, ga, ckpt):
         return families(model_dir, out, steps, ga)
     if ckpt == "dropout":
         return dropout(model_dir, out, steps, ga)
-    data, group, dp_group = micro_batches(packed=ckpt == "packed"), None, None
+    data, group, dp_group = micro_batches(packed=ckpt == "packed", token_types=ckpt == "token_types"), None, None
     if ckpt == "dp":  # 2 pipeline replicas x 2 stages: pipelines {0, 1}, {2, 3}; data parallel {0, 2}, {1, 3}
         rank = dist.get_rank()
         pipelines = [dist.new_group([0, 1]), dist.new_group([2, 3])]

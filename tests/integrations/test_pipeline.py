@@ -41,7 +41,7 @@ def _model_dir(path, k, lora=False, family="llama", aux_mask="all", **config):
     return model
 
 
-def _single_process(model, steps, ga, packed=False, weighting="tokens"):
+def _single_process(model, steps, ga, packed=False, weighting="tokens", token_types=False):
     """Single-process LoPT over the same micro-batches, ``ga`` per optimiser step: "tokens", as HF Trainer runs
     it (``num_items_in_batch``: the window's label-token count); "mean", as the LoPT reference (``loss / ga``)."""
     import pipeline_train
@@ -49,7 +49,7 @@ def _single_process(model, steps, ga, packed=False, weighting="tokens"):
     from lopt_kernels.task_loss_hooks import label_count
 
     optimizer = torch.optim.SGD(model.parameters(), lr=pipeline_train.LR)
-    data = pipeline_train.micro_batches(packed)
+    data = pipeline_train.micro_batches(packed, token_types)
     for _ in range(steps):
         window = [next(data) for _ in range(ga)]
         num_items = int(sum(label_count(b) for b in window))
@@ -76,24 +76,30 @@ def _launch(k, model_dir, out, ckpt, steps=STEPS):
 
 
 @pytest.mark.parametrize("k, ckpt", [(2, False), (2, True), (3, False), (3, True), (3, "oldcall"), (2, "dp"), (3, "lora"),
-                                     (2, "fp16"), (2, "gemma2"), (2, "packed"), (2, "mean"), (3, "aux_tokens")],
+                                     (2, "fp16"), (2, "gemma2"), (2, "packed"), (2, "mean"), (3, "aux_tokens"),
+                                     (3, "token_types")],
                          ids=["2-no_ckpt", "2-ckpt", "3-no_ckpt", "3-ckpt", "3-ckpt-old_call", "2x2_data_parallel", "3-lora",
-                              "2-fp16", "2-gemma2_5_layers", "2-packed", "2-mean_weighting", "3-aux_mask_tokens"])
+                              "2-fp16", "2-gemma2_5_layers", "2-packed", "2-mean_weighting", "3-aux_mask_tokens",
+                              "3-gpt2_token_type_ids"])
 def test_pipeline_equals_single_process_lopt(tmp_path, k, ckpt):
     """k stages (k processes); "dp": 2 pipeline replicas x 2 stages on 4 processes against one process on
     the global batch (both replicas' micro-batches in each step). "gemma2": 5 layers alternating sliding and full
     attention, so stage 1 starts at an odd layer (before, its layers took the layer types of the stage's own
     positions: sliding and full swapped); "packed": padding-free packed rows (before, the stages dropped the
     position ids). Micro-batches are weighted by their label tokens (HF Trainer's num_items_in_batch), except
-    "mean" (each micro-batch's mean loss / GA, the LoPT reference's); "aux_tokens": aux_mask="tokens"."""
-    config = {"family": "gemma2", "num_hidden_layers": 5} if ckpt == "gemma2" else {}
+    "mean" (each micro-batch's mean loss / GA, the LoPT reference's); "aux_tokens": aux_mask="tokens".
+    "token_types": tied GPT-2 with token_type_ids, which it embeds with its input embeddings before the layers
+    (before, the later ranks ran that embedding on their unmaterialised copy and crashed: "Tensor on device meta is
+    not on the expected device cpu!")."""
+    config = ({"family": "gemma2", "num_hidden_layers": 5} if ckpt == "gemma2"
+              else {"family": "gpt2"} if ckpt == "token_types" else {})
     model = _model_dir(tmp_path / "model", k, lora=ckpt == "lora", aux_mask="tokens" if ckpt == "aux_tokens" else "all",
                        **config)
     if ckpt == "fp16":  # the pipeline's fp16 path (eager's power-of-two-scaled local backward), against fp16 LoPT
         model = model.half()
     _launch(4 if ckpt == "dp" else k, tmp_path / "model", tmp_path, ckpt)
     expected = _single_process(model, STEPS, GA * 2 if ckpt == "dp" else GA, packed=ckpt == "packed",
-                               weighting="mean" if ckpt == "mean" else "tokens")
+                               weighting="mean" if ckpt == "mean" else "tokens", token_types=ckpt == "token_types")
     if ckpt == "lora":
         return _check_lora(tmp_path, expected, k)
 
