@@ -20,6 +20,40 @@ from contextlib import contextmanager
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# ---- the backbone's forward: which of its modules run before and after the layer stack -------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def children_around_layers(cls, layers: str) -> tuple[frozenset, frozenset]:
+    """``(before, after)``: the names of ``self.<child>`` attributes that ``cls.forward`` first reads before the loop
+    over ``self.<layers>`` and those it first reads after that loop ends, read from its source. Registration order
+    does not say which side a module is on: OPT registers its final LayerNorm and ``project_out`` (applied after the
+    layers) before its layer stack. Empty sets when the source cannot be read or has no such loop."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return frozenset(), frozenset()
+
+    def self_attrs(node):
+        return [n for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                and n.value.id == "self"]
+
+    loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.AsyncFor))
+             and any(a.attr == layers for a in self_attrs(n.iter))]
+    if not loops:
+        return frozenset(), frozenset()
+    loop = min(loops, key=lambda n: (n.lineno, n.col_offset))
+    start, end = (loop.lineno, loop.col_offset), (loop.end_lineno, loop.end_col_offset)
+    first: dict[str, tuple[int, int]] = {}
+    for attr in self_attrs(tree):
+        pos = (attr.lineno, attr.col_offset)
+        if attr.attr not in first or pos < first[attr.attr]:
+            first[attr.attr] = pos
+    before = frozenset(name for name, pos in first.items() if pos < start)
+    after = frozenset(name for name, pos in first.items() if pos > end)
+    return before, after
+
+
 # ---- the forward: logits and loss -----------------------------------------------------------------------------
 
 # Config attributes through which a family transforms logits beyond ``lm_head(hidden)``; the fused

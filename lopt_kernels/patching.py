@@ -14,6 +14,7 @@ from torch import nn
 from . import block_hooks, optimizer_watch, task_loss_hooks
 from .aux_decoder import AuxDecoder
 from .discovery import AUX_DECODERS_ATTR, LoptPatchError, text_config, unwrap_causal_lm, validate
+from .hf_model import children_around_layers
 from .state import PatchState, StateHook
 
 _STATE_ATTR = "_lopt_state"
@@ -189,11 +190,19 @@ def top_and_bottom_params(state: PatchState) -> tuple[set[int], set[int]]:
     for layer in layers[: state.block_starts[-1]]:
         bottom.update(id(p) for p in layer.parameters())
     bottom.update(id(p) for p in state.decoders.parameters())
-    # Backbone modules registered before the layer stack (embeddings) feed block 0.
-    for child in backbone.children():
+    # Backbone modules that run before the layer stack (embeddings, OPT's project_in) feed block 0. Which side a
+    # module is on comes from the backbone's forward where it says so (OPT registers its final norm and project_out,
+    # applied after the layers, before its layer stack); otherwise from the registration order.
+    children = list(backbone.named_children())
+    layers_name = next((name for name, child in children if child is layers), None)
+    before, after = children_around_layers(type(backbone), layers_name) if layers_name else ((), ())
+    registered_before = True
+    for name, child in children:
         if child is layers:
-            break
-        bottom.update(id(p) for p in child.parameters())
+            registered_before = False
+            continue
+        if name in before or (registered_before and name not in after):
+            bottom.update(id(p) for p in child.parameters())
     bottom.update(id(p) for p in state.causal_lm.get_input_embeddings().parameters())
     top = {id(p) for p in state.causal_lm.parameters()} - bottom
     return top, bottom

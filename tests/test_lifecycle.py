@@ -112,6 +112,29 @@ def test_param_groups_split_top_and_local():
     torch.optim.AdamW(groups)  # accepted as is
 
 
+@pytest.mark.parametrize("word_embed_proj_dim", [40, 24])
+def test_param_groups_follow_the_forward_not_the_registration_order(word_embed_proj_dim):
+    # OPT registers its final LayerNorm and project_out (both applied after the layers, trained by the task loss)
+    # before its layer stack: param_groups put them at local_lr with the embeddings
+    import transformers as tf
+
+    config = tf.OPTConfig(vocab_size=97, hidden_size=40, ffn_dim=72, num_hidden_layers=4, num_attention_heads=4,
+                          max_position_embeddings=64, word_embed_proj_dim=word_embed_proj_dim, dropout=0.0,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = lopt_kernels.patch(tf.AutoModelForCausalLM.from_config(config))
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in lopt_kernels.param_groups(model, lr=1.0, local_lr=0.1)}
+    dec = model.model.decoder
+    after = [dec.final_layer_norm, *([dec.project_out] if dec.project_out is not None else [])]
+    before = [dec.embed_tokens, dec.embed_positions, *([dec.project_in] if dec.project_in is not None else [])]
+    assert {id(p) for m in after for p in m.parameters()} | {id(model.lm_head.weight)} <= groups["lopt_top"]
+    assert {id(p) for m in before for p in m.parameters()} <= groups["lopt_local"]
+    # and they really are trained that way: the task loss reaches the final norm, only the aux loss the embeddings
+    out = model(**batch())
+    out.task_loss.backward(retain_graph=True)
+    assert dec.final_layer_norm.weight.grad.abs().max() > 0 and dec.embed_positions.weight.grad is None
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
