@@ -370,10 +370,13 @@ def attach(trainer):
     def compute_loss(*args, **kwargs):
         inputs, num_items = _batch_and_item_count(signature, args, kwargs)
         count = label_count(inputs)  # before compute_loss (it may pop the labels)
+        nonlocal handle
         lopt = _require_patched(trainer.model, attached=True)  # unpatched since attach: say so, never train silently
         hooks = lopt.causal_lm._forward_hooks
-        if handle.id in hooks:  # after patch's own hook (which adds aux_loss), even if re-patched since
-            hooks.move_to_end(handle.id)
+        if handle.id not in hooks:  # another model since attach (model_init: Trainer.train() builds a new one)
+            handle.remove()
+            handle = callback._hook_handle = lopt.causal_lm.register_forward_hook(recorder, with_kwargs=True)
+        hooks.move_to_end(handle.id)  # after patch's own hook (which adds aux_loss), even if re-patched since
         recorder.records, recorder.unreadable, recorder.active = [], 0, True
         try:
             result = original_compute_loss(*args, **kwargs)

@@ -90,6 +90,43 @@ def test_compute_loss_override_with_kwargs_weights_the_aux_term_by_label_share(t
     assert_grads_match(capture.steps[0], expected)
 
 
+def test_model_init_trains_the_model_the_trainer_builds_in_train(tmp_path):
+    # With model_init, Trainer.train() builds a new model; attach recorded the aux loss of the one it saw at attach
+    # time, so a trainer that builds its own loss (here compute_loss_func) never added the aux term: the trained
+    # model's bottom half and decoders got no gradient (logged task_loss 0, aux_loss 0)
+    import copy
+
+    from reference import ReferenceLoPT, even_starts
+    from tiny_models import tiny_model
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def __init__(self):
+            self.trainer, self.ref, self.grads = None, None, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            model = self.trainer.model
+            original = lopt_kernels.unpatch(copy.deepcopy(model))
+            self.ref = ReferenceLoPT(original, "llama", even_starts(5, 2), lopt_kernels.aux_decoders(model))
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.grads.append({n: None if p.grad is None else p.grad.clone()
+                               for n, p in self.trainer.model.named_parameters()})
+
+    collator = RecordingCollator()
+    trainer = Trainer(model_init=lambda: lopt_kernels.patch(tiny_model("llama")), args=_args(tmp_path),
+                      train_dataset=VariableLengthSequences(), data_collator=collator, compute_loss_func=_sum_ce)
+    snapshot = Snapshot()
+    snapshot.trainer = trainer
+    trainer.add_callback(snapshot)
+    lopt_kernels.attach(trainer)
+    trainer.train()
+    batches = collator.batches[:GA]
+    expected = reference_grads(snapshot.ref, batches, num_items=torch.tensor(window_label_count(batches)))
+    assert_grads_match(snapshot.grads[0], expected)
+    assert [h for h in trainer.state.log_history if "loss" in h][0]["aux_loss"] > 0
+
+
 def test_task_and_aux_losses_are_logged_separately(tmp_path):
     model, _ = patched_and_reference()
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=VariableLengthSequences(),
