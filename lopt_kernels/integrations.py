@@ -334,6 +334,27 @@ class LoptCallback(_CallbackBase):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_synced_reference(trainer, model) -> None:
+    """TRL's ``SyncRefModelCallback`` (``sync_ref_model=True``) mixes the policy's parameters into the reference
+    model's pair by pair, in ``parameters()`` order: the policy's aux decoders (and, for a tied family, its untied
+    head) have no partner in an unpatched reference, so the pairs would not line up."""
+    for cb in trainer.callback_handler.callbacks:
+        ref = getattr(cb, "ref_model", None)
+        if type(cb).__name__ != "SyncRefModelCallback" or ref is None:
+            continue
+        ref = getattr(ref, "module", ref)  # a DeepSpeed engine or DDP wrapper
+        names = [n for n, _ in unwrap_causal_lm(model).named_parameters()]
+        ref_names = [n for n, _ in ref.named_parameters()]
+        if names != ref_names:
+            raise LoptPatchError(
+                "sync_ref_model=True mixes the policy's parameters into the reference model's in parameters() order, "
+                f"but the patched policy has {len(names)} parameters (its aux decoders, an untied output head) and the "
+                f"reference {len(ref_names)}, so they do not line up (TRL fails after the first step, or mixes the wrong "
+                "tensors). Pass ref_model=lopt_kernels.patch(<the reference model>) with the policy's settings: in eval "
+                "mode it returns the unpatched logits, and its parameters pair with the policy's."
+            )
+
+
 def attach(trainer):
     """Make a ``transformers.Trainer`` (or any subclass: TRL's ``SFTTrainer``, ``GRPOTrainer``, ...) train
     a patched model with LoPT's semantics; returns the trainer. Call it after ``patch(model)`` and
@@ -355,6 +376,7 @@ def attach(trainer):
                 "lopt_kernels.attach(trainer), or from lopt_kernels.param_groups(model, ...)."
             )
     ensure_aux_trainable(model)
+    _check_synced_reference(trainer, model)
 
     callback = LoptCallback()
     callback.trainer = trainer

@@ -132,3 +132,41 @@ def test_grpo_trainer_trains_both_halves_with_the_reference_weighting(tmp_path):
     assert _changed(before, model, TOP), "the policy loss trains the top half"
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(h["aux_loss"] > 0 for h in logs)
+
+
+def _dpo_pairs(tmp_path):
+    rows = sft_rows(8, seed=2)
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"] + " no"} for r in rows]
+    return datasets.load_dataset("json", data_files=str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), split="train")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref", ["unpatched", "patched"])
+def test_dpo_sync_ref_model_needs_a_patched_reference(tmp_path, ref):
+    # TRL's SyncRefModelCallback (sync_ref_model=True) zips the reference's parameters with the policy's
+    # (strict=True): the policy's aux decoders made it fail after the first step with "zip() argument 2 is longer
+    # than argument 1", and for a tied family the untied head would shift every later pair. attach now refuses it
+    # up front, naming the fix; a reference patched the same way lines up (in eval mode its logits are unpatched).
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    tiny_llm_for(tok, tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    model = lopt_kernels.patch(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    ref_model = None
+    if ref == "patched":
+        ref_model = lopt_kernels.patch(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
+                         sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dpo_pairs(tmp_path),
+                             processing_class=tok)
+    if ref == "unpatched":
+        with pytest.raises(lopt_kernels.LoptPatchError, match="sync_ref_model"):
+            lopt_kernels.attach(trainer)
+        return
+    lopt_kernels.attach(trainer)
+    before = trainer.ref_model.model.embed_tokens.weight.detach().clone()
+    trainer.train()
+    after = trainer.ref_model.model.embed_tokens.weight
+    torch.testing.assert_close(after, 0.5 * before + 0.5 * model.model.embed_tokens.weight.detach())
+    assert not trainer.ref_model.training
