@@ -91,6 +91,9 @@ def _error_text(exc: Exception) -> str:
     return str(exc) if isinstance(exc, LoptPatchError) else f"{type(exc).__name__}: {exc}"
 
 
+BATCH_KEYS = frozenset({"input_ids", "attention_mask", "labels", *PER_TOKEN_INPUTS})
+
+
 class PipelineStage:
     """This rank's part of a LoPT pipeline: its block's layers, its aux decoder (every stage but the last),
     the input embeddings (rank 0) and the final norm and head (last rank)."""
@@ -165,9 +168,17 @@ class PipelineStage:
         lm.train()
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable({"use_reentrant": False})  # the local backward is an autograd.grad
-        return cls(lm, rank=rank, world=world, ranges=plan.ranges, lambda_aux=lambda_aux, decoder=decoder,
-                   group=group, backend=backend, adapter=adapter, first_rank_modules=plan.first_rank_modules,
-                   aux_mask=aux_mask, writes_inputs_embeds=plan.writes_inputs_embeds, aliases=plan.aliases)
+        stage = cls(lm, rank=rank, world=world, ranges=plan.ranges, lambda_aux=lambda_aux, decoder=decoder,
+                    group=group, backend=backend, adapter=adapter, first_rank_modules=plan.first_rank_modules,
+                    aux_mask=aux_mask, writes_inputs_embeds=plan.writes_inputs_embeds, aliases=plan.aliases)
+        # a stage with nothing to train cannot build an optimiser, and the others would wait on it forever
+        first, end = plan.ranges[rank]
+        error = None if stage.parameters_to_train() else (
+            f"its stage (layers {first}-{end - 1}) has no trainable tensor: the adapter adapts none of its modules "
+            "and it holds no aux decoder. Choose boundaries that give every stage an adapted module, or widen the "
+            "adapter's target_modules.")
+        check_ranks_agree(group, world, {}, error)
+        return stage
 
     def owns(self, name: str, tensor: torch.Tensor) -> bool:
         """Whether this rank trains and saves the model tensor ``name``: its layers'; on rank 0, the input
@@ -330,6 +341,14 @@ class PipelineStage:
             return self._run_micro_batch(batch, loss_weight, num_items_in_batch)
 
     def _run_micro_batch(self, batch, loss_weight, num_items):
+        unknown = sorted(set(batch) - BATCH_KEYS)
+        if unknown:
+            raise LoptPatchError(
+                f"the pipeline got batch keys it does not pass to the model: {unknown}. A stage runs the model on "
+                f"{sorted(BATCH_KEYS)} only, so anything else the model would read (output_router_logits, "
+                "shift_labels, ...) would be dropped without a word: remove those keys from the batches (or train "
+                "with lopt_kernels.patch, which passes every key)."
+            )
         span = self.timed_span
         received = None
         if not self.is_first:

@@ -43,14 +43,20 @@ def micro_batches(packed: bool = False, token_types: bool = False):
         i += 1
 
 
-def refused(model_dir, out, mixed_dtypes: bool):
-    """Every rank must raise the same clear error before compute: ``mixed_dtypes``, rank 1 started in bf16 and
-    the others in fp32; otherwise a model (or checkpoint) that the stages cannot place."""
+def refused(model_dir, out, case: str):
+    """Every rank must raise the same clear error before compute: "mixed-dtypes", rank 1 started in bf16 and the
+    others in fp32; "refused-adapter", a stage the adapter (``model_dir``/adapter) leaves with nothing to train;
+    "refused-batch-keys", a micro-batch with a key the stages would not pass to the model; otherwise a model (or
+    checkpoint) that the stages cannot place."""
     import lopt_kernels  # noqa: PLC0415
 
     rank = dist.get_rank()
     try:
-        PipelineStage.from_pretrained(model_dir, dtype=torch.bfloat16 if mixed_dtypes and rank == 1 else torch.float32)
+        stage = PipelineStage.from_pretrained(
+            model_dir, dtype=torch.bfloat16 if case == "mixed-dtypes" and rank == 1 else torch.float32,
+            adapter=os.path.join(model_dir, "adapter") if case == "refused-adapter" else None)
+        if case == "refused-batch-keys":
+            stage.run_micro_batch({**next(micro_batches()), "output_router_logits": True}, 1.0)
     except lopt_kernels.LoptPatchError as exc:
         with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
             f.write(str(exc))
@@ -133,8 +139,8 @@ def resume(model_dir, out, steps, ga):
 
 def main(model_dir, out, steps, ga, ckpt):
     dist.init_process_group("gloo")
-    if ckpt in ("mixed-dtypes", "refused"):
-        return refused(model_dir, out, mixed_dtypes=ckpt == "mixed-dtypes")
+    if ckpt in ("mixed-dtypes", "refused", "refused-adapter", "refused-batch-keys"):
+        return refused(model_dir, out, ckpt)
     if ckpt == "resume":
         return resume(model_dir, out, steps, ga)
     if ckpt == "families":

@@ -302,6 +302,34 @@ def test_ranks_on_mixed_dtypes_are_refused_on_every_rank(tmp_path):
         assert "disagree on dtype" in err and "torch.bfloat16" in err, err
 
 
+def test_a_stage_with_nothing_to_train_is_refused_on_every_rank(tmp_path):
+    """LoRA on layers 0-2 only, two stages split at layer 3: the last stage (no aux decoder, no adapted module) had
+    an empty parameters_to_train(), the caller's optimiser raised on that rank and the other ranks waited forever.
+    Now one LoptPatchError on every rank at stage build."""
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0, 1, 2])
+                   ).save_pretrained(tmp_path / "model" / "adapter")
+    _launch(2, tmp_path / "model", tmp_path, "refused-adapter")
+    errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and "pipeline rank 1" in errors[0] and "has no trainable tensor" in errors[0], errors
+
+
+def test_batch_keys_the_stages_would_drop_are_refused(tmp_path):
+    """A stage passes input_ids, attention_mask, labels and the per-token inputs to the model, nothing else: a batch
+    carrying output_router_logits=True trained without the router loss that patch includes. Refused, naming them."""
+    from tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    _launch(2, tmp_path / "model", tmp_path, "refused-batch-keys")
+    for r in range(2):
+        err = (tmp_path / f"rank{r}.err").read_text()
+        assert "batch keys it does not pass to the model: ['output_router_logits']" in err, err
+
+
 def _drop_tensor(model_dir, name, keep_columns=None):
     """Remove the tensor ``name`` from the checkpoint, or with ``keep_columns`` truncate it to that many columns."""
     from safetensors.torch import load_file, save_file
