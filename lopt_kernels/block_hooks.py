@@ -358,7 +358,7 @@ def backbone_post_hook(state: PatchState):
             output = _without_bottom_router_gradients(state, output)
             output = _bottom_records_cut(state, output, run.replaced_inputs)
         run.replaced_inputs, run.first_inputs, run.side_outputs, run.hand_off_nodes = {}, {}, {}, []
-        run.block_inputs = []
+        run.block_inputs, run.cut_outputs = [], {}
         if run.cache_skipped:
             return drop_cache(output)
         return output
