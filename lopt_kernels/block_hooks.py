@@ -204,8 +204,8 @@ ZERO3_LEAF_EAGER_MESSAGE = (
 
 
 def _state_carried_between_layers(state: PatchState) -> tuple:
-    attr = next((name for name, child in state.backbone.named_children() if child is state.layers), None)
-    return state_carried_between_layers(type(state.backbone), attr) if attr is not None else ()
+    name = state.layers_name
+    return state_carried_between_layers(type(state.backbone), name) if name is not None else ()
 
 
 def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> str:

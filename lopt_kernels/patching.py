@@ -194,7 +194,7 @@ def top_and_bottom_params(state: PatchState) -> tuple[set[int], set[int]]:
     # module is on comes from the backbone's forward where it says so (OPT registers its final norm and project_out,
     # applied after the layers, before its layer stack); otherwise from the registration order.
     children = list(backbone.named_children())
-    layers_name = next((name for name, child in children if child is layers), None)
+    layers_name = state.layers_name
     before, after = children_around_layers(type(backbone), layers_name) if layers_name else ((), ())
     registered_before = True
     for name, child in children:

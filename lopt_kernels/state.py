@@ -146,6 +146,11 @@ class PatchState:
     def block_starts(self) -> tuple[int, ...]:
         return (0, *self.settings.boundaries)
 
+    @property
+    def layers_name(self) -> str | None:
+        """The backbone's attribute holding the layer stack (``layers``, ``h``), or None where it is deeper."""
+        return next((name for name, child in self.backbone.named_children() if child is self.layers), None)
+
     def block_range(self, b: int) -> range:
         starts = (*self.block_starts, len(self.layers))
         return range(starts[b], starts[b + 1])
