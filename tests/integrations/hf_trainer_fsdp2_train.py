@@ -31,7 +31,7 @@ from helpers import exit_distributed_worker  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointing) or "fsdp" (fsdp_config's), bf16,
-    #                more fsdp_config)
+    #                more fsdp_config, family (default llama))
     "eager": ("eager", False, None, False),
     "eager_ckpt": ("eager", False, "hf", False),
     "activation_free": ("activation_free", False, None, False),
@@ -45,6 +45,9 @@ CASES = {  # name: (mode, LoRA, checkpointing: None, "hf" (gradient_checkpointin
     # rank 0 loads the weights, the others start on the meta device and receive them; parameters offloaded to CPU
     "eager_ram_efficient_loading": ("eager", False, None, False, {"cpu_ram_efficient_loading": True}),
     "activation_free_offload": ("activation_free", False, None, False, {"offload_params": True}),
+    # GPT-2 (Conv1D, learned positions, tied head untied by patch) and Qwen2 (tied)
+    "gpt2_eager": ("eager", False, None, False, {}, "gpt2"),
+    "qwen2_activation_free": ("activation_free", False, None, False, {}, "qwen2"),
 }
 GLOBAL_BATCH, GA, STEPS, LR = 4, 2, 3, 0.05
 
@@ -85,8 +88,8 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": labels, "attention_mask": torch.ones_like(self.ids[i])}
 
 
-def _model(mode, lora):
-    model = tiny_model("llama")
+def _model(mode, lora, family="llama"):
+    model = tiny_model(family)
     if lora:
         from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
@@ -98,7 +101,7 @@ def _model(mode, lora):
 def run(out: str, case: str, world: int) -> tuple[dict, bool]:
     """The trainable parameters after training ``case`` (gathered), and whether its forwards ran the fused loss."""
     mode, lora, ckpt, bf16, *more = CASES[case]
-    model = _model(mode, lora)
+    model = _model(mode, lora, more[1] if len(more) > 1 else "llama")
     args = dict(output_dir=os.path.join(out, f"run-{case}-{world}"), max_steps=STEPS,
                 per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=GA, optim="sgd",
                 learning_rate=LR, max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], save_strategy="no",
@@ -107,15 +110,21 @@ def run(out: str, case: str, world: int) -> tuple[dict, bool]:
                 gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt == "hf" else None)
     if world > 1:
         args.update(fsdp=True, ddp_backend="gloo",
-                    fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                 "reshard_after_forward": True, "activation_checkpointing": ckpt == "fsdp",
-                                 **(more[0] if more else {})})
+                    # the layers to shard: the model's _no_split_modules, as accelerate reads them by default
+                    fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                 "activation_checkpointing": ckpt == "fsdp", **(more[0] if more else {})})
     trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=Rows())
     lopt_kernels.attach(trainer)
     logits_seen = []
     lm = model.get_base_model() if lora else model
     lm.register_forward_hook(lambda m, a, out: logits_seen.append(out.logits is not None) if m.training else None)
     trainer.train()
+    if world > 1:  # accelerate sharded each decoder layer (and wrapped it for fsdp_config's checkpointing)
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+
+        stack = lm.model.layers if hasattr(lm, "model") else lm.transformer.h
+        assert all(isinstance(layer, FSDPModule) for layer in stack), [type(layer).__name__ for layer in stack]
+        assert (type(stack[0]).__name__ == "FSDPCheckpointWrapper") == (ckpt == "fsdp"), type(stack[0]).__name__
     params = {}
     for name, p in trainer.model.named_parameters():
         if p.requires_grad:
