@@ -18,8 +18,7 @@ from . import optimizer_watch
 from .boundary import BOUNDARY_MODES
 from .boundary.common import BoundaryMode, BoundarySpec, hidden_of, tensors_in, trainable_outside_inputs
 from .discovery import LoptPatchError
-from .hf_model import (HooksOutsideCheckpoint, cache_in, drop_cache, is_kv_cache, non_reentrant_checkpoint,
-                       state_carried_between_layers)
+from .hf_model import HooksOutsideCheckpoint, cache_in, drop_cache, is_kv_cache, non_reentrant_checkpoint
 from .state import PatchState, PassState
 
 MISSING_AUX_MESSAGE = (
@@ -203,11 +202,6 @@ ZERO3_LEAF_EAGER_MESSAGE = (
 )
 
 
-def _state_carried_between_layers(state: PatchState) -> tuple:
-    name = state.layers_name
-    return state_carried_between_layers(type(state.backbone), name) if name is not None else ()
-
-
 def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> str:
     """The boundary mode of this training forward. ``auto``: eager (no recomputation) when the gradients it
     would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models;
@@ -217,9 +211,7 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
     states (per-layer inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager
     (stored under FSDP2, whose eager backward would accumulate them unscaled). Under DeepSpeed ZeRO-3, trainable
     leaf modules in the bottom blocks (MoE blocks) rule eager out (see ``zero3_leaf_modules_trained``): ``auto``
-    is then activation-free (stored where outside inputs also rule that out). A backbone that hands a layer's
-    other outputs to the next layer (ZAYA's router states), which the activation-free rebuild would replay as
-    constants, makes ``auto`` eager (stored where eager is ruled out)."""
+    is then activation-free (stored where outside inputs also rule that out)."""
     mode = state.settings.mode
     zero3 = mode in ("auto", "eager") and any(hasattr(p, "ds_id") for p in state.decoders.parameters())
     leaves = zero3_leaf_modules_trained(state) if zero3 else []
@@ -236,10 +228,9 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
         )
     if mode != "auto":
         return mode
-    carried = _state_carried_between_layers(state)
     if leaves:
-        return "stored" if outside_inputs or carried else "activation_free"
-    if outside_inputs or carried:
+        return "stored" if outside_inputs else "activation_free"
+    if outside_inputs:
         return "eager"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
     held = held_gradient_bytes(state)
@@ -489,8 +480,9 @@ SKIPPED_LAYER_MESSAGE = (
 SIDE_INPUT_MESSAGE = (
     "lopt_kernels: mode={mode!r} runs activation-free blocks here, which cannot train this model: layer {i} (in the "
     "non-final {span}) reads besides its hidden states a tensor ({what}, shape {shape}) that an earlier layer of its "
-    "block computed; the activation-free rebuild replays each layer on what it recorded, so that tensor would be a "
-    "constant and its share of the aux-loss gradient lost. Patch with mode='eager' or mode='stored', which "
+    "block computed, held inside a container the activation-free rebuild cannot pass the rebuilt value into (it does so "
+    "for a tensor the earlier layer returns as such), so that tensor would be a constant in the rebuild and its "
+    "share of the aux-loss gradient lost. Patch with mode='eager' or mode='stored', which "
     "backpropagate through it."
 )
 
@@ -521,7 +513,7 @@ def _argument_tensors(rest: tuple, kwargs: dict):
 
 
 def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: tuple, kwargs: dict, *,
-                  graph: bool) -> tuple | None:
+                  graph: bool, threaded: bool = False) -> tuple | None:
     """A tensor a layer call reads besides its hidden states that earlier layers of this forward computed, as
     ``(tensor, what)``, or None: one an earlier layer returned besides its hidden states (router states passed on,
     a separate residual stream), a stack of hidden states (batch, positions, ..., hidden, one dimension more than
@@ -536,6 +528,8 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
         base = t if t._base is None else t._base
         if id(t) in run.cut_outputs:
             continue  # a block's last layer's output, its gradient stopped at the boundary as the hidden states'
+        if threaded and threadable(run, t):
+            continue  # the activation-free rebuild hands the rebuilt tensor on (see ActivationFreeMode)
         if id(t) in run.side_outputs or id(base) in run.side_outputs:
             return t, "that an earlier layer returned besides its hidden states"
         if id(t) in run.first_inputs or id(base) in run.first_inputs:
@@ -554,6 +548,14 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
     return None
 
 
+def threadable(run: PassState, t) -> bool:
+    """Whether ``t`` is one of the values an earlier layer of the running activation-free block returned besides its
+    hidden states (a tensor of its output tuple itself), which the block's rebuild passes on from the rebuilt layer."""
+    origin = run.side_outputs.get(id(t))
+    return origin is not None and origin[0] is t and origin[2] is not None and run.boundary is not None and \
+        run.boundary.produced_in_block(origin[1])
+
+
 def check_block_inputs(state: PatchState, run: PassState, block: int, module, hidden, rest: tuple, kwargs: dict):
     """Refuse a block (after the first) whose first layer reads, besides its hidden states, a tensor computed by the
     earlier blocks' layers (``foreign_input``): the boundary cuts the hidden states only."""
@@ -565,13 +567,13 @@ def check_block_inputs(state: PatchState, run: PassState, block: int, module, hi
 
 
 def check_layer_inputs(state: PatchState, run: PassState, block: int, module, hidden, rest: tuple, kwargs: dict):
-    """Inside a non-final block, activation-free mode replays each layer on the arguments it recorded, so a tensor an
-    earlier layer of the block computed and a later one reads besides its hidden states would be a constant in the
-    rebuild and its share of the aux gradient lost: refused in that mode (eager and stored backpropagate through
-    it)."""
+    """Inside a non-final block, activation-free mode replays each layer on the arguments it recorded. A tensor an
+    earlier layer of the block returned (ZAYA's router states) is passed on from the rebuilt layer instead; one it
+    cannot pass on (held in a container, or computed otherwise) would be a constant in the rebuild and its share of
+    the aux gradient lost: refused in that mode (eager and stored backpropagate through it)."""
     if run.mode != "activation_free":
         return
-    found = foreign_input(state, run, block, hidden, rest, kwargs, graph=False)
+    found = foreign_input(state, run, block, hidden, rest, kwargs, graph=False, threaded=True)
     if found is not None:
         t, what = found
         raise LoptPatchError(SIDE_INPUT_MESSAGE.format(i=_layer_index(state, module), span=_span(state, block),
@@ -588,11 +590,11 @@ def side_output_hook(state: PatchState):
         if not run.active or state.replaying or module in state.checkpoint_bodies:
             return None
         if isinstance(output, (tuple, list)):
-            for value in output[1:]:
+            for k, value in enumerate(output[1:], start=1):
                 if is_kv_cache(value):
                     continue
-                for t in tensors_in(value):
-                    run.side_outputs[id(t)] = t
+                for t in tensors_in(value):  # (tensor, the layer, its place in the output if it is one itself)
+                    run.side_outputs[id(t)] = (t, module, k if value is t else None)
         return None
 
     return hook

@@ -310,7 +310,7 @@ def test_state_a_layer_hands_to_the_next_block_crosses_the_boundary_with_its_gra
     parameter of block 0 gets a gradient, and eager equals stored. Before, both were refused at the boundary;
     without that refusal stored mode let the task loss train block 0 through them (24 of layer 0's parameters) and
     eager's local backward had freed the graph the task loss then reached ('Trying to backward through the graph a
-    second time'). (Activation-free mode still refuses them inside a block: test_misuse_runtime.py.)"""
+    second time'). (Inside a block, every mode: test_misuse_runtime.py.)"""
     base = _zaya()
     b = batch()
     grads = {}

@@ -43,6 +43,10 @@ class LayerCall:
     cpu_rng: torch.Tensor | None = None
     device_rng: torch.Tensor | None = None
     rng_device: torch.device | None = None  # the CUDA device ``device_rng`` was captured from
+    # arguments an earlier layer of the block returned besides its hidden states (ZAYA's router states): (index in
+    # args or name in kwargs, the producing call's index in the tape, the place in its output); the rebuild passes
+    # the rebuilt tensor there, so that its aux-loss gradient reaches the earlier layer
+    threads: list = field(default_factory=list)
 
 
 @dataclass
@@ -58,8 +62,19 @@ def _run_directly(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _call_layer(call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
+def _call_layer(call: LayerCall, hidden: torch.Tensor, outputs: list | None = None):
+    """The layer's hidden states on ``hidden``; with ``outputs`` (the block's earlier calls' whole outputs), its whole
+    output, the earlier layers' rebuilt values passed where it read them."""
     layer = call.layer
+    args, kwargs = call.args, call.kwargs
+    if call.threads:
+        args, kwargs = list(args), dict(kwargs)
+        for where, producer, k in call.threads:
+            value = outputs[producer][k]
+            if isinstance(where, int):
+                args[where] = value
+            else:
+                kwargs[where] = value
     # Bypass the layer's checkpointing, transformers' own or torch's checkpoint_wrapper (accelerate's FSDP2
     # activation checkpointing): the rebuild already is the recomputation.
     saved_flag = getattr(layer, "gradient_checkpointing", None)
@@ -69,7 +84,8 @@ def _call_layer(call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
     if wrapper_fn is not None:
         layer.checkpoint_fn = _run_directly
     try:
-        return hidden_of(layer(hidden, *call.args, **call.kwargs))
+        output = layer(hidden, *args, **kwargs)
+        return output if outputs is not None else hidden_of(output)
     finally:
         if saved_flag:
             layer.gradient_checkpointing = saved_flag
@@ -167,7 +183,8 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
     decoder_params = list(spec.decoder.decoder_parameters())
     try:
         x = x.detach()
-        if spec.layerwise_rebuild:
+        threaded = any(call.threads for call in tape.calls)
+        if spec.layerwise_rebuild and not threaded:
             # Checkpoint every layer input (no graph), then walk back one layer at a time.
             inputs = []
             hidden = x
@@ -194,11 +211,19 @@ def rebuild_and_backward(spec: BoundarySpec, tape: BlockTape, x: torch.Tensor, g
             grad_x = grad_hidden if x_needs_grad else None
         else:
             # Rebuild the whole block with its graph, then one backward through it.
+            # (also where a layer reads what an earlier one returned besides its hidden states: one graph carries
+            # both, where a layer-by-layer walk would carry the hidden states' gradient only)
             layer_in = x.requires_grad_(x_needs_grad)
             hidden = layer_in
+            outputs = [] if threaded else None
             for call in tape.calls:
                 with _ReplayContext(tape, call, grad=True):
-                    hidden = _call_layer(call, hidden)
+                    output = _call_layer(call, hidden, outputs)
+                if outputs is not None:
+                    outputs.append(output)
+                    output = hidden_of(output)
+                hidden = output
+            del outputs
             _, grads = local_loss_and_grads(spec, hidden.detach(), x, grad_scale=grad_scale)
             _grads_into(store, decoder_params, grads[1:])
             block_params = [p for call in tape.calls for p in trainable(call.layer)]
@@ -291,11 +316,27 @@ class ActivationFreeMode(BoundaryMode):
         if not run.cache_requested:
             run.cache_skipped = run.cache_skipped or cache_in(rest, kwargs) is not None
             rest, kwargs = replay_rest, replay_kwargs
-        call = LayerCall(layer, replay_rest, replay_kwargs, cpu_rng=torch.get_rng_state())
+        call = LayerCall(layer, replay_rest, replay_kwargs, cpu_rng=torch.get_rng_state(),
+                         threads=self._threads(block, replay_rest, replay_kwargs))
         if hidden.device.type == "cuda":
             call.device_rng, call.rng_device = torch.cuda.get_rng_state(hidden.device), hidden.device
         self.tapes[block].calls.append(call)
         return (hidden, *rest), kwargs
+
+    def produced_in_block(self, layer) -> bool:
+        return any(call.layer is layer for tape in self.tapes.values() for call in tape.calls)
+
+    def _threads(self, block, rest, kwargs) -> list:
+        """Where this layer call reads a value an earlier layer of the block returned (see ``LayerCall.threads``)."""
+        calls, side_outputs, threads = self.tapes[block].calls, self.run.side_outputs, []
+        for where, value in (*enumerate(rest), *kwargs.items()):
+            origin = side_outputs.get(id(value)) if torch.is_tensor(value) else None
+            if origin is None or origin[0] is not value or origin[2] is None:
+                continue
+            producer = next((i for i in range(len(calls) - 1, -1, -1) if calls[i].layer is origin[1]), None)
+            if producer is not None:
+                threads.append((where, producer, origin[2]))
+        return threads
 
     def end_block(self, block, spec, y):
         self._restore_grad_mode()
