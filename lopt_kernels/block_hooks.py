@@ -480,9 +480,9 @@ SKIPPED_LAYER_MESSAGE = (
 SIDE_INPUT_MESSAGE = (
     "lopt_kernels: mode={mode!r} runs activation-free blocks here, which cannot train this model: layer {i} (in the "
     "non-final {span}) reads besides its hidden states a tensor ({what}, shape {shape}) that an earlier layer of its "
-    "block computed, held inside a container the activation-free rebuild cannot pass the rebuilt value into (it does so "
-    "for a tensor the earlier layer returns as such), so that tensor would be a constant in the rebuild and its "
-    "share of the aux-loss gradient lost. Patch with mode='eager' or mode='stored', which "
+    "block computed and that the activation-free rebuild cannot pass on rebuilt (it does so for a tensor an earlier "
+    "layer returns as an element of its output, not for one inside a container or computed otherwise), so it would be "
+    "a constant in the rebuild and its share of the aux-loss gradient lost. Patch with mode='eager' or mode='stored', which "
     "backpropagate through it."
 )
 
