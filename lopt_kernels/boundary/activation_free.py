@@ -329,6 +329,8 @@ class ActivationFreeMode(BoundaryMode):
     def _threads(self, block, rest, kwargs) -> list:
         """Where this layer call reads a value an earlier layer of the block returned (see ``LayerCall.threads``)."""
         calls, side_outputs, threads = self.tapes[block].calls, self.run.side_outputs, []
+        if not side_outputs:  # the common case: the layers return their hidden states alone
+            return threads
         for where, value in (*enumerate(rest), *kwargs.items()):
             origin = side_outputs.get(id(value)) if torch.is_tensor(value) else None
             if origin is None or origin[0] is not value or origin[2] is None:
