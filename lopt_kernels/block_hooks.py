@@ -480,10 +480,10 @@ SKIPPED_LAYER_MESSAGE = (
 SIDE_INPUT_MESSAGE = (
     "lopt_kernels: mode={mode!r} runs activation-free blocks here, which cannot train this model: layer {i} (in the "
     "non-final {span}) reads besides its hidden states a tensor ({what}, shape {shape}) that an earlier layer of its "
-    "block computed and that the activation-free rebuild cannot pass on rebuilt (it does so for a tensor an earlier "
-    "layer returns as an element of its output, not for one inside a container or computed otherwise), so it would be "
-    "a constant in the rebuild and its share of the aux-loss gradient lost. Patch with mode='eager' or mode='stored', which "
-    "backpropagate through it."
+    "block computed and that the activation-free rebuild cannot pass on rebuilt (it does so for a tensor an "
+    "earlier layer returns as an element of its output, not for one inside a container or computed otherwise), so "
+    "it would be a constant in the rebuild and its share of the aux-loss gradient lost. Patch with mode='eager' or "
+    "mode='stored', which backpropagate through it."
 )
 
 CROSS_BLOCK_INPUT_MESSAGE = (
@@ -528,7 +528,7 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
         base = t if t._base is None else t._base
         if id(t) in run.cut_outputs:
             continue  # a block's last layer's output, its gradient stopped at the boundary as the hidden states'
-        if threaded and threadable(run, t):
+        if threaded and run.boundary.producer_of(block, t) is not None:
             continue  # the activation-free rebuild hands the rebuilt tensor on (see ActivationFreeMode)
         if id(t) in run.side_outputs or id(base) in run.side_outputs:
             return t, "that an earlier layer returned besides its hidden states"
@@ -546,14 +546,6 @@ def foreign_input(state: PatchState, run: PassState, block: int, hidden, rest: t
             if earlier(t.grad_fn):
                 return t, "whose gradient reaches an earlier block's parameters"
     return None
-
-
-def threadable(run: PassState, t) -> bool:
-    """Whether ``t`` is one of the values an earlier layer of the running activation-free block returned besides its
-    hidden states (a tensor of its output tuple itself), which the block's rebuild passes on from the rebuilt layer."""
-    origin = run.side_outputs.get(id(t))
-    return origin is not None and origin[0] is t and origin[2] is not None and run.boundary is not None and \
-        run.boundary.produced_in_block(origin[1])
 
 
 def check_block_inputs(state: PatchState, run: PassState, block: int, module, hidden, rest: tuple, kwargs: dict):

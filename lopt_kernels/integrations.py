@@ -348,10 +348,10 @@ def _check_synced_reference(trainer, model) -> None:
         if names != ref_names:
             raise LoptPatchError(
                 "sync_ref_model=True mixes the policy's parameters into the reference model's in parameters() order, "
-                f"but the patched policy has {len(names)} parameters (its aux decoders, an untied output head) and the "
-                f"reference {len(ref_names)}, so they do not line up (TRL fails after the first step, or mixes the wrong "
-                "tensors). Pass ref_model=lopt_kernels.patch(<the reference model>) with the policy's settings: in eval "
-                "mode it returns the unpatched logits, and its parameters pair with the policy's."
+                f"but the patched policy has {len(names)} parameters (its aux decoders, an untied output head) and "
+                f"the reference {len(ref_names)}, so they do not line up (TRL fails after the first step, or mixes the "
+                "wrong tensors). Pass ref_model=lopt_kernels.patch(<the reference model>) with the policy's settings: "
+                "in eval mode it returns the unpatched logits, and its parameters pair with the policy's."
             )
 
 

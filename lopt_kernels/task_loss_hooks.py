@@ -118,8 +118,8 @@ def _fused_ce_inputs(lm, device: torch.device) -> tuple:
     loss function (``model.loss_function = ...``), the config's logit transforms, the device."""
     config = text_config(lm)
     head = lm.get_output_embeddings()
-    return (head, type(head), _fsdp2_reshards_after_forward(head), getattr(lm, "loss_function", None), device.type, getattr(config, "final_logit_softcapping", None),
-            tuple(getattr(config, a, None) for a in LOGIT_TRANSFORMS))
+    return (head, type(head), _fsdp2_reshards_after_forward(head), getattr(lm, "loss_function", None), device.type,
+            getattr(config, "final_logit_softcapping", None), tuple(getattr(config, a, None) for a in LOGIT_TRANSFORMS))
 
 
 def fused_ce_impl(state: PatchState, device: torch.device) -> str | None:

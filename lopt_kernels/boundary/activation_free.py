@@ -323,22 +323,21 @@ class ActivationFreeMode(BoundaryMode):
         self.tapes[block].calls.append(call)
         return (hidden, *rest), kwargs
 
-    def produced_in_block(self, layer) -> bool:
-        return any(call.layer is layer for tape in self.tapes.values() for call in tape.calls)
+    def producer_of(self, block, value):
+        origin = self.run.side_outputs.get(id(value))
+        if origin is None or origin[2] is None:  # not returned, or inside a container of the output
+            return None
+        calls = self.tapes[block].calls
+        producer = next((i for i in range(len(calls) - 1, -1, -1) if calls[i].layer is origin[1]), None)
+        return None if producer is None else (producer, origin[2])
 
     def _threads(self, block, rest, kwargs) -> list:
         """Where this layer call reads a value an earlier layer of the block returned (see ``LayerCall.threads``)."""
-        calls, side_outputs, threads = self.tapes[block].calls, self.run.side_outputs, []
-        if not side_outputs:  # the common case: the layers return their hidden states alone
-            return threads
-        for where, value in (*enumerate(rest), *kwargs.items()):
-            origin = side_outputs.get(id(value)) if torch.is_tensor(value) else None
-            if origin is None or origin[0] is not value or origin[2] is None:
-                continue
-            producer = next((i for i in range(len(calls) - 1, -1, -1) if calls[i].layer is origin[1]), None)
-            if producer is not None:
-                threads.append((where, producer, origin[2]))
-        return threads
+        if not self.run.side_outputs:  # the common case: the layers return their hidden states alone
+            return []
+        found = ((where, self.producer_of(block, value)) for where, value in (*enumerate(rest), *kwargs.items())
+                 if torch.is_tensor(value))
+        return [(where, *producer) for where, producer in found if producer is not None]
 
     def end_block(self, block, spec, y):
         self._restore_grad_mode()

@@ -43,9 +43,10 @@ class BoundaryMode:
         """A layer of the block is about to run: ``(args, kwargs)`` to call it with instead, or None (unchanged)."""
         return None
 
-    def produced_in_block(self, layer) -> bool:
-        """Whether ``layer`` ran in the block now running, so that what it returned can be rebuilt with it."""
-        return False
+    def producer_of(self, block: int, value) -> tuple | None:
+        """``(call index, place in its output)`` where an earlier layer of the running ``block`` returned ``value`` as
+        an element of its output, for a mode whose rebuild passes such values on (activation-free); else None."""
+        return None
 
     def end_block(self, block: int, spec: "BoundarySpec", y: torch.Tensor) -> tuple:
         """The block's last layer returned ``y``: ``(hand_off, aux_term)``, the next block's input (gradient

@@ -17,9 +17,10 @@ ADAPTER_PREFIX = "base_model.model."
 
 
 def _adapter_key(name: str) -> str:
-    """``model.layers.0.q_proj.lora_A.default.weight`` -> PEFT's saved ``base_model.model.model.layers.0.q_proj.lora_A.weight``:
-    the adapter name is dropped where PEFT drops it, second to last (a module's tensor) or last (a parameter's: an
-    embedding's ``lora_embedding_A.default``), never inside a module path."""
+    """``model.layers.0.q_proj.lora_A.default.weight`` -> PEFT's saved
+    ``base_model.model.model.layers.0.q_proj.lora_A.weight``: the adapter name is dropped where PEFT drops it,
+    second to last (a module's tensor) or last (a parameter's: an embedding's ``lora_embedding_A.default``), never
+    inside a module path."""
     if name.endswith(".default"):
         return ADAPTER_PREFIX + name[: -len(".default")]
     head, _, suffix = name.rpartition(".")

@@ -235,9 +235,9 @@ class PipelineStage:
         handles = [first_layer.register_forward_pre_hook(pre, with_kwargs=True),
                    last_layer.register_forward_hook(post, with_kwargs=True)]
         if not self.is_first:
-            # a later rank's input embeddings stay on the meta device; a model that embeds other ids with them before its
-            # layers (GPT-2's token_type_ids) gets zeros of the shape, as its placeholder inputs_embeds: discarded at the
-            # first own layer, whose input is the received hidden states
+            # a later rank's input embeddings stay on the meta device; a model that embeds other ids with them
+            # before its layers (GPT-2's token_type_ids) gets zeros of the shape, as its placeholder inputs_embeds:
+            # discarded at the first own layer, whose input is the received hidden states
             def unmaterialised(module, args, output):
                 if torch.is_tensor(output) and output.is_meta:
                     return self._placeholder(output.shape)
