@@ -4,7 +4,8 @@
   config attributes that transform logits, a mixture-of-experts model's router-loss coefficient;
 - how it calls its layers: transformers' gradient-checkpointing function (and the shim for transformers < 5.23,
   which checkpoints a layer's whole ``__call__``), the KV cache object among a layer call's arguments, the batch
-  entries every layer reads (positions, packed-sequence offsets), the config lists indexed per layer.
+  entries every layer reads (positions, packed-sequence offsets), how the backbone's loop calls a layer (what it
+  reads of the output, what it hands to the next call).
 
 Nothing here imports transformers at module level or knows about LoPT's hooks' state.
 """
@@ -16,6 +17,7 @@ import functools
 import inspect
 import textwrap
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -231,139 +233,83 @@ PER_TOKEN_INPUTS = ("position_ids", "token_type_ids", "cu_seq_lens_q", "cu_seq_l
                     "seq_idx")
 
 
-def _config_properties(config) -> list[str]:
-    """Names of the properties a model's config class defines (not those of transformers' base config class):
-    settings computed from others, as Bamba's and Jamba's ``layers_block_type`` from the attention layers' indices."""
-    try:
-        from transformers import PretrainedConfig  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return []
-    base = set(dir(PretrainedConfig))
-    return sorted({name for cls in type(config).__mro__ if issubclass(cls, PretrainedConfig) and cls is not PretrainedConfig
-                   for name, value in vars(cls).items() if isinstance(value, property) and name not in base})
+@dataclass(frozen=True)
+class LayerCallSite:
+    """How the backbone's loop over its layer stack calls a layer and reads what it returns.
+
+    ``outputs``: 0 where the loop takes the layer's output as the hidden states; n where it unpacks a tuple of n
+    (``hidden_states, router_states = layer(...)``) or indexes the output (``outputs[0]``: n is one more than the
+    largest index read). ``carried``: what the loop hands from one layer's call to the next besides the hidden states
+    (ZAYA's router states, a sparse-attention indexer's selection), as ``(name, output index, argument)``, the
+    argument a position in the call's arguments or a keyword."""
+
+    outputs: int = 0
+    carried: tuple = ()
+
+    def stand_in_output(self, hidden):
+        """What a layer that does not run here returns in its place: its input hidden states, in the output's
+        structure (the other entries None)."""
+        return hidden if self.outputs == 0 else (hidden, *([None] * (self.outputs - 1)))
 
 
-@functools.lru_cache(maxsize=None)
-def state_carried_between_layers(cls, layers_attr: str) -> tuple:
-    """The names of values the backbone class ``cls``'s forward passes from one decoder layer's call to the next
-    besides the hidden states (Kolibri1.1's ``index_pool``: ``hidden_states, index_pool = decoder_layer(...,
-    index_pool=index_pool)``), read from its source: a result of the layer call, other than the first, that the
-    loop over ``self.<layers_attr>`` passes back to the layer call. A value the caller passes to the forward is a
-    cache (RWKV's recurrent ``state``), which training without one leaves None: not counted. Empty when the layers
-    hand on only their hidden states (or the source cannot be read)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
-        return ()
-    function = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
-    arguments = set() if function is None else {a.arg for a in (*function.args.args, *function.args.kwonlyargs)}
-    carried = []
+def _layer_loops(tree, layers_attr: str):
+    """The ``for`` loops of a parsed forward that iterate ``self.<layers_attr>`` (directly, sliced, enumerated or
+    zipped), with the name each iteration binds the layer to."""
     for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
         if not any(isinstance(n, ast.Attribute) and n.attr == layers_attr and isinstance(n.value, ast.Name)
                    and n.value.id == "self" for n in ast.walk(loop.iter)):
             continue
-        target = loop.target.elts[-1] if isinstance(loop.target, ast.Tuple) else loop.target
-        if not isinstance(target, ast.Name):
-            continue
-        body = [n for stmt in loop.body for n in ast.walk(stmt)]
-        calls = [n for n in body if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == target.id]
-        results, whole = set(), set()  # names bound to a result after the first; names bound to the whole output
-        for node in body:
-            if not isinstance(node, ast.Assign) or len(node.targets) != 1:
-                continue
-            bound, value = node.targets[0], node.value
-            if value in calls and isinstance(bound, ast.Tuple):
-                results.update(e.id for e in bound.elts[1:] if isinstance(e, ast.Name))
-            elif value in calls and isinstance(bound, ast.Name):
-                whole.add(bound.id)
-        for node in body:  # ``state = layer_outputs[1]``
-            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                    and isinstance(node.value, ast.Subscript) and isinstance(node.value.value, ast.Name)
-                    and node.value.value.id in whole and isinstance(node.value.slice, ast.Constant)
-                    and node.value.slice.value != 0):
-                results.add(node.targets[0].id)
-        for call in calls:
-            passed = {a.id for a in (*call.args, *(k.value for k in call.keywords)) if isinstance(a, ast.Name)}
-            carried.extend(sorted((passed & results) - arguments))
-    return tuple(dict.fromkeys(carried))
+        names = [t for t in (loop.target.elts if isinstance(loop.target, ast.Tuple) else [loop.target])
+                 if isinstance(t, ast.Name)]
+        yield loop, names
 
 
 @functools.lru_cache(maxsize=None)
-def config_lists_indexed_by_layer(cls, layers_attr: str) -> tuple | None:
-    """The config attributes that the backbone class ``cls``'s forward indexes by its loop position over the layer
-    stack (``self.config.layer_types[i]`` in ``for i, decoder_layer in enumerate(self.layers)``), read from its
-    source; None when the source or such a loop cannot be found."""
+def layer_call_site(cls, layers_attr: str) -> LayerCallSite | None:
+    """How the backbone class ``cls``'s forward calls its layers (:class:`LayerCallSite`), read from its source;
+    None when no loop over ``self.<layers_attr>`` that calls the layer could be read. A value the caller passes to
+    the forward is a cache (RWKV's recurrent ``state``), which training without one leaves None: not carried."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError, SyntaxError):
         return None
-    found, looped = [], False
-    for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
-        if not any(isinstance(n, ast.Attribute) and n.attr == layers_attr and isinstance(n.value, ast.Name)
-                   and n.value.id == "self" for n in ast.walk(loop.iter)):
+    function = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    arguments = set() if function is None else {a.arg for a in (*function.args.args, *function.args.kwonlyargs)}
+    for loop, names in _layer_loops(tree, layers_attr):
+        body = [n for stmt in loop.body for n in ast.walk(stmt)]
+        calls = [n for n in body if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id in {t.id for t in names}]
+        if not calls:
             continue
-        looped = True
-        target = loop.target
-        if isinstance(target, ast.Tuple) and target.elts and isinstance(target.elts[0], ast.Name):
-            index = target.elts[0].id  # enumerate(self.layers...)
-        elif isinstance(target, ast.Name) and isinstance(loop.iter, ast.Call) \
-                and getattr(loop.iter.func, "id", None) == "range":
-            index = target.id  # range(len(self.layers))
-        else:
-            continue  # no loop position to index by
-        for node in (n for stmt in loop.body for n in ast.walk(stmt)):
-            if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Name) and node.slice.id == index
-                    and isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Attribute)
-                    and node.value.value.attr == "config" and isinstance(node.value.value.value, ast.Name)
-                    and node.value.value.value.id == "self"):
-                found.append(node.value.attr)
-    return tuple(dict.fromkeys(found)) if looped else None
-
-
-def per_layer_config(config, num_layers: int, first: int, end: int, names=None) -> dict:
-    """The config lists with one entry per layer (``layer_types``, ``layer_rope_theta``, ``layers_block_type``...),
-    which the backbone indexes by its loop position: key -> (the whole list, its slice for layers ``[first, end)``),
-    so that a backbone iterating only those layers reads the j-th's settings as layer ``first + j``'s. ``names``:
-    the attributes the backbone indexes so (:func:`config_lists_indexed_by_layer`); only those are sliced, since a
-    list that merely has as many entries as there are layers (FalconH1's ``time_step_limit`` pair in a 2-layer
-    model) is not per layer. Without ``names``, every list of ``num_layers`` entries. Lists the config class computes
-    in a property (Bamba's ``layers_block_type``) count too: :func:`sliced_config` applies both kinds."""
-    if names is None:
-        candidates = [*vars(config), *_config_properties(config)]
-    else:  # a name the config maps to another attribute (Bamba's layer_types -> layers_block_type) is set as that
-        attribute_map = getattr(config, "attribute_map", None) or {}
-        candidates = [attribute_map.get(name, name) for name in names]
-    found = {}
-    for key in dict.fromkeys(candidates):
-        try:
-            values = getattr(config, key)
-        except Exception:  # noqa: BLE001, S112 - a property that cannot be read here is not a per-layer list
-            continue
-        if isinstance(values, (list, tuple)) and len(values) == num_layers:
-            found[key] = (values, type(values)(values[first:end]))
-    return found
-
-
-@contextmanager
-def sliced_config(config, per_layer: dict):
-    """``config`` reads the slices of :func:`per_layer_config` (``key -> (whole, slice)``) while inside: plain
-    attributes are set (and restored after), properties are overridden by a subclass of the config's class that
-    ``config`` takes for the while (a property cannot be set)."""
-    cls = type(config)
-    properties = {key for key in per_layer if isinstance(getattr(cls, key, None), property)}
-    try:
-        for key, (_, own) in per_layer.items():
-            if key not in properties:
-                setattr(config, key, own)
-        if properties:
-            config.__class__ = type(cls.__name__, (cls,), {
-                key: property(lambda self, own=per_layer[key][1]: own) for key in properties})
-        yield
-    finally:
-        config.__class__ = cls
-        for key, (whole, _) in per_layer.items():
-            if key not in properties:
-                setattr(config, key, whole)
+        outputs, results, whole = 0, {}, set()  # results: name -> output index
+        for node in body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and node.value in calls:
+                bound = node.targets[0]
+                if isinstance(bound, ast.Tuple):
+                    outputs = max(outputs, len(bound.elts))
+                    results.update((e.id, k) for k, e in enumerate(bound.elts) if k and isinstance(e, ast.Name))
+                elif isinstance(bound, ast.Name):
+                    whole.add(bound.id)
+            elif isinstance(node, ast.Subscript) and node.value in calls and isinstance(node.slice, ast.Constant):
+                outputs = max(outputs, node.slice.value + 1)  # layer(...)[0]
+        for node in body:  # outputs[k], and state = outputs[k]
+            if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in whole
+                    and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int)):
+                outputs = max(outputs, node.slice.value + 1)
+        for node in body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and isinstance(node.value, ast.Subscript) and isinstance(node.value.value, ast.Name)
+                    and node.value.value.id in whole and isinstance(node.value.slice, ast.Constant)
+                    and node.value.slice.value != 0):
+                results[node.targets[0].id] = node.value.slice.value
+        carried = []
+        for call in calls:
+            passed = [(a.id, j) for j, a in enumerate(call.args) if isinstance(a, ast.Name)]
+            passed += [(k.value.id, k.arg) for k in call.keywords if k.arg and isinstance(k.value, ast.Name)]
+            carried += [(name, results[name], where) for name, where in passed
+                        if name in results and name not in arguments]
+        return LayerCallSite(outputs=outputs, carried=tuple(dict.fromkeys(carried)))
+    return None
 
 
 def is_kv_cache(value) -> bool:

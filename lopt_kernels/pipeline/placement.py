@@ -17,7 +17,7 @@ from ..aux_decoder import AUX_DECODERS_FILE, AuxDecoder
 from ..boundary.common import trainable_inputs
 from ..discovery import (AUX_DECODERS_ATTR, AUX_MASKS, LoptPatchError, check_kv_sharing, check_weight_sharing,
                          find_layer_stack, resolve_boundaries, text_config)
-from ..hf_model import state_carried_between_layers
+from ..hf_model import children_around_layers, layer_call_site
 from .checkpoint import check_adapter, inject_adapter, safetensors_index
 
 
@@ -135,12 +135,22 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
             "with lopt_kernels.patch in one process."
         )
     # a module still running when the first layer starts (the backbone) may use its own parameters before the
-    # layers, after them, or both: no rank can own those. The first layer itself has just started (the global
-    # pre-hook runs before its own): its parameters are its stage's, wherever it keeps them (Doge keeps residual
-    # scales directly on the layer)
-    unplaceable = [f"{names[i]}.{key}" for i, m in started.items()
-                   if names.get(i) not in finished and i in names and m is not first_layer
-                   for key, p in m.named_parameters(recurse=False) if p is not None]
+    # layers, after them, or both: its forward's source says which (ZAYA scales and shifts the embeddings by two of
+    # its backbone's own parameters); those it reads before the layers only are rank 0's, after them only the last
+    # rank's, others no rank can own. The first layer itself has just started (the global pre-hook runs before its
+    # own): its parameters are its stage's, wherever it keeps them (Doge keeps residual scales directly on the layer)
+    unplaceable = []
+    for i, m in started.items():
+        if names.get(i) in finished or i not in names or m is first_layer:
+            continue
+        stack = next((n for n, child in m.named_children() if any(layer is first_layer for layer in child.children())),
+                     None)
+        before, after = children_around_layers(type(m), stack) if stack else (frozenset(), frozenset())
+        for key, p in m.named_parameters(recurse=False):
+            name = f"{names[i]}.{key}" if names[i] else key
+            if p is None or key in after and key not in before:
+                continue
+            (finished if key in before and key not in after else unplaceable).append(name)
     if unplaceable:
         raise LoptPatchError(
             f"{type(lm).__name__} keeps parameters directly on a module that runs around its decoder layers "
@@ -257,7 +267,7 @@ class StagePlan:
     aliases: dict = field(default_factory=dict)  # a tensor tied to another -> the name it is read under
 
     @classmethod
-    def build(cls, model_dir: str, rank: int, world: int, *, boundaries, dtype, device, attn_implementation: str,
+    def build(cls, model_dir: str, rank: int, world: int, *, boundaries, dtype, device, attn_implementation: str | None,
               adapter: str | None, aux_decoders: str | None, aux_mask: str) -> "StagePlan":
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
@@ -270,13 +280,11 @@ class StagePlan:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         backbone, layers_attr, layers = find_layer_stack(lm)
-        carried = state_carried_between_layers(type(backbone), layers_attr)
-        if carried:
+        if layer_call_site(type(backbone), layers_attr) is None:
             raise LoptPatchError(
-                f"{type(lm).__name__}: its backbone passes {', '.join(carried)} from each decoder layer's call to the "
-                "next besides the hidden states (state the layers share, such as a sparse-attention indexer's "
-                "selection). The pipeline sends only the hidden states downstream, so a later stage's first layer "
-                "would run without it. Train this model with lopt_kernels.patch in one process."
+                f"{type(lm).__name__}: no loop over its layer stack that calls each layer could be read from "
+                f"{type(backbone).__name__}.forward's source, so the stages cannot tell what a layer returns and hands "
+                "to the next. Train this model with lopt_kernels.patch in one process."
             )
         # what patch refuses for these boundaries (the pipeline's stages are its blocks): a weight or a layer's keys
         # and values shared across a boundary would reach an earlier stage's parameters from a later stage's loss

@@ -16,8 +16,7 @@ from ..aux_decoder import AuxDecoder
 from ..boundary import eager
 from ..boundary.common import BoundarySpec, hidden_of
 from ..discovery import AUX_DECODERS_ATTR, LoptPatchError, find_layer_stack, text_config
-from ..hf_model import (PER_TOKEN_INPUTS, HooksOutsideCheckpoint, config_lists_indexed_by_layer, per_layer_config,
-                        sliced_config)
+from ..hf_model import PER_TOKEN_INPUTS, HooksOutsideCheckpoint, LayerCallSite, layer_call_site
 from ..ops import linear_cross_entropy as lce
 from ..task_loss_hooks import fused_ce_choice, head_task_loss, item_share, label_count
 from .checkpoint import SHARD_PREFIX, model_key
@@ -40,9 +39,10 @@ class _StageDone(Exception):
 
 @dataclass
 class MessageCount:
-    """Point-to-point operations this rank issued, by the peer's side: every send and receive of a stage goes
-    through :meth:`PipelineStage.send` / :meth:`PipelineStage.receive`, which count them here (a test asserts
-    that nothing is sent to an earlier rank or received from a later one)."""
+    """Messages this rank sent and received, by the peer's side (a message: one micro-batch's activations, with the
+    header that describes them, or one step's aux-loss record): every send and receive of a stage goes through
+    :meth:`PipelineStage.send` / :meth:`PipelineStage.receive`, which count them here (a test asserts that
+    nothing is sent to an earlier rank or received from a later one)."""
 
     downstream_sends: int = 0  # to a later rank
     upstream_receives: int = 0  # from an earlier rank (the downstream flow, seen from here)
@@ -64,6 +64,57 @@ class StageTimeline:
     backward / send / receive / step."""
 
     spans: list = field(default_factory=list)
+
+
+# an activation message's header: one row per value (present, dtype, number of dimensions, up to 8 sizes)
+_HEADER_WIDTH = 11
+_WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+                torch.int8, torch.uint8, torch.bool)
+
+
+def _header(values, device) -> torch.Tensor:
+    rows = []
+    for v in values:
+        if v is None:
+            rows.append([0] * _HEADER_WIDTH)
+            continue
+        if v.dim() > _HEADER_WIDTH - 3 or v.dtype not in _WIRE_DTYPES:
+            raise LoptPatchError(f"a pipeline stage cannot send a {v.dtype} tensor of {v.dim()} dimensions downstream "
+                                 f"(at most {_HEADER_WIDTH - 3}, of {', '.join(map(str, _WIRE_DTYPES))})")
+        rows.append([1, _WIRE_DTYPES.index(v.dtype), v.dim(), *v.shape, *[0] * (_HEADER_WIDTH - 3 - v.dim())])
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def _argument_name(module: nn.Module, position: int) -> str:
+    """The name of a layer forward's positional parameter ``position`` (a handed-on value the backbone passed by
+    position, where this call has fewer positional arguments)."""
+    import inspect  # noqa: PLC0415
+
+    return list(inspect.signature(module.forward).parameters)[position]
+
+
+class _StandIns:
+    """While open, the earlier stages' layers (on the meta device on this rank) return their input hidden states,
+    in their output's structure, instead of running: the backbone's loop still iterates every layer, so each layer
+    and whatever the loop computes per layer (a mask by the layer's type, ``i in config.index_layers``) read their
+    own index; the stage's first layer then runs on what the previous stage sent."""
+
+    def __init__(self, layers, call_site: LayerCallSite):
+        self._saved = [(layer, layer.__dict__.get("forward")) for layer in layers]
+
+        def stand_in(*args, **kwargs):
+            return call_site.stand_in_output(args[0] if args else kwargs["hidden_states"])
+
+        for layer in layers:
+            layer.forward = stand_in
+
+    def close(self) -> None:
+        for layer, forward in self._saved:
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+        self._saved = []
 
 
 def _fused_ce_impl(lm) -> str | None:
@@ -111,15 +162,15 @@ class PipelineStage:
         self.first_rank_modules = list(first_rank_modules or [input_embeddings])
         first, end = ranges[rank]
         self.own_layers = nn.ModuleList(self.all_layers[first:end])
-        # config lists with one entry per layer, sliced to this stage's while its layers run (decided once)
-        self._per_layer_config = per_layer_config(text_config(lm), len(self.all_layers), first, end,
-                                                  config_lists_indexed_by_layer(type(self.backbone), self.layers_attr))
+        # the backbone iterates every layer, so that it reads each layer's settings by its own index; the earlier
+        # stages' layers (on the meta device here) stand in, returning their input (see _StandIns)
+        self.call_site = layer_call_site(type(self.backbone), self.layers_attr) or LayerCallSite()
+        self._earlier_layers = list(self.all_layers[:first])
         self.is_first, self.is_last = rank == 0, rank == world - 1
         self.messages = MessageCount()
         self.timeline = StageTimeline()
         self.replaying = False  # set while a checkpointed layer recomputes inside the local backward
         self._pending_sends: list = []
-        self.hidden_size = text_config(lm).hidden_size  # what travels between stages
         # what the model's forward takes as inputs_embeds (OPT-350m projects a narrower embedding in)
         self.embedding_dim = lm.get_input_embeddings().weight.shape[-1]
         # the forward writes into inputs_embeds (CTRL scales them in place): a tensor of its own, not a broadcast view
@@ -135,7 +186,7 @@ class PipelineStage:
     @classmethod
     def from_pretrained(cls, model_dir: str, *, boundaries=None, lambda_aux: float = 10.0,
                         dtype: torch.dtype = torch.float32, device="cpu", group=None, backend: str = "auto",
-                        aux_decoders: str | None = None, attn_implementation: str = "sdpa",
+                        aux_decoders: str | None = None, attn_implementation: str | None = None,
                         gradient_checkpointing: bool = False, adapter: str | None = None, aux_mask: str = "all"):
         """Build this rank's part of the model saved in ``model_dir`` (``save_pretrained`` output), reading only
         its own tensors. ``aux_decoders``: a directory holding ``lopt_aux_decoders.safetensors`` to start the
@@ -191,7 +242,7 @@ class PipelineStage:
         if name.startswith(prefix):
             first, end = self.ranges[self.rank]
             return first <= int(name[len(prefix):].split(".")[0]) < end
-        if any(name.startswith(module + ".") for module in self.first_rank_modules):
+        if any(name == module or name.startswith(module + ".") for module in self.first_rank_modules):
             return self.is_first
         return self.is_last
 
@@ -217,18 +268,29 @@ class PipelineStage:
             if self.replaying or module in bodies:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            x = hidden if received is None else received
+            x = hidden if received is None else received[0]
             # the block runs from a detached copy (stop-grad); on rank 0 the embeddings' gradient goes through it
             leaf = x.detach().requires_grad_(self.is_first and x.requires_grad)
             captured["x"], captured["leaf"] = x, leaf
+            args, kwargs = list(args), dict(kwargs)
             if args:
-                return (leaf, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": leaf}
+                args[0] = leaf
+            else:
+                kwargs["hidden_states"] = leaf
+            if received is not None:  # what the previous stage's last layer handed on besides its hidden states
+                for (_, _, argument), value in zip(self.call_site.carried, received[1:]):
+                    if isinstance(argument, int) and argument < len(args):
+                        args[argument] = value
+                    else:
+                        kwargs[argument if isinstance(argument, str) else _argument_name(module, argument)] = value
+            return tuple(args), kwargs
 
         def post(module, args, kwargs, output):
             if self.replaying or module in bodies:
                 return None
             captured["y"] = hidden_of(output)
+            captured["carried"] = [output[k] if isinstance(output, (tuple, list)) and k < len(output) else None
+                                   for _, k, _ in self.call_site.carried]
             if not self.is_last:
                 raise _StageDone
 
@@ -260,9 +322,7 @@ class PipelineStage:
                 continue
             saved_funcs[layer] = func
             layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, *hooks, bodies)
-        setattr(self.backbone, self.layers_attr, self.own_layers)  # the backbone iterates this stage's layers only
-        own_config = contextlib.ExitStack()  # the config's per-layer lists read as this stage's layers' settings
-        own_config.enter_context(sliced_config(text_config(self.lm), self._per_layer_config))
+        stand_ins = _StandIns(self._earlier_layers, self.call_site)
         inputs = {"attention_mask": batch.get("attention_mask")}
         # positions (a packed batch restarts them per sequence) and the other per-token inputs, on every rank
         inputs.update((k, batch[k]) for k in PER_TOKEN_INPUTS if batch.get(k) is not None)
@@ -284,13 +344,12 @@ class PipelineStage:
                 task = head_task_loss(self.lm, captured["head_input"], lce.shift_labels_of(batch["labels"]),
                                       num_items_in_batch=num_items, impl=self.fused_ce)
         finally:
-            setattr(self.backbone, self.layers_attr, self.all_layers)
-            own_config.close()
+            stand_ins.close()
             for h in handles:
                 h.remove()
             for layer, func in saved_funcs.items():
                 layer._gradient_checkpointing_func = func
-        return captured["x"], captured["leaf"], captured["y"], task
+        return captured["x"], captured["leaf"], (captured["y"], *captured.get("carried", ())), task
 
     def _placeholder(self, shape) -> torch.Tensor:
         """Zeros of ``shape`` standing for what a later rank does not compute (its inputs_embeds): a broadcast view,
@@ -299,16 +358,33 @@ class PipelineStage:
             return torch.zeros(*shape, dtype=self.dtype, device=self.device)
         return torch.zeros((), dtype=self.dtype, device=self.device).expand(*shape)
 
-    def _receive(self, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
-        buffer = torch.empty(*ids.shape, self.hidden_size, dtype=self.dtype, device=self.device)
-        self.receive(buffer, self.rank - 1)
-        return buffer
+    def _receive(self) -> list:
+        """The previous stage's activations: its output hidden states, then what its last layer hands on besides
+        them (None where it handed on nothing), each allocated as the header describes it."""
+        peer = self._global(self.rank - 1)
+        header = torch.empty(1 + len(self.call_site.carried), _HEADER_WIDTH, dtype=torch.int64, device=self.device)
+        self.messages.note(self.rank, self.rank - 1, sending=False)
+        dist.recv(header, src=peer, group=self.group)
+        values = []
+        for present, dtype, ndim, *dims in header.tolist():
+            if not present:
+                values.append(None)
+                continue
+            values.append(torch.empty(dims[:ndim], dtype=_WIRE_DTYPES[dtype], device=self.device))
+            dist.recv(values[-1], src=peer, group=self.group)
+        return values
 
-    def _send(self, y: torch.Tensor) -> None:
-        payload = y.detach().contiguous()
+    def _send(self, values) -> None:
+        """Send this stage's activations downstream (hidden states first), with a header giving each one's dtype
+        and shape: a stage's output need not be (batch, positions, hidden) in the stage's dtype (ZAYA keeps its
+        residual stream in fp32, HYV4 several streams per position), nor a handed-on value always present."""
+        payloads = [None if v is None else v.detach().contiguous() for v in values]
+        header = _header(payloads, self.device)
         self.wait_sends()  # at most one activation in flight: an earlier one must not outlive its micro-batch
-        self._pending_sends.append((self.send(payload, self.rank + 1, blocking=False), payload))
+        self.messages.note(self.rank, self.rank + 1, sending=True)
+        peer = self._global(self.rank + 1)
+        for tensor in (header, *(p for p in payloads if p is not None)):
+            self._pending_sends.append((dist.isend(tensor, dst=peer, group=self.group), tensor))
 
     def send(self, tensor: torch.Tensor, peer: int, *, blocking: bool = True):
         """Send ``tensor`` to pipeline rank ``peer`` (counted); the work handle when not ``blocking``."""
@@ -353,7 +429,7 @@ class PipelineStage:
         received = None
         if not self.is_first:
             with span("receive"):
-                received = self._receive(batch)
+                received = self._receive()
         if self.is_last:
             with span("forward"):
                 _, _, _, task = self._run_backbone(batch, received, num_items)
@@ -364,6 +440,7 @@ class PipelineStage:
             x, leaf, y, _ = self._run_backbone(batch, received, num_items)
         with span("send"):
             self._send(y)  # downstream first: the next stage starts while this one runs its local backward
+            y = y[0]
         with span("local_backward"):
             spec = BoundarySpec(decoder=self.decoder, backend=self.backend, layerwise_rebuild=False,
                                 replay_guard=self, row_mask=self._row_mask(batch))

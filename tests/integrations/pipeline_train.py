@@ -69,7 +69,7 @@ def families(parent, out, steps, ga):
     for name in sorted(os.listdir(parent)):
         stage = PipelineStage.from_pretrained(os.path.join(parent, name),
                                               attn_implementation="eager" if name.startswith(("gemma", "granite", "bloom"))
-                                              else "sdpa")
+                                              else None)
         optimizer = torch.optim.SGD(stage.parameters_to_train(), lr=LR)
         train_pipeline(stage, micro_batches(), optimizer, grad_accum=int(ga), max_steps=int(steps), progress=False)
         stage.save_shard(os.path.join(out, name))

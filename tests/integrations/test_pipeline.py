@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lopt_kernels
+from lopt_kernels.discovery import find_layer_stack
 from lopt_kernels.integrations import save_aux_decoders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -129,6 +130,8 @@ def _assert_pipeline_matches(shards, final, expected, tolerance, label):
     got = joined.state_dict()
     # every name of a tensor the model ties to another (BERT's decoder bias), as the joined model's state dict lists it
     want = {n: p for n, p in expected.named_parameters(remove_duplicate=False) if not n.startswith("lopt_aux_decoders.")}
+    # and the persistent buffers (a router's balancing biases): the stages save them as they are
+    want.update((n, b) for n, b in expected.state_dict().items() if n not in want and not n.startswith("lopt_aux"))
     assert set(got) == set(want), set(got) ^ set(want)
     worst = max((got[n] - p).abs().max().item() for n, p in want.items())
     print(f"pipeline {label}: max |param - single process| = {worst:.3e}")
@@ -188,10 +191,32 @@ def _tiny(name):
         "bert_decoder": lambda: tf.BertConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=4,
                                               num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
                                               attention_probs_dropout_prob=0.0, is_decoder=True, **common),
+        # layers return router states beside the hidden states, which the backbone hands to the next layer's call by
+        # position; an fp32 residual stream; a scale and shift kept directly on the backbone, applied before the layers
+        "zaya": lambda: tf.ZayaConfig(hidden_size=40, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=10, max_position_embeddings=64, moe_intermediate_size=24, num_experts=4,
+                                      num_experts_per_tok=1, router_hidden_size=16, **common),
+        # several residual streams per position (batch, positions, 4, hidden); an indexer's top-k selection handed
+        # to the next layer's call by keyword, layers 2-4 reusing the one before theirs
+        "hy_v4": lambda: tf.HYV4Config(
+            hidden_size=40, intermediate_size=72, moe_intermediate_size=24, num_hidden_layers=5, num_attention_heads=4,
+            num_key_value_heads=4, head_dim=8, max_position_embeddings=64, n_routed_experts=4, n_shared_experts=1,
+            num_experts_per_tok=2, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=10, mlp_layer_types=["dense"] + ["sparse"] * 4, index_topk=4, index_head_dim=8, index_n_heads=2,
+            indexer_types=["full", "full", "shared", "shared", "shared"], **common),
+        # zips the config's layer_types with its layers (strict)
+        "ergo": lambda: tf.ErgoConfig(
+            hidden_size=40, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+            first_dense_intermediate_size=72, num_dense_blocks=1, moe_intermediate_size=24,
+            shared_intermediate_size=24, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+            sliding_window=4, global_attention_every_n_layers=3, **common),
+        # layers return (hidden states, state, attentions); no SDPA attention
+        "rwkv": lambda: tf.RwkvConfig(hidden_size=40, num_hidden_layers=4, attention_hidden_size=40,
+                                      intermediate_size=72, context_length=64, **common),
     }
     if name in configs:
         torch.manual_seed(0)
-        attn = "eager" if name in ("granite_swa", "bloom") else "sdpa"
+        attn = "eager" if name in ("granite_swa", "bloom") else None
         return tf.AutoModelForCausalLM.from_config(configs[name](), attn_implementation=attn).train()
     family, config = FAMILY_CASES[name]
     return tiny_model(family, **config)
@@ -204,6 +229,7 @@ FAMILY_CASES = {
     "phi3": ("phi3", {}), "qwen2_tied": ("qwen2", {}), "qwen3": ("qwen3", {}),
     "opt": (None, {}), "bloom": (None, {}), "granite_swa": (None, {}), "bamba": (None, {}),
     "doge": (None, {}), "ctrl": (None, {}), "bert_decoder": (None, {}),
+    "zaya": (None, {}), "hy_v4": (None, {}), "ergo": (None, {}), "rwkv": (None, {}),
 }
 
 
@@ -221,7 +247,10 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
     scales its inputs_embeds in place (before, the later stages' broadcast placeholder raised 'more than one element
     of the written-to tensor refers to a single memory location'). BertLMHeadModel ties its decoder bias to another
     tensor that the checkpoint stores (before, the last rank refused it: 'has no tensor cls.predictions.decoder.bias
-    (not a checkpoint of this model)')."""
+    (not a checkpoint of this model)'). ZAYA's and HYV4's layers hand state to the next layer's call, ZAYA keeps
+    parameters directly on its backbone (before: both refused); HYV4's stages send several residual streams per
+    position; Ergo zips its layer_types with the layers (before: rank 1 crashed); RWKV has no SDPA (before: refused
+    by transformers, the stages defaulting to it)."""
     steps, expected = 3, {}
     for name in FAMILY_CASES:
         model = _tiny(name)
@@ -239,33 +268,41 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
             assert not torch.equal(initial["transformer.wpe.weight"], model.transformer.wpe.weight)
 
 
-def test_only_the_config_lists_the_backbone_indexes_by_layer_are_sliced():
-    """A stage's backbone iterates its own layers only, so the config lists it indexes by its loop position are sliced
-    to the stage while its layers run: Gemma2's layer_types, GraniteSWA's layer_rope_theta too, Bamba's
-    layers_block_type (a property). A list that merely has one entry per layer is not one of them: FalconH1 with 2
-    layers has a (min, max) time_step_limit and two mlp_multipliers, which the stage sliced to one entry (before,
-    k=2 crashed on the strict config: 'Field time_step_limit with value (0.0,) doesn't match any type')."""
+def test_the_stages_read_how_the_backbone_calls_its_layers():
+    """A stage's backbone iterates every layer (the earlier stages' return their input in their place), so that each
+    reads its own index (before, a stage iterated its own layers only: Ergo's strict zip of layer_types with the
+    layers crashed on every later stage, and a loop reading `i in config.index_layers` would have taken the stage's
+    positions for the model's). The stand-ins return what the loop reads of a layer's output, and the values a
+    layer hands to the next layer's call besides its hidden states travel downstream with them (ZAYA's router
+    states by position, HYV4's top-k selection by keyword; before, both models were refused)."""
     import transformers as tf
 
-    from lopt_kernels.pipeline import PipelineStage, stage_layer_ranges
+    from lopt_kernels.hf_model import LayerCallSite, layer_call_site
 
-    tokens = dict(vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=40, intermediate_size=72,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    cases = [
-        (tf.FalconH1Config(**tokens, num_hidden_layers=2, head_dim=10, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
-                           mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4), set()),
-        (tf.Gemma2Config(**tokens, num_hidden_layers=5, head_dim=10, sliding_window=4), {"layer_types"}),
-        (_tiny("granite_swa").config, {"layer_rope_theta", "layer_types"}),
-        (_tiny("bamba").config, {"layers_block_type"}),
-    ]
-    for config, expected in cases:
+    def site(name):
         with torch.device("meta"):
-            lm = tf.AutoModelForCausalLM.from_config(config)
-        ranges = stage_layer_ranges(config.num_hidden_layers, 2)
-        stage = PipelineStage(lm, rank=0, world=2, ranges=ranges, lambda_aux=10.0, decoder=None)  # built, not run
-        assert set(stage._per_layer_config) == expected, (type(lm).__name__, stage._per_layer_config)
-        for whole, own in stage._per_layer_config.values():
-            assert list(own) == list(whole)[: ranges[0][1]]
+            lm = _tiny(name) if name in FAMILY_CASES else tf.AutoModelForCausalLM.from_config(
+                tf.FalconH1Config(vocab_size=97, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=10, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                                  mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4))
+        backbone, attr, _ = find_layer_stack(lm)
+        return layer_call_site(type(backbone), attr)
+
+    assert site("llama") == LayerCallSite(outputs=0, carried=())  # hidden_states = decoder_layer(...)
+    assert site("bloom") == LayerCallSite(outputs=2, carried=())  # outputs = block(...); hidden_states = outputs[0]
+    assert site("rwkv") == LayerCallSite(outputs=3, carried=())  # RWKV's state is the caller's cache, not carried
+    assert site("zaya") == LayerCallSite(outputs=2, carried=(("prev_router_hidden_states", 1, 1),))
+    assert site("hy_v4") == LayerCallSite(outputs=2, carried=(("topk_indices", 1, "prev_topk_indices"),))
+    assert site(None).outputs == 1  # FalconH1: layer_outputs = decoder_layer(...); hidden_states = layer_outputs[0]
+    hidden = torch.zeros(2, 3)
+    assert LayerCallSite(outputs=0).stand_in_output(hidden) is hidden
+    assert LayerCallSite(outputs=3).stand_in_output(hidden) == (hidden, None, None)
+
+    class Unreadable(torch.nn.Module):  # no loop over the stack: the pipeline refuses such a backbone
+        def forward(self, hidden_states):
+            return hidden_states
+
+    assert layer_call_site(Unreadable, "layers") is None
 
 
 def test_dropout_draws_from_a_stream_per_rank_and_reproduces(tmp_path):
@@ -360,13 +397,6 @@ def _refused_config(case):
             laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4),
         # layers 2 and 3 reuse layers 0's and 1's keys and values, across the boundary at layer 2
         "kv_sharing": lambda: tf.Gemma4TextConfig(**gemma4, hidden_size_per_layer_input=0, num_kv_shared_layers=2),
-        # a sparse-attention indexer's top-k selection handed from layer to layer (layer 2 reuses layer 1's)
-        "carried_state": lambda: tf.GlmMoeDsaConfig(
-            **{k: v for k, v in common.items() if k not in ("layer_types", "sliding_window", "num_key_value_heads")},
-            num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=10,
-            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1, index_topk=4,
-            index_head_dim=8, index_n_heads=2, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-            indexer_types=["full", "full", "shared", "shared"]),
     }[case]()
 
 
@@ -378,7 +408,6 @@ def _refused_config(case):
     ("per_layer_inputs_gemma3n", "Gemma3nForCausalLM: its decoder layers read trainable tensors computed before the "
                                  "layer stack"),
     ("kv_sharing", "layer 2 reuses the keys and values layer 0 computes"),
-    ("carried_state", "GlmMoeDsaForCausalLM: its backbone passes topk_indices from each decoder layer's call to the next"),
 ])
 def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
@@ -389,9 +418,7 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     before, Gemma4's rank 1 raised "Tensor on device meta is not on the expected device cpu!" and Gemma3n's ranks
     "'Gemma3nForCausalLM' object has no attribute 'hidden_size'" (the stage initialised its text model's buffers
     with the causal LM's _init_weights). Keys and values shared across a stage boundary (Gemma4's
-    num_kv_shared_layers), which patch refuses for the same blocks: before, the stages trained and rank 1 crashed.
-    State the backbone hands from one layer's call to the next besides the hidden states (GlmMoeDsa's indexer top-k
-    indices; also Kolibri1.1's index_pool, HYV4's): before, the stages were built and rank 1 crashed on None."""
+    num_kv_shared_layers), which patch refuses for the same blocks: before, the stages trained and rank 1 crashed."""
     import transformers as tf
 
     from tiny_models import tiny_model
@@ -399,7 +426,7 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     if case == "router_loss":
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
-    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n", "kv_sharing", "carried_state"):
+    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n", "kv_sharing"):
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_refused_config(case)).save_pretrained(tmp_path / "model")
     elif case == "missing_head":
