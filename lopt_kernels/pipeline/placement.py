@@ -78,6 +78,26 @@ def _initialisers(lm: nn.Module) -> dict:
     return found
 
 
+def causal_lm_class(config) -> type:
+    """The causal LM class to build from a checkpoint's ``config``: ``AutoModelForCausalLM``'s for its config class,
+    or else the ``...ForCausalLM`` class its ``architectures`` names (MllamaForCausalLM saves a MllamaTextConfig,
+    which AutoModelForCausalLM does not map)."""
+    import transformers  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) in mapping:
+        return mapping[type(config)]
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if name.endswith("ForCausalLM") and isinstance(cls, type) and isinstance(config, cls.config_class):
+            return cls
+    raise LoptPatchError(
+        f"no causal LM class for the checkpoint's {type(config).__name__}: AutoModelForCausalLM does not map it and "
+        f"its config names no ...ForCausalLM class of this transformers ({getattr(config, 'architectures', None)})"
+    )
+
+
 class _ReachedFirstLayer(Exception):
     """Raised by the probe's hook on the first decoder layer: what ran before it is known."""
 
@@ -269,7 +289,7 @@ class StagePlan:
     @classmethod
     def build(cls, model_dir: str, rank: int, world: int, *, boundaries, dtype, device, attn_implementation: str | None,
               adapter: str | None, aux_decoders: str | None, aux_mask: str) -> "StagePlan":
-        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+        from transformers import AutoConfig  # noqa: PLC0415
 
         if aux_mask not in AUX_MASKS:
             raise LoptPatchError(f"aux_mask must be one of {AUX_MASKS}, got {aux_mask!r}")
@@ -278,7 +298,7 @@ class StagePlan:
             raise LoptPatchError(ROUTER_LOSS_MESSAGE.format(model_dir=model_dir))
         ranges = stage_layer_ranges(config.get_text_config().num_hidden_layers, world, boundaries)
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            lm = causal_lm_class(config)._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         backbone, layers_attr, layers = find_layer_stack(lm)
         if layer_call_site(type(backbone), layers_attr) is None:
             raise LoptPatchError(

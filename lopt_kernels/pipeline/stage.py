@@ -93,6 +93,15 @@ def _argument_name(module: nn.Module, position: int) -> str:
     return list(inspect.signature(module.forward).parameters)[position]
 
 
+def _argument(module: nn.Module, args: tuple, kwargs: dict, where):
+    """The value of a layer call's argument ``where`` (a position or a keyword), None if not passed."""
+    if isinstance(where, int):
+        if where < len(args):
+            return args[where]
+        where = _argument_name(module, where)
+    return kwargs.get(where)
+
+
 class _StandIns:
     """While open, the earlier stages' layers (on the meta device on this rank) return their input hidden states,
     in their output's structure, instead of running: the backbone's loop still iterates every layer, so each layer
@@ -260,12 +269,14 @@ class PipelineStage:
         that masks and position embeddings are the model's; returns (stage input, stage output or the model
         output on the last rank)."""
         captured = {}
-        first_layer, last_layer = self.own_layers[0], self.own_layers[-1]
+        own, last_layer = list(self.own_layers), self.own_layers[-1]
 
         bodies = []  # layers whose checkpointed call runs (see HooksOutsideCheckpoint): the hooks stand aside
 
+        # on every layer of the stage, acting at the first that runs: a model may skip a layer in some forwards
+        # (Mllama's cross-attention layers without images), the stage's first among them
         def pre(module, args, kwargs):
-            if self.replaying or module in bodies:
+            if self.replaying or module in bodies or "x" in captured:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             x = hidden if received is None else received[0]
@@ -294,8 +305,16 @@ class PipelineStage:
             if not self.is_last:
                 raise _StageDone
 
-        handles = [first_layer.register_forward_pre_hook(pre, with_kwargs=True),
-                   last_layer.register_forward_hook(post, with_kwargs=True)]
+        def past_end(module, args, kwargs):  # a later stage's layer: this stage's last layer was skipped
+            if "x" in captured:
+                captured["y"] = args[0] if args else kwargs["hidden_states"]
+                captured["carried"] = [_argument(module, args, kwargs, where) for _, _, where in self.call_site.carried]
+            raise _StageDone
+
+        handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in own]
+        handles.append(last_layer.register_forward_hook(post, with_kwargs=True))
+        handles += [layer.register_forward_pre_hook(past_end, with_kwargs=True)
+                    for layer in self.all_layers[self.ranges[self.rank][1]:]]
         if not self.is_first:
             # a later rank's input embeddings stay on the meta device; a model that embeds other ids with them
             # before its layers (GPT-2's token_type_ids) gets zeros of the shape, as its placeholder inputs_embeds:
@@ -315,13 +334,13 @@ class PipelineStage:
         # transformers < 5.23 checkpoints a layer's whole __call__: the hooks must run outside the checkpoint, or
         # its recompute (after they are removed) would run the first layer on the model's placeholder input
         saved_funcs = {}
-        for layer, hooks in ((first_layer, (pre, post if last_layer is first_layer else None)),
-                             (last_layer, (None, post))):
+        for layer in own:
             func = layer.__dict__.get("_gradient_checkpointing_func")
-            if layer in saved_funcs or func is None or not getattr(layer, "gradient_checkpointing", False):
+            if func is None or not getattr(layer, "gradient_checkpointing", False):
                 continue
             saved_funcs[layer] = func
-            layer._gradient_checkpointing_func = HooksOutsideCheckpoint(layer, func, *hooks, bodies)
+            layer._gradient_checkpointing_func = HooksOutsideCheckpoint(
+                layer, func, pre, post if layer is last_layer else None, bodies)
         stand_ins = _StandIns(self._earlier_layers, self.call_site)
         inputs = {"attention_mask": batch.get("attention_mask")}
         # positions (a packed batch restarts them per sequence) and the other per-token inputs, on every rank
@@ -349,7 +368,15 @@ class PipelineStage:
                 h.remove()
             for layer, func in saved_funcs.items():
                 layer._gradient_checkpointing_func = func
-        return captured["x"], captured["leaf"], (captured["y"], *captured.get("carried", ())), task
+        if "x" not in captured or ("y" not in captured and not self.is_last):
+            first, end = self.ranges[self.rank]
+            raise LoptPatchError(
+                f"pipeline rank {self.rank}: in this forward the model ran none of the stage's layers ({first}-"
+                f"{end - 1}) or ended without its last (a model that runs some layers only sometimes: Mllama's "
+                "cross-attention layers without images). Choose boundaries that give every stage a layer that always "
+                "runs."
+            )
+        return captured["x"], captured["leaf"], (captured.get("y"), *captured.get("carried", ())), task
 
     def _placeholder(self, shape) -> torch.Tensor:
         """Zeros of ``shape`` standing for what a later rank does not compute (its inputs_embeds): a broadcast view,
