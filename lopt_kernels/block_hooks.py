@@ -378,11 +378,28 @@ def _without_bottom_router_gradients(state: PatchState, output):
     run = state.current
     leaves = [ref() for ref in run.block_inputs if isinstance(ref, weakref.ref)]
     nodes = [node for node in run.block_inputs if not isinstance(node, weakref.ref) and node not in run.hand_off_nodes]
-    reaches = _reachability({id(p) for layer in state.layers[:bottom] for p in layer.parameters()}
-                            | {id(t) for t in leaves if t is not None}, stop=run.hand_off_nodes, targets=nodes)
+    reaches = _reachability(_graph_parameter_ids(state.layers[:bottom]) | {id(t) for t in leaves if t is not None},
+                            stop=run.hand_off_nodes, targets=nodes)
     output["router_logits"] = tuple(t.detach() if torch.is_tensor(t) and t.grad_fn is not None and reaches(t.grad_fn)
                                     else t for t in logits)
     return output
+
+
+def _graph_parameter_ids(layers) -> set[int]:
+    """The ids of the parameter tensors a forward of ``layers`` puts in the autograd graph: the ones the modules list
+    and, under FSDP2, the unsharded parameters its forward ran with (the modules list the sharded ones again once
+    resharded after their forward; the graph's leaves are the unsharded ones)."""
+    ids = set()
+    for layer in layers:
+        for module in layer.modules():
+            ids.update(id(p) for p in module.parameters(recurse=False))
+            get_state = getattr(module, "_get_fsdp_state", None)  # an FSDPModule (torch 2.13's layout)
+            groups = getattr(get_state(), "_fsdp_param_groups", ()) if get_state is not None else ()
+            for fsdp_param in (fp for group in groups for fp in group.fsdp_params):
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    ids.add(id(unsharded))
+    return ids
 
 
 def _reachability(param_ids: set, stop=(), targets=()):

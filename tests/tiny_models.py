@@ -45,6 +45,12 @@ FAMILIES = {
 MOE_FAMILIES = {
     "mixtral": lambda **kw: tf.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2,
                                                        output_router_logits=True, router_aux_loss_coef=0.5, **kw)),
+    # router logits for its MoE layers only (every second one), Mamba and attention layers in one stack
+    "jamba": lambda **kw: tf.JambaConfig(**_common(**{
+        "num_hidden_layers": 4, "num_experts": 4, "num_experts_per_tok": 2, "expert_layer_period": 2,
+        "expert_layer_offset": 1, "attn_layer_period": 2, "attn_layer_offset": 1, "mamba_d_state": 8,
+        "mamba_d_conv": 4, "mamba_expand": 1, "mamba_dt_rank": 8, "use_mamba_kernels": False,
+        "output_router_logits": True, "router_aux_loss_coef": 0.5, **kw})),
 }
 
 

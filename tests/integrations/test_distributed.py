@@ -51,7 +51,7 @@ def test_fsdp2_equals_one_process_in_both_modes(tmp_path, lopt_default_mode):
         pytest.skip("the script runs every mode itself")
     _torchrun("fsdp2_train.py", str(tmp_path))
     for name in ("fsdp2_stored_ok", "fsdp2_activation_free_ok", "fsdp2_activation_free_ckpt_ok", "fsdp2_eager_ok",
-                 "fsdp2_eager_ckpt_ok", "fsdp2_auto_ok"):
+                 "fsdp2_eager_ckpt_ok", "fsdp2_auto_ok", "jamba_lora_eager_ok", "jamba_lora_stored_ok"):
         assert (tmp_path / name).exists(), name
 
 
