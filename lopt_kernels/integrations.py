@@ -257,6 +257,18 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     _CallbackBase = object
 
 
+def _mean_over_processes(args, *values) -> list[float]:
+    """``values`` (floats or 0-d tensors) averaged over the data-parallel processes, as the Trainer averages the
+    ``loss`` it logs (``nested_gather(tr_loss).mean()``); on every process, from ``on_log`` (which every process
+    runs). One process: the values themselves."""
+    from transformers.trainer_pt_utils import nested_gather  # noqa: PLC0415
+
+    device = next((v.device for v in values if torch.is_tensor(v)), args.device)
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in values])
+    gathered = nested_gather(local[None], args.parallel_mode)
+    return [float(v) for v in gathered.reshape(-1, len(values)).mean(0)]
+
+
 class LoptCallback(_CallbackBase):
     """Installed by :func:`attach` (first in the callback list); not meant to be passed on its own.
 
@@ -287,8 +299,8 @@ class LoptCallback(_CallbackBase):
         if logs is None or "loss" not in logs or self._steps == 0:
             return
         lam = _require_patched(self.trainer.model, attached=True).settings.lambda_aux
-        aux = float(self._aux) / self._steps
-        task = float(self._task) / self._steps
+        task, aux = _mean_over_processes(args, self._task, self._aux)
+        task, aux = task / self._steps, aux / self._steps
         self._task = self._aux = 0.0
         self._steps = 0
         values = {"task_loss": task, "aux_loss": aux, "lambda_aux": lam}

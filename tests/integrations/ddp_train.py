@@ -2,7 +2,8 @@
 
 Launched by test_distributed.py, either as ``torchrun --nproc_per_node 2 ddp_train.py OUT`` (DDP, gloo, CPU;
 per-device batch 2) or called in-process with ``world=1`` (one process, per-device batch 4: the same global
-batch). Writes the final parameters (rank 0) to OUT/<variant>.pt."""
+batch). Writes the final parameters (rank 0) to OUT/<variant>-world2.pt and the logged (loss, task_loss, aux_loss) of
+each step to OUT/<variant>-world2-logs.pt."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tiny_models import tiny_model  # noqa: E402
 
 GLOBAL_BATCH = 4  # per micro-batch, over all processes
 VARIANTS = ("model_loss", "custom_loss")
+LOGS: dict = {}
 
 
 def _sum_ce(outputs, labels, num_items_in_batch=None):
@@ -49,6 +51,8 @@ def run(out_dir: str, variant: str, world: int) -> dict:
                       compute_loss_func=_sum_ce if variant == "custom_loss" else None)
     lopt_kernels.attach(trainer)
     trainer.train()
+    # the logged task and aux losses (LoptCallback), averaged over the processes as the Trainer's "loss" is
+    LOGS[variant] = [(h["loss"], h["task_loss"], h["aux_loss"]) for h in trainer.state.log_history if "aux_loss" in h]
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -58,6 +62,7 @@ def main(out_dir: str) -> None:
         params = run(out_dir, variant, world)
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(params, os.path.join(out_dir, f"{variant}-world{world}.pt"))
+            torch.save(LOGS[variant], os.path.join(out_dir, f"{variant}-world{world}-logs.pt"))
     if world > 1:
         exit_distributed_worker()
 

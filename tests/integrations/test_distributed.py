@@ -40,6 +40,12 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         moved = 0
         for name, p in single.items():
             torch.testing.assert_close(ddp[name], p, rtol=1e-5, atol=1e-6, msg=f"{variant}: {name}")
+        # the logged losses are the processes' mean, as the Trainer's "loss" (before: rank 0's own task_loss and
+        # aux_loss, which differed from one process's while "loss" did not)
+        logs = torch.load(tmp_path / f"{variant}-world2-logs.pt")
+        assert len(logs) == 2, logs
+        torch.testing.assert_close(torch.tensor(logs), torch.tensor(ddp_train.LOGS[variant]), rtol=1e-5, atol=1e-7,
+                                   msg=f"{variant}: logged (loss, task_loss, aux_loss)")
         init = ddp_train.run.__globals__["tiny_model"]("llama")
         moved = sum(not torch.equal(init.state_dict()[n], single[n]) for n in init.state_dict() if n in single)
         assert moved > 10
