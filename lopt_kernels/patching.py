@@ -13,6 +13,7 @@ from torch import nn
 
 from . import block_hooks, optimizer_watch, task_loss_hooks
 from .aux_decoder import AuxDecoder
+from .boundary.common import gathered
 from .discovery import AUX_DECODERS_ATTR, LoptPatchError, text_config, unwrap_causal_lm, validate
 from .hf_model import children_around_layers
 from .state import PatchState, StateHook
@@ -41,7 +42,11 @@ def _untie_embeddings(lm) -> bool:
     tied = inp.weight
     # a PEFT-adapted head (LoRA on lm_head) exposes its base layer's weight as a property: untie that layer's
     head = out.get_base_layer() if hasattr(out, "get_base_layer") else out
-    head.weight = nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad)
+    # a model built under deepspeed.zero.Init holds only this rank's partition of the weight (an empty tensor):
+    # copy it whole; the new head is an ordinary parameter that the DeepSpeed engine partitions when it wraps the
+    # model, as it does the aux decoders
+    with gathered([tied]):
+        head.weight = nn.Parameter(tied.detach().clone(), requires_grad=tied.requires_grad)
     configs = {id(c): c for c in (lm.config, text_config(lm))}
     for cfg in configs.values():
         cfg.tie_word_embeddings = False

@@ -134,7 +134,8 @@ def run(out_dir: str, name: str, *, deepspeed: bool, initial: dict | None = None
 # cases beyond "equals one process": TRL's SFTTrainer under ZeRO-3, checkpoint + resume under ZeRO-3, a model
 # built partitioned by deepspeed.zero.Init, a pipeline-parallel PipelineModule (refused)
 # and eager on a MoE model whose expert blocks DeepSpeed flags as ZeRO-3 leaf modules (refused: zero3-eager-mixtral.err)
-EXTRA_CASES = ("sft-zero3", "resume-zero3", "zero3init-auto", "pipeline", "zero3-eager-mixtral")
+# zero3init-auto-gpt2: a tied head (patch unties it from a partitioned embedding)
+EXTRA_CASES = ("sft-zero3", "resume-zero3", "zero3init-auto", "zero3init-auto-gpt2", "pipeline", "zero3-eager-mixtral")
 
 
 def _cleanup(trainer) -> None:
@@ -209,18 +210,18 @@ def resume_zero3(out_dir: str) -> dict:
     return results
 
 
-def zero3_init(out_dir: str) -> dict:
+def zero3_init(out_dir: str, family: str = "llama") -> dict:
     """A model built partitioned (deepspeed.zero.Init, as from_pretrained does under a live ZeRO-3 config), then
     patched and trained 2 steps: {"initial", "final"} parameters (whole)."""
     args = TrainingArguments(
-        output_dir=os.path.join(out_dir, "run-zero3init"), max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // 2,
+        output_dir=os.path.join(out_dir, f"run-zero3init-{family}"), max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // 2,
         gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
         lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, seed=0,
         train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, disable_tqdm=True,
         deepspeed=ds_config(3),
     )
     torch.manual_seed(0)
-    model = tiny_model("llama")  # under the live ZeRO-3 config: built partitioned
+    model = tiny_model(family)  # under the live ZeRO-3 config: built partitioned
     assert all(hasattr(p, "ds_id") for p in model.parameters()), "the model was not built by deepspeed.zero.Init"
     model.config.use_cache = False
     model = lopt_kernels.patch(model)
@@ -248,8 +249,8 @@ def _run_case(out_dir: str, name: str) -> dict:
         return sft_zero3(out_dir)
     if name == "resume-zero3":
         return resume_zero3(out_dir)
-    if name == "zero3init-auto":
-        return zero3_init(out_dir)
+    if name.startswith("zero3init-auto"):
+        return zero3_init(out_dir, family_of(name))
     if name == "pipeline":
         return pipeline(out_dir)
     return run(out_dir, name, deepspeed=True)
