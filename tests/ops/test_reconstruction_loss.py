@@ -967,3 +967,21 @@ def test_fp16_matmuls_keep_d_recon_out_of_the_subnormals():
     print(f"fp16, N h = 2^20, error / largest entry: grad_y {fused[0]:.3g} (torch backend {torch_backend[0]:.3g}), "
           f"norm weight {fused[1]:.3g} ({torch_backend[1]:.3g})")
     assert fused[0] <= 2.5 * torch_backend[0] and fused[1] <= 2.5 * torch_backend[1], (fused, torch_backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_weight_gradient_product_of_a_chunk_stays_finite(backend):
+    """fp16 decoder, a target channel 4000 away from the reconstruction (a massive activation, untrained decoder):
+    d_recon is stored times 2^-exponent of its coefficient (~diff itself, not 2 diff / (N h)), so a chunk's
+    up-weight product d_recon^T @ act sums 128 rows of ~-2000 * act. Where the runtime has no fp32-output matmul
+    (CPU; CUDA torch without mm's out_dtype) that product was rounded to fp16 before the fp32 accumulation: ~-1e5,
+    inf (before: grad_up_weight inf in row 0 on both Triton paths, every other gradient finite)."""
+    rows, h, r = 128, 8, 3
+    y, x, params = make_inputs(rows, torch.float16, h=h, r=r)
+    x = x.clone()
+    x[:, 0] += 4000.0
+    ref_loss, ref_grads = reference(y, x, params)
+    loss, grads = reconstruction_loss_and_grads(y, x, *params, backend=backend, chunk_rows=rows)
+    finite = {name: bool(torch.isfinite(t).all()) for name, t in zip(GRAD_NAMES, grads)}
+    assert all(finite.values()), finite
+    assert_matches(loss, grads, ref_loss, ref_grads, torch.bfloat16, params, y)

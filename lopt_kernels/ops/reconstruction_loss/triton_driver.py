@@ -27,7 +27,8 @@ and stream, where its matmuls run.
 Weight gradients accumulate across chunks in fp32 buffers: straight into them with
 ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` where the runtime supports it (a probe checks it on
 values once per device type), else through an fp32 ``torch.mm(..., out_dtype=float32)`` temporary, else
-(CPU) each chunk's product is rounded once to the matmul dtype before the fp32 accumulation; the first chunk
+(CPU; CUDA torch without out_dtype) each chunk's product is rounded once to the matmul dtype before the fp32
+accumulation (fp16: formed in fp32, as the scaled fp16 d_recon's row sums can overflow fp16); the first chunk
 writes them (``beta=0``: no zero fill). Launches besides the chunks' (5 Triton kernels, 6 matmuls each) are five
 per call: one fill of all per-program partials, the gradient coefficient, one sum of the partial rows, the loss, and
 one multi-tensor copy that casts every gradient to the parameters' dtype. Chunk buffers (two ``m x h`` and two
@@ -128,8 +129,15 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: b
         acc.addmm_(a, b, beta=beta)
     elif _addmm_has_out_dtype_in_place(a.device.type, a.dtype):
         torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
-    else:  # the product in a temporary: fp32 where the runtime has it, else rounded once to the matmul dtype
-        product = torch.mm(a, b, out_dtype=acc.dtype) if _mm_has_out_dtype(a.device.type) else torch.mm(a, b)
+    else:  # the product in a temporary: fp32 where the runtime has it, else rounded once to the matmul dtype (not fp16)
+        if _mm_has_out_dtype(a.device.type):
+            product = torch.mm(a, b, out_dtype=acc.dtype)
+        elif a.dtype == torch.float16:
+            # fp16 d_recon / d_z carry the storage scale 2^-exponent of ``coef`` (``_gradient_coefficient``): a chunk's
+            # row sum can pass fp16's 65504 although the gradient it becomes is small, so no fp16 rounding here
+            product = torch.mm(a.float(), b.float())
+        else:
+            product = torch.mm(a, b)
         acc.copy_(product) if first else acc.add_(product)
 
 
