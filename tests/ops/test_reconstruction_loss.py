@@ -985,3 +985,22 @@ def test_fp16_weight_gradient_product_of_a_chunk_stays_finite(backend):
     finite = {name: bool(torch.isfinite(t).all()) for name, t in zip(GRAD_NAMES, grads)}
     assert all(finite.values()), finite
     assert_matches(loss, grads, ref_loss, ref_grads, torch.bfloat16, params, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_constant_rows_far_from_zero_normalise_to_the_layer_norm_bias(backend):
+    """fp32 rows that are constant (LayerNorm input variance 0) at 1e4-2e4: xhat is 0, the LayerNorm output its bias.
+    The row mean as sum / h was off by up to an ulp of the row value (~1e-3), which the variance then saw as spread:
+    var ~ 1e-6 against eps 1e-5 gave xhat ~ 0.3 (before, on both Triton paths: loss off by 7.9e-3 relative, grad_y by
+    0.46 of its largest entry against the fp64 reference; now 6e-9 and 2e-7). A second pass adds mean(y - mean).
+    Against fp64: ATen's fp32 LayerNorm backward (the torch backend, ``reference``) is 7e-3 off here itself."""
+    y, x, params = make_inputs(6, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    y = (1e4 * (1 + torch.rand(6, 1, generator=g))).expand(6, H).contiguous().to(DEVICE)
+    yd = y.double().requires_grad_()
+    pd = [p.double().requires_grad_() for p in params]
+    normed = F.layer_norm(yd, (H,), pd[0], pd[1], EPS)
+    ref_loss = ((F.linear(F.gelu(F.linear(normed, pd[2], pd[3])), pd[4], pd[5]) - x.double()) ** 2).mean()
+    ref_grads = torch.autograd.grad(ref_loss * SCALE, [yd, *pd])
+    loss, grads = reconstruction_loss_and_grads(y, x, *params, grad_scale=SCALE, backend=backend)
+    assert_matches(loss, grads, ref_loss.detach().float(), [g.float() for g in ref_grads], torch.float32, params, y)

@@ -60,6 +60,9 @@ def ln_forward_kernel(
             keep = tl.load(ROW_MASK + rows64, mask=rmask, other=0) != 0
             yv = tl.where(keep[:, None], yv, 0.0)
         mean = tl.sum(yv, axis=1) / n_cols
+        # second pass: sum / h is off by up to an ulp of the row's values, which a (near-)constant row far from 0
+        # would see as spread (fp32 rows at 1e4: var ~ 1e-6 against eps 1e-5); the mean of the residuals removes it
+        mean += tl.sum(tl.where(mask, yv - mean[:, None], 0.0), axis=1) / n_cols
         centered = tl.where(mask, yv - mean[:, None], 0.0)
         var = tl.sum(centered * centered, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(var + eps)
