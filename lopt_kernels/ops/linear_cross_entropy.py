@@ -10,8 +10,9 @@ logits never exist whole.
 
 Semantics match transformers' ``ForCausalLMLoss``: fp32 loss, ``ignore_index=-100``, mean over
 non-ignored targets, or ``sum / num_items_in_batch`` when that is given. A batch with no counted
-target (every label -100, or ``num_items_in_batch == 0``) gives the model's NaN loss and, as the
-model's ``cross_entropy`` does, zero gradients (never NaN ones).
+target (every label -100) gives the model's NaN loss (``0 / 0``; ``num_items_in_batch == 0`` with counted
+targets: ``sum / 0``, inf, as the model's) and, as the model's ``cross_entropy`` does, zero gradients (never
+NaN ones).
 """
 
 from __future__ import annotations
