@@ -75,6 +75,18 @@ def test_transformers_checkpoint_offload_gives_the_gradients_without_offloading(
     _assert_same(got, expected, f"{mode} + checkpoint offload")
 
 
+class _HostModule:
+    """``torch.cpu`` with the ``empty_cache`` it lacks: TRL's offloading context calls
+    ``device_module.empty_cache()`` whenever bitsandbytes is imported, which only accelerator modules have."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cpu, name)
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+
 def _trl_offloader(model, **_):
     """TRL's offloading context as SFTTrainer builds it, started on CPU: the host is the 'device', one stream, no
     pinning, every saved tensor offloaded (min size 0)."""
@@ -82,8 +94,11 @@ def _trl_offloader(model, **_):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu"))
-        return activation_offloading.get_act_offloading_ctx_manager(model=model, use_pin_memory=False,
-                                                                     use_streams=False, min_offload_size=0)
+        offloader = activation_offloading.get_act_offloading_ctx_manager(model=model, use_pin_memory=False,
+                                                                         use_streams=False, min_offload_size=0)
+    if not hasattr(offloader.device_module, "empty_cache"):
+        offloader.device_module = _HostModule()
+    return offloader
 
 
 @pytest.mark.parametrize("mode", MODES)
