@@ -40,8 +40,7 @@ def children_around_layers(cls, layers: str) -> tuple[frozenset, frozenset]:
         return [n for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
                 and n.value.id == "self"]
 
-    loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.AsyncFor))
-             and any(a.attr == layers for a in self_attrs(n.iter))]
+    loops = [loop for loop, _ in _layer_loops(tree, layers)]
     if not loops:
         return frozenset(), frozenset()
     loop = min(loops, key=lambda n: (n.lineno, n.col_offset))
@@ -255,7 +254,7 @@ class LayerCallSite:
 def _layer_loops(tree, layers_attr: str):
     """The ``for`` loops of a parsed forward that iterate ``self.<layers_attr>`` (directly, sliced, enumerated or
     zipped), with the name each iteration binds the layer to."""
-    for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For)):
+    for loop in (n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.AsyncFor))):
         if not any(isinstance(n, ast.Attribute) and n.attr == layers_attr and isinstance(n.value, ast.Name)
                    and n.value.id == "self" for n in ast.walk(loop.iter)):
             continue
@@ -292,12 +291,11 @@ def layer_call_site(cls, layers_attr: str) -> LayerCallSite | None:
                     whole.add(bound.id)
             elif isinstance(node, ast.Subscript) and node.value in calls and isinstance(node.slice, ast.Constant):
                 outputs = max(outputs, node.slice.value + 1)  # layer(...)[0]
-        for node in body:  # outputs[k], and state = outputs[k]
+        for node in body:  # outputs[k], and state = outputs[k] (k > 0: a value the layer hands on)
             if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in whole
                     and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int)):
                 outputs = max(outputs, node.slice.value + 1)
-        for node in body:
-            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
                     and isinstance(node.value, ast.Subscript) and isinstance(node.value.value, ast.Name)
                     and node.value.value.id in whole and isinstance(node.value.slice, ast.Constant)
                     and node.value.slice.value != 0):
