@@ -102,6 +102,14 @@ def _argument(module: nn.Module, args: tuple, kwargs: dict, where):
     return kwargs.get(where)
 
 
+def _set_argument(module: nn.Module, args: list, kwargs: dict, where, value) -> None:
+    """Set a layer call's argument ``where`` (a position or a keyword) to ``value``."""
+    if isinstance(where, int) and where < len(args):
+        args[where] = value
+    else:
+        kwargs[where if isinstance(where, str) else _argument_name(module, where)] = value
+
+
 class _StandIns:
     """While open, the earlier stages' layers (on the meta device on this rank) return their input hidden states,
     in their output's structure, instead of running: the backbone's loop still iterates every layer, so each layer
@@ -289,11 +297,8 @@ class PipelineStage:
             else:
                 kwargs["hidden_states"] = leaf
             if received is not None:  # what the previous stage's last layer handed on besides its hidden states
-                for (_, _, argument), value in zip(self.call_site.carried, received[1:]):
-                    if isinstance(argument, int) and argument < len(args):
-                        args[argument] = value
-                    else:
-                        kwargs[argument if isinstance(argument, str) else _argument_name(module, argument)] = value
+                for (_, _, where), value in zip(self.call_site.carried, received[1:]):
+                    _set_argument(module, args, kwargs, where, value)
             return tuple(args), kwargs
 
         def post(module, args, kwargs, output):
