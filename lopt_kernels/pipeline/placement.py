@@ -102,6 +102,21 @@ class _ReachedFirstLayer(Exception):
     """Raised by the probe's hook on the first decoder layer: what ran before it is known."""
 
 
+def _graph_leaves(tensor: torch.Tensor) -> set[int]:
+    """The ids of the leaf tensors (parameters) that ``tensor``'s autograd graph reaches."""
+    leaves, seen, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: its leaf
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
 def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) -> list[str]:
     """Names of the modules whose forward completes before the first decoder layer runs (learned positions,
     an embedding LayerNorm, dropout, rotary tables: what the first rank runs besides the input embeddings),
@@ -116,6 +131,7 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
     finished: list[str] = []
     started: dict[int, nn.Module] = {}
     side_inputs: list[str] = []
+    read_before: set[int] = set()  # the tensors the first layer's input is computed from
 
     def note(module, args, output):
         if id(module) in names and names[id(module)] not in finished:
@@ -125,6 +141,9 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
         started.setdefault(id(module), module)
 
     def stop(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if torch.is_tensor(hidden):
+            read_before.update(_graph_leaves(hidden))
         # the hidden states come first, or by name
         rest = {**dict(enumerate(args[1:], 1)), **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
         side_inputs.extend(f"{'argument ' + str(k) if isinstance(k, int) else k} {tuple(t.shape)}"
@@ -171,6 +190,13 @@ def modules_before_layers(lm: nn.Module, first_layer: nn.Module, device, dtype) 
             if p is None or key in after and key not in before:
                 continue
             (finished if key in before and key not in after else unplaceable).append(name)
+    # a parameter the first layer's input is computed from, read without calling its module (ProphetNet adds
+    # ngram_embeddings.weight to its predicting streams): rank 0 trains it, as it trains the modules that ran
+    direct = {id(p) for i, m in started.items() for p in m.parameters(recurse=False)}
+    for name, p in lm.named_parameters():
+        if id(p) in read_before and id(p) not in direct \
+                and not any(name == f or name.startswith(f + ".") for f in finished):
+            finished.append(name)
     if unplaceable:
         raise LoptPatchError(
             f"{type(lm).__name__} keeps parameters directly on a module that runs around its decoder layers "
@@ -228,13 +254,25 @@ class WeightMapping:
     def converts(self) -> bool:
         return bool(self.renamings or self.converters)
 
-    def target(self, key: str, lm: nn.Module) -> str:
-        """The model tensor the checkpoint tensor ``key`` loads into (a fused one for converted keys)."""
+    def targets(self, key: str) -> list[str]:
+        """The model tensors the checkpoint tensor ``key`` loads into: one, or each part of a tensor that a
+        converter splits (Lara's ``in_proj`` into ``in_proj_qkv``, ``in_proj_z``, ...)."""
         if not self.converts:
-            return key
+            return [key]
         from transformers.core_model_loading import rename_source_key  # noqa: PLC0415
 
-        return rename_source_key(key, self.renamings, self.converters, self.base_model_prefix, self.meta_state)[0]
+        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.base_model_prefix,
+                                             self.meta_state)
+        if renamed not in self.meta_state and key in self.meta_state:
+            # as from_pretrained: a key the model already names is kept (DeepSeek-V4's attention-norm renaming
+            # '.norm.' -> '.kv_norm.' also matches its final 'model.norm.weight')
+            return [rename_source_key(key, [], [], self.base_model_prefix, self.meta_state)[0]]
+        converter = next((c for c in self.converters if pattern in c.source_patterns), None)
+        if converter is None or len(converter.target_patterns) == 1:
+            return [renamed]
+        # a one-to-many converter names its first target; the conversion writes every target in its place
+        first = converter.target_patterns[0]
+        return [renamed.replace(first, other, 1) for other in converter.target_patterns]
 
     def load(self, lm: nn.Module, slices: dict, dtype: torch.dtype, device) -> None:
         """Load the checkpoint tensors ``slices`` (key -> safetensors slice) into ``lm``, converted as
@@ -313,14 +351,19 @@ class StagePlan:
         check_kv_sharing(text_config(lm), len(layers), bounds)
         inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
         module_names = {id(m): n for n, m in lm.named_modules()}
-        embedding_name, head_name = module_names[id(inp)] + ".weight", module_names[id(out)] + ".weight"
+        head_name = module_names[id(out)] + ".weight"
         tied = out.weight is inp.weight
+        # modules that hold the input embedding's weight (ProphetNet's wrapper holds another Embedding sharing it)
+        embedding_modules = [m for m in lm.modules() if m is not out
+                             and any(p is inp.weight for p in m.parameters(recurse=False))]
+        # every name the embedding is stored under (ProphetNet's wrapper and decoder share one; a checkpoint keeps one)
+        embedding_names = {n for n, t in lm.state_dict(keep_vars=True).items() if t is inp.weight} - {head_name}
         if tied:  # LoPT unties them (as patch does): the head trains on the last rank only
             out.weight = nn.Parameter(torch.empty_like(inp.weight, device="meta"))
         first, end = ranges[rank]
         skip = {id(m) for i, layer in enumerate(layers) if not first <= i < end for m in layer.modules()}
         if rank != 0:
-            skip.add(id(inp))
+            skip.update(id(m) for m in embedding_modules)
         if rank != world - 1:
             skip.add(id(out))
         keep = [m for m in lm.modules() if id(m) not in skip]
@@ -338,18 +381,19 @@ class StagePlan:
         with torch.no_grad():
             for module in keep:  # non-persistent buffers (rotary frequencies); the rest is read in load
                 initialiser[id(module)](module)
-        first_rank_modules = [module_names[id(inp)], *modules_before_layers(lm, layers[0], device, dtype)]
+        first_rank_modules = [*(module_names[id(m)] for m in embedding_modules),
+                              *modules_before_layers(lm, layers[0], device, dtype)]
         writes_inputs_embeds = rank != 0 and inputs_embeds_written(lm, layers[0], device, dtype)
         index = safetensors_index(model_dir)
         mapping = WeightMapping.of(lm)
         mine = {n: t for n, t in lm.state_dict(keep_vars=True).items() if not t.is_meta}
         sources: dict[str, list] = {}  # this rank's tensor name -> the checkpoint keys it is read from
         for key in index:
-            target = mapping.target(key, lm)
-            if target in mine:
-                sources.setdefault(target, []).append(key)
+            for target in mapping.targets(key):
+                if target in mine:
+                    sources.setdefault(target, []).append(key)
         # a tied checkpoint stores one of the two: the untied head (or embedding) starts from the other
-        tied_source = {head_name: embedding_name, embedding_name: head_name} if tied else {}
+        tied_source = {head_name: embedding_names, **{n: {head_name} for n in embedding_names}} if tied else {}
         copies = {}  # this rank's tensor name -> the model tensor name whose checkpoint keys it is read from
         # a tensor the model ties to another (BertLMHeadModel's decoder bias is its prediction head's bias): a
         # checkpoint stores it once, under the other name
@@ -363,9 +407,9 @@ class StagePlan:
         for name in mine:
             if name in sources or name in aliases:
                 continue
-            other = tied_source.get(name)
-            if other is not None:
-                keys = [k for k in index if mapping.target(k, lm) == other]
+            others = tied_source.get(name)
+            if others:
+                keys = [k for k in index if others.intersection(mapping.targets(k))]
                 if len(keys) == 1:  # an embedding is one tensor in every checkpoint format
                     copies[name] = keys
                     continue

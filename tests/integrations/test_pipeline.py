@@ -219,6 +219,28 @@ def _tiny(name):
         "mllama": lambda: tf.MllamaTextConfig(hidden_size=40, intermediate_size=72, num_hidden_layers=5,
                                               num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[3],
                                               max_position_embeddings=64, **common),
+        # a parameter read before the layers without calling its module (ngram_embeddings.weight, added to the
+        # predicting streams); the wrapper and the decoder each hold an Embedding sharing the input embedding's weight
+        "prophetnet": lambda: tf.ProphetNetConfig(
+            hidden_size=40, decoder_ffn_dim=72, encoder_ffn_dim=72, num_decoder_layers=4, num_encoder_layers=4,
+            num_decoder_attention_heads=4, num_encoder_attention_heads=4, max_position_embeddings=64, ngram=2,
+            num_buckets=8, relative_max_distance=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+            is_decoder=True, add_cross_attention=False, is_encoder_decoder=False, **common),
+        # checkpoint keys renamed on load ('.norm.' -> '.kv_norm.', which from_pretrained does not apply to the
+        # model's own 'model.norm.weight') and experts stored one tensor each
+        "deepseek_v4": lambda: tf.DeepseekV4Config(
+            hidden_size=40, moe_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=10, q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1,
+            max_position_embeddings=64, sliding_window=4, o_groups=2, o_lora_rank=16, index_n_heads=2,
+            index_head_dim=8, index_topk=4, layer_types=["heavily_compressed_attention", "compressed_sparse_attention"] * 2,
+            mlp_layer_types=["hash_moe", "moe", "moe", "moe"], hc_mult=2, **common),
+        # one checkpoint tensor split into four model tensors on load (linear_attn.in_proj -> in_proj_qkv, _z, _b, _a)
+        "lara_mini": lambda: tf.LaraMiniConfig(
+            hidden_size=40, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=10,
+            max_position_embeddings=64, linear_key_head_dim=10, linear_value_head_dim=10, linear_num_key_heads=2,
+            linear_num_value_heads=4, moe_intermediate_size=24, shared_expert_intermediate_size=24,
+            num_experts_per_tok=2, num_experts=4, sliding_window=4,
+            layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"], **common),
     }
     if name in configs:
         torch.manual_seed(0)
@@ -239,6 +261,7 @@ FAMILY_CASES = {
     "opt": (None, {}), "bloom": (None, {}), "granite_swa": (None, {}), "bamba": (None, {}),
     "doge": (None, {}), "ctrl": (None, {}), "bert_decoder": (None, {}),
     "zaya": (None, {}), "hy_v4": (None, {}), "ergo": (None, {}), "rwkv": (None, {}), "mllama": (None, {}),
+    "prophetnet": (None, {}), "deepseek_v4": (None, {}), "lara_mini": (None, {}),
 }
 # at 3 stages patch refuses Mllama's boundaries (a non-final block ending at its skipped layer 3)
 TWO_STAGES_ONLY = {"mllama"}
@@ -263,7 +286,11 @@ def test_every_family_trains_in_the_pipeline_as_in_one_process(tmp_path, k):
     position; Ergo zips its layer_types with the layers (before: rank 1 crashed); RWKV has no SDPA (before: refused
     by transformers, the stages defaulting to it). Mllama skips the last stage's first layer (its cross-attention
     layer, without images): the stage starts at the first of its layers that runs (before, no MllamaTextConfig model
-    could be built, and a stage whose first layer was skipped would have run from the placeholder input)."""
+    could be built, and a stage whose first layer was skipped would have run from the placeholder input).
+    ProphetNet reads ngram_embeddings.weight before the layers without calling the module (before, the last rank owned
+    it and rank 0 never stepped it: 6e-2 off) and shares its input embedding between two Embedding modules (before,
+    the last rank saved its untrained copy); DeepSeek-V4's and Lara's checkpoints are renamed and split on load as
+    from_pretrained does (before, both refused: 'has no tensor model.norm.weight', '... in_proj_z.weight')."""
     steps, expected = 3, {}
     for name in (n for n in FAMILY_CASES if k == 2 or n not in TWO_STAGES_ONLY):
         model = _tiny(name)
