@@ -5,6 +5,7 @@ must pass on every rank before any compute."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -343,6 +344,12 @@ class StagePlan:
                 f"{type(lm).__name__}: no loop over its layer stack that calls each layer could be read from "
                 f"{type(backbone).__name__}.forward's source, so the stages cannot tell what a layer returns and hands "
                 "to the next. Train this model with lopt_kernels.patch in one process."
+            )
+        if "inputs_embeds" not in inspect.signature(type(lm).forward).parameters:
+            raise LoptPatchError(
+                f"{type(lm).__name__}'s forward takes no inputs_embeds (it builds its inputs from input_ids), so the "
+                "stages after the first cannot run it on the hidden states they receive. Train this model with "
+                "lopt_kernels.patch in one process."
             )
         # what patch refuses for these boundaries (the pipeline's stages are its blocks): a weight or a layer's keys
         # and values shared across a boundary would reach an earlier stage's parameters from a later stage's loss

@@ -437,6 +437,10 @@ def _refused_config(case):
             laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4),
         # layers 2 and 3 reuse layers 0's and 1's keys and values, across the boundary at layer 2
         "kv_sharing": lambda: tf.Gemma4TextConfig(**gemma4, hidden_size_per_layer_input=0, num_kv_shared_layers=2),
+        # CPM-Ant's forward takes input_ids only (it prepends prompt tokens and builds its mask from them)
+        "no_inputs_embeds": lambda: tf.CpmAntConfig(vocab_size=97, hidden_size=40, num_attention_heads=4,
+                                                    dim_head=10, dim_ff=72, num_hidden_layers=4, prompt_length=2,
+                                                    position_bias_num_buckets=16, position_bias_max_distance=32),
     }[case]()
 
 
@@ -448,6 +452,7 @@ def _refused_config(case):
     ("per_layer_inputs_gemma3n", "Gemma3nForCausalLM: its decoder layers read trainable tensors computed before the "
                                  "layer stack"),
     ("kv_sharing", "layer 2 reuses the keys and values layer 0 computes"),
+    ("no_inputs_embeds", "CpmAntForCausalLM's forward takes no inputs_embeds"),
 ])
 def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case, match):
     """One LoptPatchError on every rank before any compute, naming the rank and the problem: a mixture-of-experts
@@ -458,7 +463,8 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     before, Gemma4's rank 1 raised "Tensor on device meta is not on the expected device cpu!" and Gemma3n's ranks
     "'Gemma3nForCausalLM' object has no attribute 'hidden_size'" (the stage initialised its text model's buffers
     with the causal LM's _init_weights). Keys and values shared across a stage boundary (Gemma4's
-    num_kv_shared_layers), which patch refuses for the same blocks: before, the stages trained and rank 1 crashed."""
+    num_kv_shared_layers), which patch refuses for the same blocks: before, the stages trained and rank 1 crashed.
+    A forward without inputs_embeds (CPM-Ant): before, refused with "'NoneType' object has no attribute 'dtype'"."""
     import transformers as tf
 
     from tiny_models import tiny_model
@@ -466,7 +472,7 @@ def test_a_model_the_stages_cannot_place_is_refused_on_every_rank(tmp_path, case
     if case == "router_loss":
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_moe_config(output_router_logits=True)).save_pretrained(tmp_path / "model")
-    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n", "kv_sharing"):
+    elif case in ("per_layer_inputs", "per_layer_inputs_gemma3n", "kv_sharing", "no_inputs_embeds"):
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(_refused_config(case)).save_pretrained(tmp_path / "model")
     elif case == "missing_head":
