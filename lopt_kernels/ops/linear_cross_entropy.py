@@ -71,10 +71,16 @@ def linear_cross_entropy(
     softcap: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Causal-LM loss of ``hidden`` (..., h) through the head ``weight`` (V, h) against ``shift_labels`` (...)."""
+    """Causal-LM loss of ``hidden`` (..., h) through the head ``weight`` (V, h) against ``shift_labels`` (...), integer
+    labels of any width (int64 or int32 alike in every implementation)."""
     h = hidden.shape[-1]
     hidden2 = hidden.reshape(-1, h)
-    target = shift_labels.reshape(-1).to(hidden2.device, non_blocking=True)
+    if shift_labels.is_floating_point() or shift_labels.is_complex() or shift_labels.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: labels must be an integer tensor (int64 or int32, -100 ignored), got "
+                         f"{shift_labels.dtype}")
+    # int64 for every implementation: torch's op takes no int32 target, which collators can produce (and the others
+    # take), so the dtype never decides whether a call runs
+    target = shift_labels.reshape(-1).to(hidden2.device, torch.long, non_blocking=True)
     if target.shape[0] != hidden2.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden2.shape[0]} hidden rows but {target.shape[0]} labels")
     chosen = resolve_implementation(impl, hidden.device, softcap)

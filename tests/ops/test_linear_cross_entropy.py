@@ -151,3 +151,24 @@ def test_chunked_loss_refuses_a_double_backward():
     loss = linear_cross_entropy(hidden, weight, torch.randint(0, 11, (5,)), impl="chunked")
     with pytest.raises(RuntimeError, match="no double backward.*fused_ce='off'"):
         torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+@pytest.mark.parametrize("impl", ["torch", "liger", "chunked"])
+def test_int32_labels_give_what_int64_labels_give(impl):
+    """Collators can produce int32 labels: every implementation takes them as int64 (before: ``impl="torch"`` raised
+    torch's 'expected target dtype to be Long or Byte, but got Int' where the others ran)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g)
+    labels = torch.randint(0, 11, (5,), generator=g)
+    labels[1] = -100
+    want = linear_cross_entropy(hidden, weight, labels, impl=impl)
+    got = linear_cross_entropy(hidden, weight, labels.int(), impl=impl)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_non_integer_labels_raise_value_error(dtype):
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        linear_cross_entropy(torch.randn(5, 8), torch.randn(11, 8), torch.zeros(5, dtype=dtype), impl="chunked")
