@@ -82,6 +82,8 @@ def fused_ce_choice(lm, setting: str, device: torch.device) -> tuple[str | None,
                       f"({text.splitlines()[0]})")
     if hasattr(config, "output_router_logits") and router_loss_coef(lm) is None:
         return None, "it is a mixture-of-experts model whose router-loss coefficient is unknown"
+    # a soft-cap of 0 (or < 0, inf) is no soft-capping setting: an error, not a fallback to the model's NaN logits
+    lce.check_softcap(softcap, name=f"{type(lm).__name__}'s config.final_logit_softcapping")
     impl = lce.resolve_implementation(setting, device, softcap)
     if impl is None:
         return None, (f"final logit soft-capping ({softcap}) is not supported by the {setting!r} implementation on "

@@ -16,7 +16,7 @@ import torch
 from .. import block_hooks, patching
 from ..discovery import unwrap_causal_lm
 from ..measure import measure_step, timed
-from ..ops.linear_cross_entropy import resolve_implementation, shift_labels_of
+from ..ops.linear_cross_entropy import check_softcap, resolve_implementation, shift_labels_of
 
 PRESETS = ("tiny", "cpu-1b", "llama3-8b", "qwen2.5-7b", "qwen3-4b", "gemma2-2b")
 METRICS = ("memory", "flops", "time")
@@ -186,6 +186,7 @@ def user_fused_loss(head: torch.nn.Module, shift_labels: torch.Tensor, softcap: 
     options=torch.nn.LinearCrossEntropyOptions())``. None where no fused loss honours ``softcap`` there."""
     import torch.nn.functional as F  # noqa: PLC0415
 
+    check_softcap(softcap)
     weight, bias = head.weight, head.bias
     labels = shift_labels.reshape(-1)
     if weight.device.type == "cuda":

@@ -18,6 +18,8 @@ NaN ones).
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +37,21 @@ def torch_linear_cross_entropy_available() -> bool:
     return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
+def check_softcap(softcap, name: str = "softcap") -> None:
+    """Raise ``ValueError`` unless ``softcap`` is None (no soft-capping) or a finite number > 0: the logits are
+    ``softcap * tanh(logits / softcap)``, so 0 divides by zero (every logit 0, or NaN) and inf gives ``inf * 0``."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, or None for no soft-capping; got {softcap!r}")
+
+
 def resolve_implementation(impl: str, device: torch.device, softcap: float | None) -> str | None:
-    """The implementation that will run, or None when no fused one can honour the request."""
+    """The implementation that will run, or None when no fused one can honour the request. A ``softcap`` that is not
+    None or a finite number > 0 raises ``ValueError`` (``check_softcap``) whatever the implementation."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"fused linear cross-entropy implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    check_softcap(softcap)
     if impl == "auto":
         return "liger" if device.type == "cuda" and liger_available() else "chunked"
     if impl == "torch" and (softcap is not None or not torch_linear_cross_entropy_available()):
@@ -177,6 +190,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, softcap, rows_per_chunk=None):
+        check_softcap(softcap)
         rows, vocab = hidden.shape[0], weight.shape[0]
         need = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if need[0] else None

@@ -172,3 +172,21 @@ def test_int32_labels_give_what_int64_labels_give(impl):
 def test_non_integer_labels_raise_value_error(dtype):
     with pytest.raises(ValueError, match="labels must be an integer tensor"):
         linear_cross_entropy(torch.randn(5, 8), torch.randn(11, 8), torch.zeros(5, dtype=dtype), impl="chunked")
+
+
+@pytest.mark.parametrize("softcap", [0, 0.0, -3.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("impl", ["auto", "torch", "liger", "chunked"])
+def test_softcap_that_is_not_positive_and_finite_raises_value_error(impl, softcap):
+    """softcap * tanh(logits / softcap) needs a finite softcap > 0. Before: softcap=0 ran in the chunked loop
+    (logits / 0 = +-inf, tanh * 0 = 0: the loss log(vocab) for every row, NaN where a logit was 0), while
+    impl="torch" said no fused loss honours soft-capping. Now every implementation and the autograd Function raise
+    the same ValueError."""
+    from lopt_kernels.ops.linear_cross_entropy import ChunkedLinearCrossEntropy, resolve_implementation
+
+    hidden, weight, target = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8), torch.randint(0, 11, (5,))
+    with pytest.raises(ValueError, match=r"softcap must be a finite number > 0, or None"):
+        linear_cross_entropy(hidden, weight, target, softcap=softcap, impl=impl)
+    with pytest.raises(ValueError, match=r"softcap must be a finite number > 0, or None"):
+        resolve_implementation(impl, hidden.device, softcap)
+    with pytest.raises(ValueError, match=r"softcap must be a finite number > 0, or None"):
+        ChunkedLinearCrossEntropy.apply(hidden, weight, target, None, softcap)
