@@ -987,6 +987,28 @@ def test_fp16_weight_gradient_product_of_a_chunk_stays_finite(backend):
     assert_matches(loss, grads, ref_loss, ref_grads, torch.bfloat16, params, y)
 
 
+@pytest.mark.parametrize("grad_scale", [1.0, 1e-3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_d_recon_storage_scale_keeps_targets_near_the_fp16_max_finite(backend, grad_scale):
+    """fp16 decoder, values near the edge of fp16's range: a target channel at 60000 with an up bias of -30000 makes
+    recon - x ~ -90000 in fp32. The Triton paths store d_recon in fp16 as diff times the mantissa of its coefficient
+    2 grad_scale / (N h), which lies in [0.5, 1). At grad_scale 1e-3 (N h = 90) the mantissa is 0.728, the stored
+    value -65500 rounds to -inf, and every gradient downstream of d_recon became inf or NaN although the fp32
+    reference is finite (up to ~18). The mantissa now lies in [0.125, 0.25), so diff's largest possible fp32 value
+    (3 x 65504) still fits."""
+    rows, h, r = 9, 10, 3
+    y, x, params = make_inputs(rows, torch.float16, h=h, r=r)
+    x = x.clone()
+    x[:, 0] = 60000.0
+    params[5] = params[5].clone()
+    params[5][0] = -30000.0
+    ref_loss, ref_grads = reference(y, x, params, grad_scale)
+    loss, grads = reconstruction_loss_and_grads(y, x, *params, grad_scale=grad_scale, backend=backend)
+    finite = {name: bool(torch.isfinite(t).all()) for name, t in zip(GRAD_NAMES, grads)}
+    assert all(finite.values()), finite
+    assert_matches(loss, grads, ref_loss, ref_grads, torch.bfloat16, params, y)
+
+
 @pytest.mark.parametrize("backend", BACKENDS[1:])
 def test_constant_rows_far_from_zero_normalise_to_the_layer_norm_bias(backend):
     """fp32 rows that are constant (LayerNorm input variance 0) at 1e4-2e4: xhat is 0, the LayerNorm output its bias.

@@ -35,8 +35,9 @@ one multi-tensor copy that casts every gradient to the parameters' dtype. Chunk 
 ``m x r`` in the matmul dtype, two fp32 row statistics when gradients are wanted) are the only working memory
 besides ``grad_y`` itself.
 ``compute_grads=False`` launches the forward kernels only, without the ``mean``/``rstd`` stores. With fp16
-matmuls, ``d_recon`` is stored times a power of two (on the device) that keeps it out of fp16's subnormals; the
-LayerNorm backward and the final parameter gradients divide it out exactly.
+matmuls, ``d_recon`` is stored times a power of two (on the device) that keeps it out of fp16's subnormals and, for
+any fp16 recon and x, below fp16's largest value; the LayerNorm backward and the final parameter gradients divide it
+out exactly.
 """
 
 from __future__ import annotations
@@ -450,9 +451,12 @@ def _gradient_coefficient(grad_scale, counted, h, mm_dtype, device):
     sync for a tensor ``grad_scale`` or ``counted``).
 
     fp16 matmuls: ``d_recon = coef * (recon - x)`` with ``coef ~ 2 / (N h)`` would sit in fp16's subnormals (precision
-    lost). ``coef = mantissa * 2^exponent`` (on the device): d_recon is stored with the mantissa alone, everything
-    downstream of it carries ``2^-exponent``, and the LN backward (grad_y) and the final parameter gradients multiply
-    ``dy_scale = 2^exponent`` back in, exactly (``rescale``)."""
+    lost). ``coef = mantissa * 2^exponent`` (on the device) with the mantissa in [1/8, 1/4): d_recon is stored with the
+    mantissa alone, everything downstream of it carries ``2^-exponent``, and the LN backward (grad_y) and the final
+    parameter gradients multiply ``dy_scale = 2^exponent`` back in, exactly (``rescale``). The fp32 ``recon - x``
+    (recon, its bias and x each fp16) is below 3 x 65504 in magnitude, so its product with a mantissa below 1/4 stays
+    within fp16's range: frexp's [1/2, 1) mantissa let a difference beyond 65504 / mantissa (~9e4 at 0.73) round
+    to inf, where the true d_recon is small (the grad scale and 1 / (N h) are in the exponent)."""
     f32 = torch.float32
     if isinstance(grad_scale, torch.Tensor):
         coef = grad_scale.to(device=device, dtype=f32).reshape(1) * (2.0 / (counted * h))
@@ -463,7 +467,7 @@ def _gradient_coefficient(grad_scale, counted, h, mm_dtype, device):
     if mm_dtype != torch.float16:
         return coef, coef, False  # dy_scale: a placeholder pointer
     coef, exponent = torch.frexp(coef)
-    return coef, torch.ldexp(torch.ones_like(coef), exponent), True
+    return coef * 0.25, torch.ldexp(torch.ones_like(coef), exponent + 2), True
 
 
 def _finish(partials, loss_col, loss_tiles, counted, h, r, seg_h, compute_grads, rescale, dy_scale, param_scale,
