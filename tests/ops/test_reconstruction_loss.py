@@ -554,6 +554,28 @@ def test_fake_tensor_mode(backend):
         assert loss.shape == () and loss.dtype == torch.float32 and loss.requires_grad
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_meta_inputs_give_meta_results_and_a_meta_grad_scale_needs_meta_inputs(backend, monkeypatch):
+    """Meta tensors (shape tracing, FSDP's deferred init): every input on meta, with a meta grad_scale too, gives meta
+    results of the right shapes and dtypes, also for backend="triton" without the interpreter (before: a RuntimeError
+    asking for TRITON_INTERPRET=1, though only the fake implementation runs on meta). A meta grad_scale with real
+    inputs, which has no value to scale by, raises a ValueError naming it (before: a bare NotImplementedError,
+    'Cannot copy out of meta tensor; no data!')."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read by resolve_backend per call; the kernels stay as imported
+    y, x, params = make_inputs(5, torch.float16, layout="3d", h=6, r=2, device="cpu")
+    meta = [t.to("meta") for t in (y, x, *params)]
+    scale = torch.tensor(2.0, device="meta")
+    loss, grads = reconstruction_loss_and_grads(*meta, grad_scale=scale, backend=backend)
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32
+    assert [(g.device.type, g.shape, g.dtype) for g in grads] == [("meta", t.shape, t.dtype) for t in meta[:1] + meta[2:]]
+    y_meta = meta[0].requires_grad_()
+    loss = reconstruction_loss(y_meta, *meta[1:], backend=backend)
+    loss.backward()
+    assert y_meta.grad.device.type == "meta" and y_meta.grad.shape == y.shape and y_meta.grad.dtype == torch.float16
+    with pytest.raises(ValueError, match="grad_scale is a meta tensor .* but y is on cpu"):
+        reconstruction_loss_and_grads(y, x, *params, grad_scale=scale, backend="torch")
+
+
 def test_custom_ops_opcheck():
     """The registered custom ops' schemas and fake implementations agree with the real ones."""
     y, x, params = make_inputs(9, torch.float32)

@@ -28,6 +28,10 @@ def reconstruction_loss_and_grads(
     gradients in the parameters' dtype), or ``None`` when ``compute_grads`` is false. ``grad_scale`` is a
     float or a 0-d tensor (read on the device, no host sync). The results are plain tensors outside the
     autograd graph; use :func:`reconstruction_loss` for a differentiable loss.
+
+    Meta tensors (shape tracing, FSDP's deferred init): with every input on the meta device, and a ``grad_scale`` that is
+    a float or any one-element tensor, the results are meta tensors of the shapes and dtypes above, for either backend
+    (the custom ops' fake implementations run, not the kernels). A meta ``grad_scale`` for real inputs is a ValueError.
     """
     params = (norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias)
     check_reconstruction_inputs(y, x, *params)
@@ -47,6 +51,10 @@ def reconstruction_loss_and_grads(
     if isinstance(grad_scale, torch.Tensor) and grad_scale.numel() != 1:
         raise ValueError(f"reconstruction loss: grad_scale must be a float or a one-element tensor, got shape "
                          f"{tuple(grad_scale.shape)}")
+    if isinstance(grad_scale, torch.Tensor) and grad_scale.device.type == "meta" and y.device.type != "meta":
+        raise ValueError(f"reconstruction loss: grad_scale is a meta tensor (a shape without a value) but y is on "
+                         f"{y.device}: pass a float or a tensor that holds the scale (meta tensors are for tracing with "
+                         f"every input on meta, which gives meta results of the right shapes)")
     with torch.no_grad():
         if not compute_grads:
             return torch.ops.lopt_kernels.reconstruction_loss(

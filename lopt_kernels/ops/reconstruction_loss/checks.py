@@ -11,12 +11,13 @@ BACKENDS = ("auto", "triton", "torch")  # the values of the backend option
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto" | "triton" | "torch"`` to the implementation that runs for ``device``."""
+    """Map ``"auto" | "triton" | "torch"`` to the implementation that runs for ``device``. On the meta device either
+    backend is fine: the custom ops' fake implementations run there, no kernel."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"backend='triton' on {device.type} tensors needs the Triton interpreter: set the environment "
             "variable TRITON_INTERPRET=1 before importing triton, or use backend='auto'/'torch'."
