@@ -994,8 +994,9 @@ def test_fp16_matmuls_keep_d_recon_out_of_the_subnormals():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16_weight_gradient_product_of_a_chunk_stays_finite(backend):
     """fp16 decoder, a target channel 4000 away from the reconstruction (a massive activation, untrained decoder):
-    d_recon is stored times 2^-exponent of its coefficient (~diff itself, not 2 diff / (N h)), so a chunk's
-    up-weight product d_recon^T @ act sums 128 rows of ~-2000 * act. Where the runtime has no fp32-output matmul
+    d_recon is stored times 2^-exponent of its coefficient (diff / 8 to diff / 4, not 2 diff / (N h)), so a chunk's
+    up-weight product d_recon^T @ act sums 128 rows of ~-500 * act (~-2000 * act before the storage scale's
+    mantissa moved from [1/2, 1) to [1/8, 1/4)). Where the runtime has no fp32-output matmul
     (CPU; CUDA torch without mm's out_dtype) that product was rounded to fp16 before the fp32 accumulation: ~-1e5,
     inf (before: grad_up_weight inf in row 0 on both Triton paths, every other gradient finite)."""
     rows, h, r = 128, 8, 3
