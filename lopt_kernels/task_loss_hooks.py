@@ -223,7 +223,8 @@ def follow_embeddings(state: PatchState) -> None:
 REPLACED_FORWARD_MESSAGE = (
     "lopt_kernels: the causal LM's forward was replaced on the instance ({name}), so the replacement computes the "
     "task loss (LoPT's gradient boundary and aux term are unchanged); the fused task loss, which needs the model's "
-    "own forward, is off for this model and the loss materialises its logits."
+    "own forward, is off for this model; whether the logits are materialised is the replacement's choice (TRL's and "
+    "Liger's fused heads do not)."
 )
 
 
