@@ -162,10 +162,14 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
         saved_sync = [(g.reduce_grads, g.all_reduce_grads) for g in groups]
         saved_queued = ctx.post_backward_final_callback_queued
         to_sharded = {}
-        for fsdp_param in (fp for g in groups for fp in g.fsdp_params):
+        fsdp_params = [fp for g in groups for fp in g.fsdp_params]
+        for fsdp_param in fsdp_params:
             to_sharded[id(fsdp_param.sharded_param)] = fsdp_param.sharded_param
-            if hasattr(fsdp_param, "_unsharded_param"):
-                to_sharded[id(fsdp_param._unsharded_param)] = fsdp_param.sharded_param
+            # the module attribute a layer's forward left: unsharded (not resharded after forward), or sharded over
+            # a smaller group (``reshard_after_forward=<int>``)
+            for attr in ("_unsharded_param", "_sharded_post_forward_param"):
+                if getattr(fsdp_param, attr, None) is not None:
+                    to_sharded[id(getattr(fsdp_param, attr))] = fsdp_param.sharded_param
         comm.post_forward_order, comm.reduce_scatter_states, groups[0]._post_forward_indices  # noqa: B018 - present, or refused below
     except (ImportError, AttributeError, IndexError) as exc:
         raise LoptPatchError(
@@ -176,6 +180,15 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
     saved_grads, leaf_grad = [p.grad for p in sharded], tape.leaf.grad
     for p in sharded:
         p.grad = None
+    # unsharded gradients FSDP2 accumulates across micro-batches with gradient sync off (an activation-free or stored
+    # micro-batch before this one: mode="auto" picks by batch size) are the caller's, already weighted: set aside,
+    # so that this reduction carries the block's local gradients only, and put back for FSDP2 to reduce when it syncs
+    pending = [(fp, fp.unsharded_accumulated_grad, getattr(fp, "_unsharded_param", None)) for fp in fsdp_params]
+    pending = [(fp, acc, u, u.grad if u is not None else None) for fp, acc, u in pending]
+    for fp, _, unsharded, _ in pending:
+        fp.unsharded_accumulated_grad = None
+        if unsharded is not None:
+            unsharded.grad = None
     tape.leaf.grad = None
     for g in groups:
         g.reduce_grads = g.all_reduce_grads = True
@@ -212,6 +225,10 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
         ctx.post_backward_final_callback_queued = saved_queued
         for g, (reduce, all_reduce) in zip(groups, saved_sync):
             g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+        for fp, acc, unsharded, grad in pending:
+            fp.unsharded_accumulated_grad = acc
+            if unsharded is not None:
+                unsharded.grad = grad
     local = [p.grad for p in sharded]
     for p, g in zip(sharded, saved_grads):
         p.grad = g
