@@ -165,6 +165,19 @@ def _fsdp2_sharded(layers) -> bool:
     return any(isinstance(m, FSDPModule) for layer in layers for m in layer.modules())
 
 
+def _fsdp2_shard_size(layers) -> int:
+    """How many ranks FSDP2 shards the layers' parameters over: the shard dimension of their mesh (under HSDP, not the
+    replicas'), the world size where that cannot be read."""
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+
+    for module in (m for layer in layers for m in layer.modules() if isinstance(m, FSDPModule)):
+        try:
+            return module._get_fsdp_state()._fsdp_param_groups[0].mesh_info.shard_mesh_size
+        except (AttributeError, IndexError):  # another torch's layout, or a module without parameters of its own
+            continue
+    return torch.distributed.get_world_size()
+
+
 def _bottom_layers(state: PatchState):
     return state.layers[: state.block_starts[-1]]
 
@@ -205,9 +218,9 @@ ZERO3_LEAF_EAGER_MESSAGE = (
 def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> str:
     """The boundary mode of this training forward. ``auto``: eager (no recomputation) when the gradients it
     would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models;
-    under FSDP2 the held gradients are sharded, 1/world of that), activation-free otherwise (a full fine-tune,
-    where holding half the model's gradients through the top half's work costs more memory than recomputing the
-    bottom half costs time). ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden
+    under FSDP2 the held gradients are sharded: 1/(shard group size) of that, the world under FSDP, a replica's
+    shard group under HSDP), activation-free otherwise (a full fine-tune, where holding half the model's
+    gradients through the top half's work costs more memory than recomputing the bottom half costs time). ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden
     states (per-layer inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager
     (stored under FSDP2, whose eager backward would accumulate them unscaled). Under DeepSpeed ZeRO-3, trainable
     leaf modules in the bottom blocks (MoE blocks) rule eager out (see ``zero3_leaf_modules_trained``): ``auto``
@@ -234,8 +247,8 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
         return "eager"
     activations = hidden.numel() * hidden.element_size() * len(_bottom_layers(state))
     held = held_gradient_bytes(state)
-    if state.bottom_fsdp2 and distributed():  # FSDP2 holds them sharded
-        held /= torch.distributed.get_world_size()
+    if state.bottom_fsdp2 and distributed():  # FSDP2 holds them sharded (over the shard group, under HSDP)
+        held /= _fsdp2_shard_size(_bottom_layers(state))
     return "eager" if held <= activations else "activation_free"
 
 

@@ -6,7 +6,8 @@ checkpointing; each variant's parameters (gathered) equal one process without FS
 bottom blocks' activations) -> OUT/auto_lora_eager_ok, a bf16 MixedPrecisionPolicy with fp32 reduction trains
 within bf16's rounding of one fp32 process -> OUT/mixed_precision_ok, and LoRA with CPUOffloadPolicy equals one
 process -> OUT/cpu_offload_ok; layers not resharded after their forward (full, and LoRA in auto mode) and HSDP
-equal one process -> OUT/no_reshard_full_ok, OUT/no_reshard_lora_ok, OUT/hsdp_ok."""
+equal one process -> OUT/no_reshard_full_ok, OUT/no_reshard_lora_ok, OUT/hsdp_ok; under HSDP ``auto`` weighs the
+held gradients as sharded over the shard group -> OUT/hsdp_auto_sizing_ok."""
 
 import os
 import sys
@@ -20,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 import lopt_kernels  # noqa: E402
+from lopt_kernels.block_hooks import _bottom_layers, _fsdp2_shard_size, held_gradient_bytes, resolve_mode  # noqa: E402,E501
 from helpers import exit_distributed_worker  # noqa: E402
 from tiny_models import batch, tiny_model  # noqa: E402
 
@@ -133,6 +135,18 @@ def main(out):
     if rank == 0:
         _compare(got, one_process("full", world), 1e-5, 1e-7, "hsdp")
         open(os.path.join(out, "hsdp_ok"), "w").close()
+    # auto weighs the held gradients as sharded over the shard group (2 of 4 ranks here), not over the world: with
+    # activations of a third of the unsharded held gradients, half of them (HSDP's shards) are more -> activation-free
+    # (before, a quarter -> eager, holding twice what it weighed)
+    model = sharded("lora", hsdp, mode="auto")
+    state = model.get_base_model()._lopt_state
+    state.bottom_fsdp2 = True
+    layers = _bottom_layers(state)
+    hidden_size = model.config.hidden_size
+    positions = held_gradient_bytes(state) // (3 * 4 * hidden_size * len(layers))
+    if rank == 0 and _fsdp2_shard_size(layers) == world // 2 \
+            and resolve_mode(state, torch.empty(1, positions, hidden_size)) == "activation_free":
+        open(os.path.join(out, "hsdp_auto_sizing_ok"), "w").close()
     exit_distributed_worker()
 
 

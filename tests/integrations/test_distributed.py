@@ -74,7 +74,8 @@ def test_fsdp2_eager_trains_as_one_process(tmp_path, lopt_default_mode, nproc):
         pytest.skip("the script names its modes itself")
     _torchrun("fsdp2_eager_train.py", str(tmp_path), nproc=nproc)
     for name in ("full_ok", "full_ckpt_ok", "lora_ok", "lora_ckpt_ok", "auto_lora_eager_ok", "mixed_precision_ok",
-                 "cpu_offload_ok", "no_reshard_full_ok", "no_reshard_lora_ok", "hsdp_ok"):
+                 "cpu_offload_ok", "no_reshard_full_ok", "no_reshard_lora_ok", "hsdp_ok",
+                 "hsdp_auto_sizing_ok"):
         assert (tmp_path / name).exists(), name
 
 
