@@ -220,8 +220,9 @@ def resolve_mode(state: PatchState, hidden: torch.Tensor, outside_inputs=()) -> 
     would hold are no larger than the bottom blocks' layer-boundary activations (LoRA, partly frozen models;
     under FSDP2 the held gradients are sharded: 1/(shard group size) of that, the world under FSDP, a replica's
     shard group under HSDP), activation-free otherwise (a full fine-tune, where holding half the model's
-    gradients through the top half's work costs more memory than recomputing the bottom half costs time). ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden
-    states (per-layer inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager
+    gradients through the top half's work costs more memory than recomputing the bottom half costs time).
+    ``outside_inputs``: trainable tensors the first bottom layer reads besides its hidden states (per-layer
+    inputs), which the activation-free rebuild cannot differentiate: ``auto`` is then eager
     (stored under FSDP2, whose eager backward would accumulate them unscaled). Under DeepSpeed ZeRO-3, trainable
     leaf modules in the bottom blocks (MoE blocks) rule eager out (see ``zero3_leaf_modules_trained``): ``auto``
     is then activation-free (stored where outside inputs also rule that out)."""

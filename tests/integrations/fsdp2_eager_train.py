@@ -21,7 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 import lopt_kernels  # noqa: E402
-from lopt_kernels.block_hooks import _bottom_layers, _fsdp2_shard_size, held_gradient_bytes, resolve_mode  # noqa: E402,E501
+from lopt_kernels.block_hooks import (_bottom_layers, _fsdp2_shard_size, held_gradient_bytes,  # noqa: E402
+                                      resolve_mode)
 from helpers import exit_distributed_worker  # noqa: E402
 from tiny_models import batch, tiny_model  # noqa: E402
 
