@@ -1,7 +1,7 @@
 """TRL's trainers + attach under the distributed engines as users configure them (2 gloo processes on CPU) equal one
 process without the engine on the same global batch: SFTTrainer under accelerate's FSDP2 (full fine-tune of a tied
 Qwen2, LoRA on Llama), GRPOTrainer + LoRA under DDP, SFTTrainer under DeepSpeed ZeRO-3 (GPT-2) and ZeRO-2 (Phi-3
-LoRA). The same runs without LoPT agree as closely (the sweep behind these: 7e-9 to 3e-8 either way)."""
+LoRA), GRPOTrainer + LoRA under ZeRO-2. The same runs without LoPT agree as closely (the sweep behind these: 7e-9 to 3e-8 either way)."""
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ def test_grpo_trainer_lora_under_ddp_equals_one_process(tmp_path):
     _check(tmp_path, "ddp")
 
 
-def test_sft_trainer_under_zero2_and_zero3_on_other_families_equals_one_process(tmp_path, monkeypatch):
+def test_sft_and_grpo_under_zero2_and_zero3_on_other_families_equal_one_process(tmp_path, monkeypatch):
     pytest.importorskip("deepspeed", reason="pip install '.[deepspeed]' (see .ci/run)")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     _check(tmp_path, "zero")

@@ -7,7 +7,11 @@ in-process with ``world=1`` (one process without the engine, the same global bat
 - ``ddp``: ``GRPOTrainer`` + LoRA (DDP), rollouts made deterministic by a logits processor that picks each token from
   the row's content and its place in its group (no EOS: every completion has the same length);
 - ``zero``: ``SFTTrainer`` under DeepSpeed ZeRO-3 (GPT-2: Conv1D, learned positions, tied head) and ZeRO-2 (Phi-3
-  LoRA).
+  LoRA), ``GRPOTrainer`` + LoRA under ZeRO-2.
+
+(``GRPOTrainer`` with ``fsdp_config={"fsdp_version": 2}`` is left out: on CPU it wraps the model in DDP and the
+unpatched model already fails in TRL, "'DistributedDataParallel' object has no attribute
+'is_gradient_checkpointing'".)
 
 SFT and GRPO keep their defaults (gradient checkpointing on, SFT's fused LM head, GRPO's ``dapo`` loss). Each case
 trains 3 (SFT) or 2 (GRPO) optimiser steps of 2 accumulated micro-batches; rank 0 writes the trainable parameters
@@ -36,6 +40,7 @@ CASES = {
     "grpo-ddp-llama-lora": ("ddp", "grpo", "llama", ["q_proj", "v_proj", "down_proj"], "auto"),
     "sft-zero3-gpt2": ("zero3", "sft", "gpt2", None, "auto"),
     "sft-zero2-phi3-lora": ("zero2", "sft", "phi3", ["qkv_proj", "down_proj"], "auto"),
+    "grpo-zero2-llama-lora": ("zero2", "grpo", "llama", ["q_proj", "v_proj", "down_proj"], "auto"),
 }
 GLOBAL_BATCH, GA, LR, G = 4, 2, 0.05, 4
 WORDS = "the cat dog sat ran on a mat log red blue big small one two three four five six seven eight nine ten".split()
