@@ -53,7 +53,10 @@ GLOBAL_BATCH, GA, STEPS, LR = 4, 2, 3, 0.05
 
 
 def enable_fsdp_on_cpu() -> None:
-    """Let accelerate take its FSDP path on CPU processes (it checks for accelerator device types only)."""
+    """Let accelerate take its FSDP path on CPU processes (it checks for accelerator device types only). Each later
+    ``AcceleratorState()`` (GRPOTrainer's ``set_seed(device_specific=True)`` before ``prepare``, accelerate's
+    ``autocast`` and optimizer wrapper) copies PartialState's ``MULTI_CPU`` back over the shared state, so every
+    construction that finds an FSDP plugin there sets ``FSDP`` again (else ``prepare`` wraps the model in DDP)."""
     import accelerate.state as accelerate_state  # noqa: PLC0415
     from accelerate.utils import DistributedType  # noqa: PLC0415
 
@@ -61,9 +64,10 @@ def enable_fsdp_on_cpu() -> None:
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
-            if self._mixed_precision != "no":  # what accelerate does there for accelerators
+        plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugin
+            if fsdp_plugin is not None and self._mixed_precision != "no":  # what accelerate does for accelerators
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
 
     accelerate_state.AcceleratorState.__init__ = init

@@ -2,16 +2,13 @@
 test_trl_engines.py as ``torchrun --nproc_per_node 2 trl_engines_train.py OUT ENGINE`` (gloo, CPU, fp32), or called
 in-process with ``world=1`` (one process without the engine, the same global batch):
 
-- ``fsdp2``: ``SFTTrainer`` with ``fsdp_config={"fsdp_version": 2}`` (accelerate's own FSDP2 preparation, let onto
-  CPU as hf_trainer_fsdp2_train.py does), a full fine-tune of Qwen2 (tied head, untied by patch) and LoRA on Llama;
+- ``fsdp2``: ``SFTTrainer`` and ``GRPOTrainer`` with ``fsdp_config={"fsdp_version": 2}`` (accelerate's own FSDP2
+  preparation, let onto CPU as hf_trainer_fsdp2_train.py does): SFT a full fine-tune of Qwen2 (tied head, untied by
+  patch) and LoRA on Llama, GRPO a full fine-tune and LoRA on Llama;
 - ``ddp``: ``GRPOTrainer`` + LoRA (DDP), rollouts made deterministic by a logits processor that picks each token from
   the row's content and its place in its group (no EOS: every completion has the same length);
 - ``zero``: ``SFTTrainer`` under DeepSpeed ZeRO-3 (GPT-2: Conv1D, learned positions, tied head) and ZeRO-2 (Phi-3
-  LoRA), ``GRPOTrainer`` + LoRA under ZeRO-2.
-
-(``GRPOTrainer`` with ``fsdp_config={"fsdp_version": 2}`` is left out: on CPU it wraps the model in DDP and the
-unpatched model already fails in TRL, "'DistributedDataParallel' object has no attribute
-'is_gradient_checkpointing'".)
+  LoRA), ``GRPOTrainer`` (full fine-tune and LoRA, Llama) under ZeRO-2.
 
 SFT and GRPO keep their defaults (gradient checkpointing on, SFT's fused LM head, GRPO's ``dapo`` loss). Each case
 trains 3 (SFT) or 2 (GRPO) optimiser steps of 2 accumulated micro-batches; rank 0 writes the trainable parameters
@@ -41,6 +38,9 @@ CASES = {
     "sft-zero3-gpt2": ("zero3", "sft", "gpt2", None, "auto"),
     "sft-zero2-phi3-lora": ("zero2", "sft", "phi3", ["qkv_proj", "down_proj"], "auto"),
     "grpo-zero2-llama-lora": ("zero2", "grpo", "llama", ["q_proj", "v_proj", "down_proj"], "auto"),
+    "grpo-fsdp2-llama": ("fsdp2", "grpo", "llama", None, "auto"),
+    "grpo-fsdp2-llama-lora": ("fsdp2", "grpo", "llama", ["q_proj", "v_proj", "down_proj"], "auto"),
+    "grpo-zero2-llama": ("zero2", "grpo", "llama", None, "auto"),
 }
 GLOBAL_BATCH, GA, LR, G = 4, 2, 0.05, 4
 WORDS = "the cat dog sat ran on a mat log red blue big small one two three four five six seven eight nine ten".split()
