@@ -183,9 +183,10 @@ def _fsdp2_local_backward(spec: BoundarySpec, tape: EagerTape, y: torch.Tensor, 
     # unsharded gradients FSDP2 accumulates across micro-batches with gradient sync off (an activation-free or stored
     # micro-batch before this one: mode="auto" picks by batch size) are the caller's, already weighted: set aside,
     # so that this reduction carries the block's local gradients only, and put back for FSDP2 to reduce when it syncs
-    pending = [(fp, fp.unsharded_accumulated_grad, getattr(fp, "_unsharded_param", None)) for fp in fsdp_params]
-    pending = [(fp, acc, u, u.grad if u is not None else None) for fp, acc, u in pending]
-    for fp, _, unsharded, _ in pending:
+    pending = []  # (FSDPParam, its accumulated unsharded gradient, its unsharded parameter or None, that one's .grad)
+    for fp in fsdp_params:
+        unsharded = getattr(fp, "_unsharded_param", None)
+        pending.append((fp, fp.unsharded_accumulated_grad, unsharded, None if unsharded is None else unsharded.grad))
         fp.unsharded_accumulated_grad = None
         if unsharded is not None:
             unsharded.grad = None
